@@ -1,0 +1,202 @@
+"""Walking and rebuilding Keras 3 Functional graphs.
+
+This is the only module of keras-chex that touches private Keras internals
+(`Functional._nodes_by_depth`, `Node.arguments`, `Sequential._functional`,
+`Functional._inputs_struct`/`_outputs_struct`). Keras has no public API to
+enumerate the call sites (nodes) of a graph network with their arguments, and
+channel analysis needs exactly that. Everything else in the package goes
+through the small surface below, so a Keras upgrade breaks one file, and
+`tests/test_graph.py` pins the behaviour we rely on.
+"""
+
+import dataclasses
+
+import keras
+from keras import tree
+
+try:  # Keras >= 3.0 keeps these here; only for isinstance checks.
+    from keras.src.models.functional import Functional as _Functional
+except ImportError:  # pragma: no cover - guarded by tests/test_graph.py
+    _Functional = keras.Model
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphNode:
+    """One call of an operation (layer or `keras.ops` op) inside a graph.
+
+    Attributes:
+        operation: the layer or operation that was called.
+        inputs: flat list of the `KerasTensor`s the call consumed, in order.
+        outputs: flat list of the `KerasTensor`s it produced.
+        arguments: Keras' record of the call's args/kwargs (opaque; pass it
+            back to `call_with`).
+    """
+
+    operation: object
+    inputs: tuple
+    outputs: tuple
+    arguments: object
+
+    def call_with(self, operation, tensor_map):
+        """Calls `operation` with this node's arguments, tensors replaced.
+
+        Args:
+            operation: callable to apply (the original or a replacement).
+            tensor_map: dict from `id(original KerasTensor)` to the tensor to
+                use in its place.
+
+        Returns:
+            The flat list of outputs.
+        """
+        args, kwargs = self.arguments.fill_in(tensor_map)
+        return tree.flatten(operation(*args, **kwargs))
+
+    def constant_arguments(self):
+        """Returns the non-tensor leaves of the call (constants, flags)."""
+        tensor_ids = {id(t) for t in self.inputs}
+        leaves = tree.flatten((self.arguments.args, self.arguments.kwargs))
+        return [x for x in leaves if id(x) not in tensor_ids]
+
+
+def is_graph_model(obj):
+    """True for a Functional model or a built Sequential model."""
+    if isinstance(obj, keras.Sequential):
+        return True
+    return isinstance(obj, _Functional)
+
+
+def graph_of(model):
+    """Returns the Functional graph behind `model`.
+
+    Args:
+        model: a Functional model or a Sequential model.
+
+    Returns:
+        A Functional model (the model itself, or the graph a Sequential
+        model keeps internally).
+
+    Raises:
+        ValueError: for a Sequential model that is not built yet, or a
+            subclassed model, with what to do about it.
+    """
+    if isinstance(model, keras.Sequential):
+        functional = getattr(model, "_functional", None)
+        if functional is None:
+            raise ValueError(
+                f"Sequential model '{model.name}' has no known input shape, so "
+                "its graph cannot be analysed. Start it with "
+                "`keras.Input(shape=...)` or call `model.build(input_shape)` "
+                "first."
+            )
+        return functional
+    if isinstance(model, _Functional):
+        return model
+    if isinstance(model, keras.Model):
+        raise ValueError(
+            f"Model '{model.name}' ({type(model).__name__}) is a subclassed "
+            "model: its computation is Python code in `call()`, which "
+            "keras-chex cannot see. Build the same network with the "
+            "Functional API (`keras.Model(inputs, outputs)`) or "
+            "`keras.Sequential`, then prune that."
+        )
+    raise TypeError(
+        f"Expected a keras.Model, got {type(model).__name__}. Pass a "
+        "Functional or Sequential Keras 3 model."
+    )
+
+
+def nodes(model):
+    """Lists the call sites of a graph model in a valid execution order.
+
+    Args:
+        model: a Functional or built Sequential model.
+
+    Returns:
+        A list of `GraphNode`, inputs excluded; nested models appear as one
+        node whose `operation` is the nested model.
+    """
+    graph = graph_of(model)
+    known = {id(t) for t in graph.inputs}
+    result = []
+    for depth in sorted(graph._nodes_by_depth.keys(), reverse=True):
+        for node in graph._nodes_by_depth[depth]:
+            if not node.operation or node.is_input:
+                continue
+            inputs = tuple(node.input_tensors)
+            if any(id(t) not in known for t in inputs):
+                continue  # Not part of this model's computation.
+            outputs = tuple(node.outputs)
+            known.update(id(t) for t in outputs)
+            result.append(
+                GraphNode(node.operation, inputs, outputs, node.arguments)
+            )
+    return result
+
+
+def inputs_of(model):
+    """The flat list of the model's input `KerasTensor`s."""
+    return list(graph_of(model).inputs)
+
+
+def outputs_of(model):
+    """The flat list of the model's output `KerasTensor`s."""
+    return list(graph_of(model).outputs)
+
+
+def producer_of(tensor):
+    """The operation that produced a `KerasTensor` (None for an Input)."""
+    history = getattr(tensor, "_keras_history", None)
+    return history[0] if history else None
+
+
+def rebuild(model, node_fn, *, input_fn=None, model_fn=None):
+    """Builds a new graph model by re-running `model`'s nodes.
+
+    Args:
+        model: a Functional or built Sequential model.
+        node_fn: `fn(graph_node, tensor_map) -> list of output tensors`,
+            called once per node in execution order. `tensor_map` maps
+            `id(original KerasTensor)` to the new tensor; use
+            `graph_node.call_with(op, tensor_map)` to call a replacement op.
+        input_fn: optional `fn(original_input, new_input) -> tensor` giving
+            the tensor the graph's nodes see in place of each input.
+        model_fn: `fn(inputs, outputs, name) -> model`; defaults to
+            `keras.Model`.
+
+    Returns:
+        The new model. Its inputs keep names, shapes, dtypes and structure.
+    """
+    graph = graph_of(model)
+    tensor_map = {}
+    new_inputs = []
+    for old in graph.inputs:
+        new = keras.Input(
+            batch_shape=old.shape,
+            dtype=old.dtype,
+            sparse=getattr(old, "sparse", False),
+            name=producer_of(old).name,
+        )
+        tensor_map[id(old)] = input_fn(old, new) if input_fn else new
+        new_inputs.append(new)
+    for node in nodes(model):
+        outputs = node_fn(node, tensor_map)
+        for old, new in zip(node.outputs, outputs):
+            tensor_map[id(old)] = new
+    outputs = [tensor_map[id(t)] for t in graph.outputs]
+    inputs = tree.pack_sequence_as(graph._inputs_struct, new_inputs)
+    outputs = tree.pack_sequence_as(graph._outputs_struct, outputs)
+    model_fn = model_fn or keras.Model
+    return model_fn(inputs, outputs, name=model.name)
+
+
+def all_layers(model):
+    """Every non-model layer of `model`, nested models included, once each."""
+    seen = {}
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if not _graph_or_model(layer):
+            seen.setdefault(id(layer), layer)
+    return list(seen.values())
+
+
+def _graph_or_model(layer):
+    return isinstance(layer, keras.Model)

@@ -1,0 +1,524 @@
+"""Channel groups: the sets of channels that must be kept or removed together.
+
+The analysis gives every channel position of every tensor in the graph an
+integer id. Layers that create channels (convolutions, dense) allocate new
+ids; layers that move channels (pooling, BatchNorm, Concatenate, Flatten, ...)
+pass ids along; layers that tie channels together (Add, Multiply, a layer
+called twice, a grouped convolution) unite ids. After the walk, each
+union-find class of ids is one *logical channel*; the classes written by the
+same layer(s) form one `ChannelGroup`. Channels of model inputs and outputs,
+and channels touched by layers the analysis does not understand, are blocked:
+they belong to no group and are never pruned.
+"""
+
+import warnings
+
+import numpy as np
+
+from keras_chex import _graph
+from keras_chex import layer_rules
+
+
+class _UnionFind:
+    """Union-find over integer ids, growing on demand."""
+
+    def __init__(self):
+        self.parent = []
+
+    def new(self, n):
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, i):
+        parent = self.parent
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(self, a, b):
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            # Lower id wins, so roots (and group order) are deterministic.
+            if ra < rb:
+                self.parent[rb] = ra
+            else:
+                self.parent[ra] = rb
+
+    def roots(self):
+        return np.array([self.find(i) for i in range(len(self.parent))],
+                        dtype=np.int64)
+
+
+class WeightSlice:
+    """One axis of one layer weight whose entries belong to channels.
+
+    Attributes:
+        layer: the Keras layer owning the weight.
+        name: the weight's leaf name ('kernel', 'bias', 'gamma', ...).
+        axis: the axis along which entries belong to channels.
+        classes: int array, the global channel index of each entry along
+            `axis` (-1 for entries that are never pruned).
+    """
+
+    def __init__(self, layer, name, axis, classes):
+        self.layer = layer
+        self.name = name
+        self.axis = axis
+        self.classes = classes
+
+    def variable(self):
+        for v in self.layer.weights:
+            if layer_rules.weight_leaf_name(v) == self.name:
+                return v
+        return None
+
+
+class ChannelGroup:
+    """A set of channels that are kept or removed together.
+
+    Obtain groups with `keras_chex.channel_groups(model)`. On a model
+    returned by `keras_chex.prune_and_regrow` (or `keras_chex.wrap`) the
+    group's mask can be read and set; this is the handle for custom pruning
+    criteria.
+
+    Attributes:
+        name: name of the first layer that writes these channels.
+        size: number of channels in the group.
+        producers: names of the layers whose outputs are these channels.
+        layers: names of every layer with weights indexed by these channels
+            (producers, consumers, BatchNorms, depthwise convolutions, ...).
+        start: offset of the group's channels in the model-wide channel
+            vector used by `ModelAnalysis`.
+
+    Example:
+
+    ```python
+    wrapped = keras_chex.wrap(model)
+    for group in keras_chex.channel_groups(wrapped):
+        mask = group.mask
+        mask[: group.size // 2] = False
+        group.set_mask(mask)
+    ```
+    """
+
+    def __init__(self, analysis, index, name, start, size, producers, layers):
+        self._analysis = analysis
+        self.index = index
+        self.name = name
+        self.start = start
+        self.size = size
+        self.producers = producers
+        self.layers = layers
+
+    @property
+    def mask(self):
+        """Bool array of length `size`: True for kept channels."""
+        full = self._analysis.class_mask()
+        return full[self.start:self.start + self.size].copy()
+
+    def set_mask(self, mask):
+        """Sets which channels of the group are kept.
+
+        Args:
+            mask: bool array-like of length `size` (True = keep).
+
+        Raises:
+            ValueError: wrong length, no channel kept, or the model carries
+                no masks (a plain model: wrap it first).
+        """
+        mask = np.asarray(mask)
+        if mask.shape != (self.size,):
+            raise ValueError(
+                f"Mask for channel group '{self.name}' must have shape "
+                f"({self.size},), got {mask.shape}."
+            )
+        if not mask.any():
+            raise ValueError(
+                f"Mask for channel group '{self.name}' removes all "
+                f"{self.size} channels; keep at least one (removing a whole "
+                "group would disconnect the network)."
+            )
+        full = self._analysis.class_mask()
+        full[self.start:self.start + self.size] = mask.astype(bool)
+        self._analysis.set_class_mask(full)
+
+    def weight_slices(self):
+        """The `WeightSlice`s that touch this group's channels."""
+        lo, hi = self.start, self.start + self.size
+        return [
+            s for s in self._analysis.weight_slices
+            if np.any((s.classes >= lo) & (s.classes < hi))
+        ]
+
+    def __repr__(self):
+        return (
+            f"<ChannelGroup '{self.name}' size={self.size} "
+            f"kept={int(self.mask.sum())} layers={len(self.layers)}>"
+        )
+
+
+class _Context:
+    """What `LayerRule.propagate` sees while the graph is walked."""
+
+    def __init__(self, analysis):
+        self._a = analysis
+        self.uf = _UnionFind()
+        self.blocked = []
+        self.block_reasons = {}
+        self.layer_blocks = {}
+        self.block_order = []  # (layer, ids) in creation order.
+        self.slices = {}  # (id(layer), name, axis) -> [layer, ids]
+        self.macs = []  # (node, coef, layer, weight name)
+        self.masks = []  # (mask layer, ids)
+
+    # -- ids of tensors ------------------------------------------------
+    def ids(self, tensor):
+        return self._a._tensor_ids[id(tensor)]
+
+    def set_ids(self, tensor, ids):
+        ids = np.asarray(ids, dtype=np.int64)
+        channels = tensor.shape[-1] if len(tensor.shape) >= 2 else 0
+        if channels is not None and len(ids) != channels:
+            raise layer_rules.Unsupported(
+                f"internal: {len(ids)} ids for {channels} channels"
+            )
+        self._a._tensor_ids[id(tensor)] = ids
+        self._a._tensors[id(tensor)] = tensor
+
+    def fresh(self, tensor, blocked_reason=None):
+        shape = tensor.shape
+        n = shape[-1] if len(shape) >= 2 else 0
+        if n is None:
+            n = 0
+        ids = self.uf.new(n)
+        if blocked_reason:
+            self.block(ids, blocked_reason)
+        self._a._tensor_ids[id(tensor)] = ids
+        self._a._tensors[id(tensor)] = tensor
+        return ids
+
+    # -- coupling ------------------------------------------------------
+    def layer_block(self, layer, n):
+        """New channel ids written by `layer` (the same for every call)."""
+        key = id(layer)
+        if key not in self.layer_blocks:
+            ids = self.uf.new(n)
+            self.layer_blocks[key] = ids
+            self.block_order.append((layer, ids))
+        return self.layer_blocks[key]
+
+    def union(self, a, b):
+        for i, j in zip(a.tolist(), b.tolist()):
+            self.uf.union(i, j)
+
+    def block(self, ids, reason):
+        ids = np.asarray(ids, dtype=np.int64)
+        self.blocked.append(ids)
+        for i in ids[:1].tolist():
+            self.block_reasons.setdefault(i, reason)
+
+    def couple_across_groups(self, ids, groups):
+        per_group = ids.reshape(groups, -1)
+        for g in range(1, groups):
+            self.union(per_group[0], per_group[g])
+        return ids
+
+    # -- weights and costs ---------------------------------------------
+    def weight_slice(self, layer, name, axis, ids):
+        if not any(layer_rules.weight_leaf_name(v) == name
+                   for v in layer.weights):
+            return  # e.g. use_bias=False
+        key = (id(layer), name, axis)
+        if key in self.slices:
+            # A shared layer: each call must drop the same entries.
+            self.union(self.slices[key][1], np.asarray(ids))
+        else:
+            self.slices[key] = [layer, np.asarray(ids, dtype=np.int64)]
+
+    def add_macs(self, node, coef, layer, name):
+        self.macs.append((node, coef, layer, name))
+
+    def mask_layer(self, layer, ids):
+        self.masks.append((layer, np.asarray(ids, dtype=np.int64)))
+
+
+class MaskSite:
+    """A `ChannelMask` layer and the channel index of each position."""
+
+    def __init__(self, layer, classes):
+        self.layer = layer
+        self.classes = classes
+
+
+class MacsTerm:
+    """MACs of one call: `coef` times the kept size of one weight."""
+
+    def __init__(self, layer_name, coef, weight):
+        self.layer_name = layer_name
+        self.coef = coef
+        self.weight = weight  # (layer, weight name)
+
+
+class ModelAnalysis:
+    """Channel analysis of a Functional or Sequential model.
+
+    Args:
+        model: the model.
+        exclude: names of layers whose channels must not be pruned.
+        warn: emit a warning naming every unsupported layer.
+
+    Attributes:
+        groups: list of prunable `ChannelGroup`s, in graph order.
+        num_channels: total channels over all groups.
+        unsupported: list of (layer name, reason) for layers left alone.
+        weight_slices: list of `WeightSlice`.
+        mask_sites: list of `MaskSite` (empty on a plain model).
+        macs_terms: list of `MacsTerm`.
+    """
+
+    def __init__(self, model, exclude=(), warn=True):
+        self.model = model
+        self.exclude = set(exclude)
+        self._tensor_ids = {}
+        self._tensors = {}
+        self._nodes = {}  # id(graph model) -> [GraphNode]
+        self._graphs = {}  # id(graph model) -> graph model
+        self.unsupported = []
+        ctx = _Context(self)
+        self._ctx = ctx
+        self._walk(model, top=True)
+        unknown = self.exclude - self._seen_names
+        if unknown:
+            raise ValueError(
+                f"exclude names layers that are not in model "
+                f"'{model.name}': {sorted(unknown)}."
+            )
+        self._finish(ctx)
+        if warn and self.unsupported:
+            listing = "; ".join(f"'{n}' ({r})" for n, r in self.unsupported)
+            warnings.warn(
+                "keras-chex leaves the channels of these layers unpruned "
+                f"because it cannot analyse them: {listing}.",
+                stacklevel=3,
+            )
+
+    # -- walking -------------------------------------------------------
+    @property
+    def _seen_names(self):
+        names = set()
+        for nodes in self._nodes.values():
+            names.update(n.operation.name for n in nodes)
+        return names
+
+    def _walk(self, model, top):
+        ctx = self._ctx
+        graph_nodes = _graph.nodes(model)
+        self._nodes[id(model)] = graph_nodes
+        self._graphs[id(model)] = model
+        for t in _graph.inputs_of(model):
+            ctx.fresh(t, "a model input" if top else None)
+        for node in graph_nodes:
+            self._visit(node)
+        if top:
+            for t in _graph.outputs_of(model):
+                ctx.block(ctx.ids(t), "a model output")
+
+    def _visit(self, node):
+        ctx = self._ctx
+        op = node.operation
+        if _graph.is_graph_model(op):
+            if id(op) not in self._nodes:
+                self._walk(op, top=False)
+            for outer, inner in zip(node.inputs, _graph.inputs_of(op)):
+                ctx.union(ctx.ids(outer), ctx.ids(inner))
+            for outer, inner in zip(node.outputs, _graph.outputs_of(op)):
+                ctx.set_ids(outer, ctx.ids(inner))
+            return
+        rule = self.rule_for(op)
+        reason = None
+        if rule is None:
+            reason = f"{type(op).__name__} is not a supported layer"
+        elif any(
+            t.shape[-1] is None for t in node.inputs + node.outputs
+            if len(t.shape) >= 2
+        ):
+            reason = "its channel count is unknown"
+        else:
+            try:
+                rule.propagate(ctx, node)
+            except layer_rules.Unsupported as e:
+                reason = str(e)
+        if reason is not None:
+            self._opaque(node, reason)
+        elif op.name in self.exclude:
+            for t in node.inputs + node.outputs:
+                ctx.block(ctx.ids(t), "excluded by the user")
+
+    def _opaque(self, node, reason):
+        ctx = self._ctx
+        if node.operation.name not in [n for n, _ in self.unsupported]:
+            self.unsupported.append((node.operation.name, reason))
+        for t in node.inputs:
+            if id(t) in self._tensor_ids:
+                ctx.block(ctx.ids(t), f"used by '{node.operation.name}'")
+        for t in node.outputs:
+            ctx.fresh(t, f"written by '{node.operation.name}'")
+
+    @staticmethod
+    def rule_for(op):
+        from keras_chex import masking  # Mask layers know their own rule.
+
+        if isinstance(op, masking.ChannelMask):
+            return masking.MASK_RULE
+        return layer_rules.rule_for(op)
+
+    # -- groups ----------------------------------------------------------
+    def _finish(self, ctx):
+        roots = ctx.uf.roots()
+        blocked = np.zeros(len(roots), dtype=bool)
+        for ids in ctx.blocked:
+            blocked[roots[ids]] = True
+        if ctx.masks:
+            # On a wrapped model a channel no mask covers cannot be pruned.
+            covered = np.zeros(len(roots), dtype=bool)
+            for _, ids in ctx.masks:
+                covered[roots[ids]] = True
+            blocked |= ~covered
+        is_root = roots == np.arange(len(roots))
+        prunable_root = is_root & ~blocked
+
+        # Classes written by the same layer form one group; link them.
+        link = _UnionFind()
+        link.new(len(roots))
+        for _, ids in ctx.block_order:
+            r = roots[ids]
+            r = r[prunable_root[r]]
+            for a in r[1:].tolist():
+                link.union(int(r[0]), a)
+        order, members, names = {}, {}, {}
+        for layer, ids in ctx.block_order:
+            for r in roots[ids].tolist():
+                if not prunable_root[r]:
+                    continue
+                g = link.find(r)
+                if g not in order:
+                    order[g] = len(order)
+                    members[g] = []
+                    names[g] = []
+                if r not in members[g]:
+                    members[g].append(r)
+                if layer.name not in names[g]:
+                    names[g].append(layer.name)
+        class_of_root = np.full(len(roots), -1, dtype=np.int64)
+        starts = []
+        next_index = 0
+        for g in sorted(order, key=order.get):
+            starts.append(next_index)
+            class_of_root[members[g]] = np.arange(
+                next_index, next_index + len(members[g])
+            )
+            next_index += len(members[g])
+        self.num_channels = next_index
+        self._class_of_id = class_of_root[roots]
+
+        def classes(ids):
+            return self._class_of_id[ids] if len(ids) else ids
+
+        self.weight_slices = [
+            WeightSlice(layer, name, axis, classes(ids))
+            for (_, name, axis), (layer, ids) in ctx.slices.items()
+        ]
+        self.mask_sites = [MaskSite(layer, classes(ids))
+                           for layer, ids in ctx.masks]
+        self.macs_terms = [
+            MacsTerm(node.operation.name, coef, (layer, name))
+            for node, coef, layer, name in ctx.macs
+        ]
+        self.groups = []
+        for i, g in enumerate(sorted(order, key=order.get)):
+            lo, hi = starts[i], starts[i] + len(members[g])
+            touching = []
+            for s in self.weight_slices:
+                if s.layer.name not in touching and np.any(
+                    (s.classes >= lo) & (s.classes < hi)
+                ):
+                    touching.append(s.layer.name)
+            self.groups.append(
+                ChannelGroup(self, i, names[g][0], lo, hi - lo,
+                             list(names[g]), touching)
+            )
+
+    # -- per-tensor views ------------------------------------------------
+    def classes_of(self, tensor):
+        """Global channel index of each position of `tensor` (-1: fixed)."""
+        return self._class_of_id[self._tensor_ids[id(tensor)]]
+
+    def nodes_of(self, model=None):
+        """The analysed `GraphNode`s of `model` (default: the top model)."""
+        return self._nodes[id(model or self.model)]
+
+    # -- masks -------------------------------------------------------------
+    def class_mask(self):
+        """Bool vector over all channels of all groups (True = kept)."""
+        mask = np.ones(self.num_channels, dtype=bool)
+        for site in self.mask_sites:
+            sel = site.classes >= 0
+            values = np.asarray(site.layer.mask.numpy()) > 0.5
+            # Every channel is covered by at least one site; any covering
+            # site holds its value (sites are written together).
+            mask[site.classes[sel]] = values[sel]
+        return mask
+
+    def set_class_mask(self, mask):
+        """Writes a model-wide channel mask into every mask layer."""
+        if not self.mask_sites:
+            raise ValueError(
+                f"Model '{self.model.name}' carries no channel masks. Wrap it "
+                "with `keras_chex.wrap(model)` or "
+                "`keras_chex.prune_and_regrow(model, ...)` and set masks on "
+                "the returned model."
+            )
+        mask = np.asarray(mask, dtype=bool)
+        for site in self.mask_sites:
+            site.layer.set_channel_mask(keep_mask(site.classes, mask))
+
+
+def keep_mask(classes, class_mask):
+    """Per-position keep flags for positions mapped to channel `classes`."""
+    keep = np.ones(len(classes), dtype=bool)
+    sel = classes >= 0
+    keep[sel] = class_mask[classes[sel]]
+    return keep
+
+
+def analyze(model, exclude=(), warn=True):
+    """Runs the channel analysis; see `ModelAnalysis`."""
+    cached = getattr(model, "_chex_analysis", None)
+    if cached is not None and not exclude:
+        return cached
+    return ModelAnalysis(model, exclude=exclude, warn=warn)
+
+
+def channel_groups(model):
+    """Finds the channel groups of a Keras model.
+
+    Args:
+        model: a Functional or Sequential Keras model, plain or wrapped by
+            `keras_chex.prune_and_regrow` / `keras_chex.wrap`.
+
+    Returns:
+        A list of `ChannelGroup`, one per set of channels that must be
+        kept or removed together, in graph order. Unsupported layers are
+        reported with a warning and their channels are in no group.
+
+    Example:
+
+    ```python
+    model = keras.applications.ResNet50(weights=None)
+    groups = keras_chex.channel_groups(model)
+    print(len(groups), groups[0].name, groups[0].size)
+    ```
+    """
+    return analyze(model).groups

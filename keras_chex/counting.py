@@ -1,0 +1,128 @@
+"""Counting MACs and parameters of plain and wrapped models.
+
+MACs are multiply-accumulates of convolution, depthwise, separable,
+transposed-convolution and dense calls (what the pruning literature calls
+"FLOPs"). On a wrapped model masked channels count as removed, so the count
+equals the count of the stripped model.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from keras_chex import _graph
+from keras_chex import channel_analysis as cg
+from keras_chex import layer_rules
+from keras_chex import masking
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCount:
+    """MACs and parameters of one layer (all its calls)."""
+
+    name: str
+    macs: int
+    params: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CountResult:
+    """Result of `count_macs`.
+
+    Attributes:
+        macs: total multiply-accumulates for one input sample.
+        params: total parameters (trainable and not, masks excluded).
+        layers: per-layer `LayerCount`s in graph order.
+    """
+
+    macs: int
+    params: int
+    layers: tuple
+
+    def table(self, top=None):
+        """A text table of the per-layer counts (largest MACs first)."""
+        rows = sorted(self.layers, key=lambda r: -r.macs)[:top]
+        width = max([len(r.name) for r in rows] + [5])
+        lines = [f"{'layer':<{width}}  {'MACs':>14}  {'params':>12}"]
+        for r in rows:
+            lines.append(f"{r.name:<{width}}  {r.macs:>14,}  {r.params:>12,}")
+        lines.append(f"{'total':<{width}}  {self.macs:>14,}  {self.params:>12,}")
+        return "\n".join(lines)
+
+    def __str__(self):
+        return f"{self.macs / 1e6:,.2f} M MACs, {self.params / 1e6:,.3f} M params"
+
+
+def _kept_size(variable, slices, class_mask):
+    size = 1
+    by_axis = {s.axis % len(variable.shape): s for s in slices}
+    for axis, dim in enumerate(variable.shape):
+        if axis in by_axis:
+            size *= int(cg.keep_mask(by_axis[axis].classes, class_mask).sum())
+        else:
+            size *= int(dim)
+    return size
+
+
+def count_macs(model, class_mask=None):
+    """Counts MACs and parameters of a model, honouring channel masks.
+
+    Args:
+        model: a Functional or Sequential model, plain or wrapped. Spatial
+            input dimensions must be known (build the model with a fixed
+            `input_shape`).
+        class_mask: optional bool vector over all channels of all groups
+            (see `ModelAnalysis.class_mask`), to count a hypothetical
+            pruning without setting it; defaults to the model's masks.
+
+    Returns:
+        A `CountResult` with totals and a per-layer breakdown.
+
+    Example:
+
+    ```python
+    result = keras_chex.count_macs(keras.applications.ResNet50(weights=None))
+    print(result.macs / 1e9)  # 3.86
+    ```
+    """
+    analysis = cg.analyze(model)
+    if class_mask is None:
+        class_mask = analysis.class_mask()
+    class_mask = np.asarray(class_mask, dtype=bool)
+    slices = {}
+    for s in analysis.weight_slices:
+        slices.setdefault((id(s.layer), s.name), []).append(s)
+
+    def kept(layer, variable):
+        name = layer_rules.weight_leaf_name(variable)
+        return _kept_size(variable, slices.get((id(layer), name), ()),
+                          class_mask)
+
+    macs = {}
+    for term in analysis.macs_terms:
+        layer, name = term.weight
+        if term.coef is None:
+            raise ValueError(
+                f"Layer '{term.layer_name}' has an input of unknown spatial "
+                "size, so its MACs are undefined. Build the model with a "
+                "fixed input shape (e.g. `input_shape=(224, 224, 3)`)."
+            )
+        variable = next(v for v in layer.weights
+                        if layer_rules.weight_leaf_name(v) == name)
+        macs[term.layer_name] = macs.get(term.layer_name, 0) + (
+            term.coef * kept(layer, variable)
+        )
+    rows = []
+    for layer in _graph.all_layers(model):
+        if isinstance(layer, masking.ChannelMask):
+            continue
+        params = sum(kept(layer, v) for v in layer.weights)
+        if not params and layer.name not in macs:
+            continue
+        rows.append(LayerCount(layer.name, int(macs.get(layer.name, 0)),
+                               int(params)))
+    return CountResult(
+        macs=int(sum(r.macs for r in rows)),
+        params=int(sum(r.params for r in rows)),
+        layers=tuple(rows),
+    )

@@ -1,0 +1,518 @@
+"""CIFAR-10 from local JPEG files, with no network access.
+
+`keras.datasets.cifar10.load_data()` downloads the data set, which is not
+possible on offline machines. `load_cifar10` reads the same images from a
+local copy instead: a zip archive or a folder laid out as
+
+    train/airplane/0000.jpg ... train/truck/4999.jpg
+
+(the layout `keras.utils.image_dataset_from_directory` expects). Without a
+path it reads a small real sample shipped inside the package, so examples and
+tests run anywhere.
+
+There is no test split in that layout, so the last images of each class (by
+sorted file name) are held out for validation.
+"""
+
+import hashlib
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+# Alphabetical, which is also the label order of the original data set and of
+# `keras.utils.image_dataset_from_directory`.
+CLASS_NAMES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+IMAGE_SHAPE = (32, 32, 3)
+
+SAMPLE_PATH = Path(__file__).resolve().parent / "data" / "cifar10_sample.zip"
+DEFAULT_VALIDATION_PER_CLASS = 500
+# The sample holds 500 images per class, so the full data set's default
+# would leave nothing to train on.
+SAMPLE_VALIDATION_PER_CLASS = 100
+
+_LAYOUT = "`train/<class>/<image>.jpg` (or `<class>/<image>.jpg`)"
+_JPEG_SUFFIXES = (".jpg", ".jpeg")
+_DECODE_BATCH_SIZE = 4096
+# Bump when the cached arrays change meaning, so stale caches are ignored.
+_CACHE_VERSION = 1
+
+
+def load_cifar10(path=None, *, validation_per_class=None, cache_dir=None):
+    """Loads CIFAR-10 images from a local zip archive or folder.
+
+    The source holds one folder per class, named after `CLASS_NAMES`, either
+    under a top-level `train/` folder or directly at its root. Images are
+    decoded to RGB; labels follow the order of `CLASS_NAMES`. Within each
+    class the images are sorted by file name and the last
+    `validation_per_class` of them form the validation split.
+
+    Both splits are ordered class by class (all airplanes first); shuffle
+    them before training, for example with `make_dataset`.
+
+    Args:
+        path: Path to a zip archive or a folder with the layout above, for
+            example the 50,000-image `train.zip` of CIFAR-10. `None` reads
+            the sample shipped with the package: 500 real images per class
+            (the first 400 and the last 100 of the full data set's classes).
+        validation_per_class: Number of images per class to hold out for
+            validation, taken from the end of each class. `None` means 500
+            for a given `path` and 100 for the shipped sample, so that the
+            sample's validation images are also validation images of the
+            full data set. `0` gives empty validation arrays.
+        cache_dir: Optional folder for a cache of the decoded images. The
+            cache file is keyed by the source's path, size and modification
+            time, so a changed source is decoded again. Nothing is ever
+            written next to the source.
+
+    Returns:
+        `((x_train, y_train), (x_val, y_val))`: `uint8` image arrays of
+        shape `(num_images, 32, 32, 3)` and `int64` label arrays of shape
+        `(num_images,)`.
+
+    Raises:
+        FileNotFoundError: If `path` does not exist.
+        ValueError: If `path` is not a zip archive or folder with the layout
+            above, an image cannot be decoded as a 32x32 JPEG, or
+            `validation_per_class` leaves a class without training images.
+
+    Example:
+
+    >>> (x_train, y_train), (x_val, y_val) = load_cifar10()
+    >>> x_train.shape, x_val.shape
+    ((4000, 32, 32, 3), (1000, 32, 32, 3))
+    """
+    if path is None:
+        path = SAMPLE_PATH
+        default_validation = SAMPLE_VALIDATION_PER_CLASS
+    else:
+        default_validation = DEFAULT_VALIDATION_PER_CLASS
+    if validation_per_class is None:
+        validation_per_class = default_validation
+    _check_validation_per_class(validation_per_class)
+
+    images, labels = _load_all(open_source(path), cache_dir)
+    return _split(images, labels, validation_per_class, path)
+
+
+def make_dataset(x, y, batch_size, *, training, seed=None, augment=True):
+    """Builds a `tf.data` pipeline of CIFAR images for `model.fit`.
+
+    Images are converted to `float32` and scaled to `[0, 1]` (divided by
+    255; not standardised). For training, the examples are reshuffled every
+    epoch and, with `augment=True`, get the standard CIFAR augmentation of
+    He et al. (2016): zero-pad 4 pixels on each side, take a random crop of
+    the original size, and flip horizontally with probability 0.5. For
+    validation the examples keep their order and are not augmented.
+
+    Args:
+        x: `uint8` images of shape `(num_images, height, width, channels)`,
+            as returned by `load_cifar10`.
+        y: Labels of shape `(num_images,)`.
+        batch_size: Number of examples per batch. The last batch may be
+            smaller.
+        training: Whether to shuffle and augment (`True`) or to keep the
+            order and leave the images as they are (`False`).
+        seed: Optional integer seed for the shuffle and the augmentation.
+            With a seed, the pipeline yields the same sequence of batches
+            every time it is built.
+        augment: Whether to augment the training images. Ignored when
+            `training=False`.
+
+    Returns:
+        A `tf.data.Dataset` of `(images, labels)` batches, prefetched.
+
+    Example:
+
+    >>> (x_train, y_train), (x_val, y_val) = load_cifar10()
+    >>> train = make_dataset(x_train, y_train, 128, training=True, seed=1)
+    >>> val = make_dataset(x_val, y_val, 256, training=False)
+    >>> images, labels = next(iter(train))
+    >>> images.shape, images.dtype.name
+    (TensorShape([128, 32, 32, 3]), 'float32')
+    """
+    x, y = _check_examples(x, y)
+    _check_batch_size(batch_size)
+    if not isinstance(training, bool):
+        raise ValueError(
+            f"`training` must be True or False, got {training!r}."
+        )
+
+    dataset = tf.data.Dataset.from_tensor_slices((x, y))
+    if training:
+        dataset = dataset.shuffle(
+            len(x), seed=seed, reshuffle_each_iteration=True
+        )
+        if augment:
+            dataset = _augment(dataset, seed)
+    # Scaling after batching converts a whole batch in one op.
+    dataset = dataset.batch(batch_size).map(
+        _scale_images, num_parallel_calls=tf.data.AUTOTUNE
+    )
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def open_source(path):
+    """Indexes the CIFAR-10 images of a zip archive or folder.
+
+    `load_cifar10` reads its images through this; it is public for tools
+    that need the file names, such as `tools/make_cifar10_sample.py`.
+
+    Args:
+        path: Path to a zip archive or a folder with the layout
+            `train/<class>/<image>.jpg` or `<class>/<image>.jpg`.
+
+    Returns:
+        An object with a `files_by_class` dict, mapping each name of
+        `CLASS_NAMES` to the names of its images sorted by file name, and a
+        `read(names)` method returning the bytes of those images.
+
+    Raises:
+        FileNotFoundError: If `path` does not exist.
+        ValueError: If `path` is neither a folder nor a zip archive, or its
+            layout is not the one above.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _FolderSource(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"CIFAR-10 source not found: {path}. Pass the path of a zip "
+            f"archive or folder laid out as {_LAYOUT}, or path=None for the "
+            "sample shipped with keras_chex."
+        )
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"CIFAR-10 source {path} is neither a folder nor a zip archive. "
+            f"Pass a zip archive or folder laid out as {_LAYOUT}."
+        )
+    return _ZipSource(path)
+
+
+class _ZipSource:
+    """The CIFAR-10 images inside a zip archive.
+
+    Args:
+        path: Path to the zip archive.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        with zipfile.ZipFile(self.path) as archive:
+            names = [
+                info.filename
+                for info in archive.infolist()
+                if not info.is_dir()
+            ]
+        self._prefix = (
+            "train/" if any(n.startswith("train/") for n in names) else ""
+        )
+        relative_names = [
+            name[len(self._prefix) :]
+            for name in names
+            if name.startswith(self._prefix)
+        ]
+        self.files_by_class = _group_by_class(relative_names, self.path)
+
+    def read(self, names):
+        """Returns the bytes of the images `names` (as in `files_by_class`)."""
+        with zipfile.ZipFile(self.path) as archive:
+            return [archive.read(self._prefix + name) for name in names]
+
+    def fingerprint(self):
+        """Returns a string that changes when the archive changes."""
+        stat = self.path.stat()
+        return f"zip:{self.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+class _FolderSource:
+    """The CIFAR-10 images in a folder.
+
+    Args:
+        path: Path to a folder that contains `train/<class>/` folders, or
+            the class folders directly.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        train = self.path / "train"
+        self._root = train if train.is_dir() else self.path
+        # Only two levels are listed: walking a whole tree could take
+        # minutes if the user passes a large unrelated folder.
+        relative_names = [
+            f"{class_dir.name}/{entry.name}"
+            for class_dir in _subfolders(self._root)
+            for entry in os.scandir(class_dir.path)
+            if entry.is_file()
+        ]
+        self.files_by_class = _group_by_class(relative_names, self.path)
+
+    def read(self, names):
+        """Returns the bytes of the images `names` (as in `files_by_class`)."""
+        return [(self._root / name).read_bytes() for name in names]
+
+    def fingerprint(self):
+        """Returns a string that changes when an image file changes."""
+        # A folder's own mtime misses edits to the files inside it, so every
+        # image file contributes its size and mtime.
+        digest = hashlib.sha256()
+        for names in self.files_by_class.values():
+            for name in names:
+                stat = (self._root / name).stat()
+                digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        return f"folder:{self._root.resolve()}:{digest.hexdigest()}"
+
+
+def _subfolders(path):
+    return [
+        entry
+        for entry in os.scandir(path)
+        if entry.is_dir() and not _is_hidden(entry.name)
+    ]
+
+
+def _is_hidden(name):
+    # Archivers and file managers add entries like `.DS_Store` and
+    # `__MACOSX/`; they are not part of the data set.
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _group_by_class(relative_names, path):
+    """Groups `<class>/<image>.jpg` names by class, sorted by file name.
+
+    Files elsewhere (a README at the root, hidden files) are ignored.
+    """
+    groups = {}
+    for name in relative_names:
+        parts = name.split("/")
+        if len(parts) != 2 or any(_is_hidden(part) for part in parts):
+            continue
+        class_name, file_name = parts
+        if file_name.lower().endswith(_JPEG_SUFFIXES):
+            groups.setdefault(class_name, []).append(name)
+
+    unexpected = sorted(set(groups) - set(CLASS_NAMES))
+    missing = [c for c in CLASS_NAMES if c not in groups]
+    if unexpected or missing:
+        problems = []
+        if missing:
+            problems.append(f"no JPEG images for {', '.join(missing)}")
+        if unexpected:
+            problems.append(
+                f"folders that are not CIFAR-10 classes: {', '.join(unexpected)}"
+            )
+        raise ValueError(
+            f"{path} does not have the CIFAR-10 layout {_LAYOUT} with one "
+            f"folder per class ({', '.join(CLASS_NAMES)}): found "
+            f"{'; '.join(problems)}."
+        )
+    return {c: sorted(groups[c]) for c in CLASS_NAMES}
+
+
+def _load_all(source, cache_dir):
+    """Returns all images and labels of `source`, class by class."""
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = _cache_file(source, cache_dir)
+        cached = _read_cache(cache_file)
+        if cached is not None:
+            return cached
+
+    names = [n for c in CLASS_NAMES for n in source.files_by_class[c]]
+    labels = np.concatenate(
+        [
+            np.full(len(source.files_by_class[c]), label, dtype=np.int64)
+            for label, c in enumerate(CLASS_NAMES)
+        ]
+    )
+    images = _decode_jpegs(source.read(names), names, source.path)
+    if cache_file is not None:
+        _write_cache(cache_file, images, labels)
+    return images, labels
+
+
+def _decode_jpegs(blobs, names, path):
+    """Decodes JPEG bytes to a `(len(blobs), 32, 32, 3)` uint8 array."""
+    try:
+        return _decode_batched(blobs)
+    except tf.errors.OpError:
+        # The parallel decoder does not say which file failed; find it so
+        # the user gets a file name rather than a TensorFlow trace.
+        for blob, name in zip(blobs, names):
+            _decode_one(blob, name, path)
+        raise
+
+
+def _decode_batched(blobs):
+    def decode(blob):
+        image = tf.io.decode_jpeg(blob, channels=IMAGE_SHAPE[-1])
+        return tf.ensure_shape(image, IMAGE_SHAPE)
+
+    dataset = (
+        tf.data.Dataset.from_tensor_slices(tf.constant(blobs, dtype=tf.string))
+        .map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(_DECODE_BATCH_SIZE)
+    )
+    images = np.empty((len(blobs),) + IMAGE_SHAPE, dtype=np.uint8)
+    start = 0
+    for batch in dataset.as_numpy_iterator():
+        images[start : start + len(batch)] = batch
+        start += len(batch)
+    return images
+
+
+def _decode_one(blob, name, path):
+    try:
+        image = tf.io.decode_jpeg(blob, channels=IMAGE_SHAPE[-1])
+    except tf.errors.OpError as error:
+        raise ValueError(
+            f"{path}: cannot decode {name} as a JPEG image ({error.message})."
+        ) from None
+    if tuple(image.shape) != IMAGE_SHAPE:
+        raise ValueError(
+            f"{path}: {name} is {image.shape[1]}x{image.shape[0]} pixels; "
+            "CIFAR-10 images are 32x32."
+        )
+
+
+def _cache_file(source, cache_dir):
+    key = f"v{_CACHE_VERSION}:{source.fingerprint()}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return Path(cache_dir) / f"cifar10-{digest}.npz"
+
+
+def _read_cache(cache_file):
+    try:
+        with np.load(cache_file) as data:
+            images, labels = data["images"], data["labels"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        # Missing, half-written or foreign files are rebuilt, not trusted.
+        return None
+    if images.shape[1:] != IMAGE_SHAPE or images.shape[:1] != labels.shape:
+        return None
+    return images, labels
+
+
+def _write_cache(cache_file, images, labels):
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    # Written under a temporary name and renamed, so a concurrent or
+    # interrupted load never sees a partial cache file.
+    handle, temp_name = tempfile.mkstemp(
+        dir=cache_file.parent, prefix=cache_file.stem, suffix=".tmp"
+    )
+    try:
+        with os.fdopen(handle, "wb") as f:
+            np.savez(f, images=images, labels=labels)
+        os.replace(temp_name, cache_file)
+    except BaseException:
+        os.unlink(temp_name)
+        raise
+
+
+def _split(images, labels, validation_per_class, path):
+    """Holds out the last `validation_per_class` images of each class."""
+    train_indices, val_indices = [], []
+    for label, class_name in enumerate(CLASS_NAMES):
+        indices = np.flatnonzero(labels == label)
+        if validation_per_class >= len(indices):
+            raise ValueError(
+                f"validation_per_class={validation_per_class} leaves no "
+                f"training images: {path} has {len(indices)} images of class "
+                f"{class_name!r}. Pass a value below {len(indices)}."
+            )
+        cut = len(indices) - validation_per_class
+        train_indices.append(indices[:cut])
+        val_indices.append(indices[cut:])
+    train_indices = np.concatenate(train_indices)
+    val_indices = np.concatenate(val_indices)
+    return (
+        (images[train_indices], labels[train_indices]),
+        (images[val_indices], labels[val_indices]),
+    )
+
+
+def _check_validation_per_class(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value < 0
+    ):
+        raise ValueError(
+            "`validation_per_class` must be a non-negative integer (or None "
+            f"for the default), got {value!r}."
+        )
+
+
+def _check_examples(x, y):
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if x.ndim != 4:
+        raise ValueError(
+            "`x` must be a batch of images of shape (num_images, height, "
+            f"width, channels), got shape {x.shape}."
+        )
+    if x.dtype != np.uint8:
+        raise ValueError(
+            f"`x` must hold uint8 pixel values in [0, 255] (as returned by "
+            f"load_cifar10), got dtype {x.dtype}. make_dataset scales the "
+            "images itself."
+        )
+    if y.shape != x.shape[:1]:
+        raise ValueError(
+            f"`y` must hold one label per image: expected shape "
+            f"({len(x)},), got {y.shape}."
+        )
+    return x, y
+
+
+def _check_batch_size(batch_size):
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, (int, np.integer))
+        or batch_size < 1
+    ):
+        raise ValueError(
+            f"`batch_size` must be a positive integer, got {batch_size!r}."
+        )
+
+
+def _augment(dataset, seed):
+    """Random 4-pixel-padded crop and horizontal flip, per example."""
+    # Stateless ops fed from a seeded random stream: reproducible for a
+    # seed, yet different every epoch.
+    seeds = tf.data.Dataset.random(
+        seed=seed, rerandomize_each_iteration=True
+    ).batch(2)
+    return tf.data.Dataset.zip((dataset, seeds)).map(
+        _augment_example, num_parallel_calls=tf.data.AUTOTUNE
+    )
+
+
+def _augment_example(example, seed):
+    image, label = example
+    crop_seed, flip_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, num=2)
+    )
+    size = tf.shape(image)
+    padded = tf.pad(image, [[4, 4], [4, 4], [0, 0]])
+    image = tf.image.stateless_random_crop(padded, size, seed=crop_seed)
+    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    return image, label
+
+
+def _scale_images(images, labels):
+    return tf.cast(images, tf.float32) / 255.0, labels

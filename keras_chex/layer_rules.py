@@ -1,0 +1,458 @@
+"""How each kind of layer moves, mixes, and owns channels.
+
+One `LayerRule` per supported layer or op class. A rule answers three
+questions about one call of its layer:
+
+* `propagate`: which channels of the inputs and outputs are the same channel
+  (so they must be kept or removed together), which weights index which
+  channels, and how many MACs each call costs;
+* `kind`: whether a channel that is zero on the way in is still zero on the
+  way out (decides where masks must sit, see `masking.py`);
+* `stripped_config`: the layer config after channels are removed.
+
+Anything without a rule is treated as opaque: the channels it touches are
+left unprunable and `channel_groups` warns, naming the layer.
+"""
+
+import math
+
+import numpy as np
+from keras import layers
+
+# How a layer treats a channel that is exactly zero at its input.
+PRODUCER = "producer"  # Writes new channels (bias, BN beta): output may be non-zero.
+PASS = "pass"  # Zero in, zero out, no per-channel constants.
+ELEMENTWISE = "elementwise"  # f(0) decides; probed numerically.
+ANY_DIRTY = "any"  # Merge that is non-zero if any input is (Add, Concatenate).
+ALL_DIRTY = "all"  # Merge that is zero if any input is zero (Multiply).
+
+
+class Unsupported(Exception):
+    """Raised by a rule when one particular call cannot be analysed."""
+
+
+class LayerRule:
+    """Channel semantics of one layer class. Subclasses override `propagate`.
+
+    Attributes:
+        kind: one of PRODUCER, PASS, ELEMENTWISE, ANY_DIRTY, ALL_DIRTY.
+        mixes_input: True when the layer combines input channels into each
+            output (convolutions, dense): its input must be exactly zero on
+            masked channels for the compact model to compute the same.
+    """
+
+    kind = PASS
+    mixes_input = False
+
+    def propagate(self, ctx, node):
+        """Declares channel identities, weight slices and costs of `node`."""
+        ctx.set_ids(node.outputs[0], ctx.ids(node.inputs[0]))
+
+    def stripped_config(self, config, node, kept):
+        """Returns `config` updated for the kept channels.
+
+        Args:
+            config: the layer's `get_config()` (a copy; may be modified).
+            node: the `GraphNode` of one call (shared layers are consistent).
+            kept: `kept(tensor) -> number of channels kept` on a tensor.
+        """
+        return config
+
+
+def _channels_last(layer):
+    fmt = getattr(layer, "data_format", "channels_last")
+    if fmt not in (None, "channels_last"):
+        raise Unsupported("data_format='channels_first' is not supported")
+
+
+def _spatial_size(tensor):
+    dims = tensor.shape[1:-1]
+    if any(d is None for d in dims):
+        return None
+    return int(np.prod(dims, dtype=np.int64)) if dims else 1
+
+
+class ConvRule(LayerRule):
+    """Conv1D/2D/3D, including grouped convolutions."""
+
+    kind = PRODUCER
+    mixes_input = True
+
+    def propagate(self, ctx, node):
+        layer = node.operation
+        _channels_last(layer)
+        groups = getattr(layer, "groups", 1) or 1
+        x, y = node.inputs[0], node.outputs[0]
+        in_ids = ctx.ids(x)
+        out_ids = ctx.layer_block(layer, layer.filters)
+        if groups > 1:
+            # Every group must keep the same number of channels for the
+            # compact layer to stay a valid grouped convolution, so channel k
+            # of each group is coupled with channel k of the others.
+            in_ids = ctx.couple_across_groups(in_ids, groups)
+            out_ids = ctx.couple_across_groups(out_ids, groups)
+        per_group = len(in_ids) // groups
+        ctx.weight_slice(layer, "kernel", -2, in_ids[:per_group])
+        ctx.weight_slice(layer, "kernel", -1, out_ids)
+        ctx.weight_slice(layer, "bias", 0, out_ids)
+        ctx.set_ids(y, out_ids)
+        ctx.add_macs(node, _spatial_size(y), layer, "kernel")
+
+    def stripped_config(self, config, node, kept):
+        config["filters"] = kept(node.outputs[0])
+        return config
+
+
+class ConvTransposeRule(ConvRule):
+    """Conv1DTranspose/2D/3D (kernel is [..., out, in])."""
+
+    def propagate(self, ctx, node):
+        layer = node.operation
+        _channels_last(layer)
+        x, y = node.inputs[0], node.outputs[0]
+        out_ids = ctx.layer_block(layer, layer.filters)
+        ctx.weight_slice(layer, "kernel", -1, ctx.ids(x))
+        ctx.weight_slice(layer, "kernel", -2, out_ids)
+        ctx.weight_slice(layer, "bias", 0, out_ids)
+        ctx.set_ids(y, out_ids)
+        # Each input pixel scatters one kernel: cost scales with input size.
+        ctx.add_macs(node, _spatial_size(x), layer, "kernel")
+
+
+class DepthwiseRule(LayerRule):
+    """DepthwiseConv1D/2D: per-channel filters, output c*m+j from input c."""
+
+    kind = PRODUCER
+
+    def propagate(self, ctx, node):
+        layer = node.operation
+        _channels_last(layer)
+        in_ids = ctx.ids(node.inputs[0])
+        out_ids = np.repeat(in_ids, layer.depth_multiplier)
+        ctx.weight_slice(layer, "kernel", -2, in_ids)
+        ctx.weight_slice(layer, "bias", 0, out_ids)
+        ctx.set_ids(node.outputs[0], out_ids)
+        ctx.add_macs(node, _spatial_size(node.outputs[0]), layer, "kernel")
+
+
+class SeparableRule(ConvRule):
+    """SeparableConv1D/2D: depthwise on the input, pointwise to new channels."""
+
+    def propagate(self, ctx, node):
+        layer = node.operation
+        _channels_last(layer)
+        in_ids = ctx.ids(node.inputs[0])
+        mid_ids = np.repeat(in_ids, layer.depth_multiplier)
+        out_ids = ctx.layer_block(layer, layer.filters)
+        ctx.weight_slice(layer, "depthwise_kernel", -2, in_ids)
+        ctx.weight_slice(layer, "pointwise_kernel", -2, mid_ids)
+        ctx.weight_slice(layer, "pointwise_kernel", -1, out_ids)
+        ctx.weight_slice(layer, "bias", 0, out_ids)
+        ctx.set_ids(node.outputs[0], out_ids)
+        spatial = _spatial_size(node.outputs[0])
+        ctx.add_macs(node, spatial, layer, "depthwise_kernel")
+        ctx.add_macs(node, spatial, layer, "pointwise_kernel")
+
+
+class DenseRule(LayerRule):
+    """Dense on the last axis of inputs of any rank."""
+
+    kind = PRODUCER
+    mixes_input = True
+
+    def propagate(self, ctx, node):
+        layer = node.operation
+        if getattr(layer, "lora_enabled", False) or getattr(
+            layer, "quantization_mode", None
+        ):
+            raise Unsupported("LoRA or quantized Dense layers are not supported")
+        out_ids = ctx.layer_block(layer, layer.units)
+        ctx.weight_slice(layer, "kernel", 0, ctx.ids(node.inputs[0]))
+        ctx.weight_slice(layer, "kernel", 1, out_ids)
+        ctx.weight_slice(layer, "bias", 0, out_ids)
+        ctx.set_ids(node.outputs[0], out_ids)
+        ctx.add_macs(node, _spatial_size(node.outputs[0]), layer, "kernel")
+
+    def stripped_config(self, config, node, kept):
+        config["units"] = kept(node.outputs[0])
+        return config
+
+
+class BatchNormRule(LayerRule):
+    """BatchNormalization over the last axis (per-channel statistics)."""
+
+    kind = PRODUCER
+
+    def propagate(self, ctx, node):
+        layer = node.operation
+        rank = len(node.inputs[0].shape)
+        if layer.axis not in (-1, rank - 1):
+            raise Unsupported(
+                f"normalises axis {layer.axis}, not the channel axis"
+            )
+        ids = ctx.ids(node.inputs[0])
+        for name in ("gamma", "beta", "moving_mean", "moving_variance"):
+            ctx.weight_slice(layer, name, 0, ids)
+        ctx.set_ids(node.outputs[0], ids)
+
+    def stripped_config(self, config, node, kept):
+        config["axis"] = -1
+        return config
+
+
+class PReLURule(LayerRule):
+    """PReLU: alpha is per channel unless shared along the channel axis."""
+
+    kind = ELEMENTWISE
+
+    def propagate(self, ctx, node):
+        layer = node.operation
+        ids = ctx.ids(node.inputs[0])
+        if layer.alpha.shape[-1] == len(ids) and len(ids) > 1:
+            ctx.weight_slice(layer, "alpha", -1, ids)
+        ctx.set_ids(node.outputs[0], ids)
+
+
+class ActivationRule(LayerRule):
+    """Element-wise activations; softmax over channels couples them all."""
+
+    kind = ELEMENTWISE
+
+    def propagate(self, ctx, node):
+        layer = node.operation
+        fn = getattr(layer, "activation", None)
+        name = getattr(fn, "__name__", "")
+        if name in ("softmax", "log_softmax"):
+            raise Unsupported(f"'{name}' mixes all channels")
+        super().propagate(ctx, node)
+
+
+class SoftmaxRule(LayerRule):
+    kind = ELEMENTWISE
+
+    def propagate(self, ctx, node):
+        rank = len(node.inputs[0].shape)
+        axes = np.atleast_1d(node.operation.axis)
+        if any(a in (-1, rank - 1) for a in axes):
+            raise Unsupported("softmax over the channel axis mixes channels")
+        super().propagate(ctx, node)
+
+
+class PoolingRule(LayerRule):
+    """Pooling, padding, cropping, upsampling, dropout: per-channel maps."""
+
+    def propagate(self, ctx, node):
+        _channels_last(node.operation)
+        super().propagate(ctx, node)
+
+
+class FlattenRule(LayerRule):
+    """Flatten of channels-last data: channel c lands on rows p*C + c."""
+
+    def propagate(self, ctx, node):
+        _channels_last(node.operation)
+        x = node.inputs[0]
+        spatial = _spatial_size(x)
+        if spatial is None:
+            raise Unsupported("input has unknown spatial size")
+        ctx.set_ids(node.outputs[0], np.tile(ctx.ids(x), spatial))
+
+
+class ReshapeRule(LayerRule):
+    """Reshape that keeps channels last, or flattens everything."""
+
+    def propagate(self, ctx, node):
+        x, y = node.inputs[0], node.outputs[0]
+        in_ids = ctx.ids(x)
+        if y.shape[-1] == x.shape[-1] and x.shape[-1] is not None:
+            ctx.set_ids(y, in_ids)
+        elif len(y.shape) == 2 and _spatial_size(x) is not None:
+            ctx.set_ids(y, np.tile(in_ids, _spatial_size(x)))
+        else:
+            raise Unsupported(
+                f"reshapes {tuple(x.shape)} to {tuple(y.shape)}, which moves "
+                "the channel axis"
+            )
+
+    def stripped_config(self, config, node, kept):
+        target = list(config["target_shape"])
+        if target and target[-1] != -1:
+            target[-1] = kept(node.outputs[0])
+        config["target_shape"] = tuple(target)
+        return config
+
+
+class PermuteRule(LayerRule):
+    def propagate(self, ctx, node):
+        dims = tuple(node.operation.dims)
+        if dims[-1] != len(dims):
+            raise Unsupported("permutes the channel axis")
+        super().propagate(ctx, node)
+
+
+class MergeRule(LayerRule):
+    """Add, Subtract, Average, Maximum, Minimum, Multiply: coupled inputs."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def propagate(self, ctx, node):
+        full = [t for t in node.inputs if t.shape[-1] not in (1, None)]
+        if not full:
+            return super().propagate(ctx, node)
+        ids = ctx.ids(full[0])
+        for t in node.inputs:
+            other = ctx.ids(t)
+            if len(other) == len(ids):
+                ctx.union(ids, other)
+            elif len(other) == 1:
+                # Broadcast along channels: that single channel stays.
+                ctx.block(other, f"'{node.operation.name}' broadcasts it")
+            else:
+                raise Unsupported("inputs have different channel counts")
+        ctx.set_ids(node.outputs[0], ids)
+
+
+class ConcatenateRule(LayerRule):
+    kind = ANY_DIRTY
+
+    def propagate(self, ctx, node):
+        rank = len(node.outputs[0].shape)
+        axis = node.operation.axis
+        parts = [ctx.ids(t) for t in node.inputs]
+        if axis in (-1, rank - 1):
+            ctx.set_ids(node.outputs[0], np.concatenate(parts))
+        else:
+            for other in parts[1:]:
+                ctx.union(parts[0], other)
+            ctx.set_ids(node.outputs[0], parts[0])
+
+
+class OpRule(LayerRule):
+    """A `keras.ops` call on KerasTensors (e.g. `x + 3.0`, `ops.relu(x)`).
+
+    One tensor operand: element-wise (constants must be scalars).
+    Several tensor operands: a coupled merge like the merge layers.
+    """
+
+    def __init__(self, merge_kind=None):
+        self.merge_kind = merge_kind
+
+    def propagate(self, ctx, node):
+        for c in node.constant_arguments():
+            if isinstance(c, (bool, int, float, type(None), str)):
+                continue
+            if np.size(c) != 1:
+                raise Unsupported("has a non-scalar constant operand")
+        if len(node.inputs) == 1:
+            return super().propagate(ctx, node)
+        if self.merge_kind is None:
+            raise Unsupported("is not element-wise in its tensor operands")
+        MergeRule(self.merge_kind).propagate(ctx, node)
+
+
+def node_kind(rule, node):
+    """The zero-propagation kind of one call (ops depend on operand count)."""
+    if isinstance(rule, OpRule):
+        if len(node.inputs) == 1:
+            return ELEMENTWISE
+        return rule.merge_kind
+    return rule.kind
+
+
+def _build_registry():
+    reg = {}
+
+    def add(classes, rule):
+        for cls in classes:
+            if cls is not None:
+                reg[cls] = rule
+
+    L = layers
+    add([L.Conv1D, L.Conv2D, L.Conv3D], ConvRule())
+    add(
+        [L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose],
+        ConvTransposeRule(),
+    )
+    add([L.DepthwiseConv1D, L.DepthwiseConv2D], DepthwiseRule())
+    add([L.SeparableConv1D, L.SeparableConv2D], SeparableRule())
+    add([L.Dense], DenseRule())
+    add([L.BatchNormalization], BatchNormRule())
+    add([L.PReLU], PReLURule())
+    add([L.Activation], ActivationRule())
+    add([L.ReLU, L.LeakyReLU, L.ELU], ActivationRule())
+    add([L.Softmax], SoftmaxRule())
+    add([L.Rescaling], ActivationRule())
+    pooling = [
+        L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D,
+        L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,
+        L.GlobalAveragePooling1D, L.GlobalAveragePooling2D,
+        L.GlobalAveragePooling3D, L.GlobalMaxPooling1D,
+        L.GlobalMaxPooling2D, L.GlobalMaxPooling3D,
+        L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D,
+        L.Cropping1D, L.Cropping2D, L.Cropping3D,
+        L.UpSampling1D, L.UpSampling2D, L.UpSampling3D,
+        L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D,
+    ]
+    add(pooling, PoolingRule())
+    passthrough = [
+        L.Dropout, L.GaussianNoise, L.GaussianDropout, L.AlphaDropout,
+        L.ActivityRegularization, getattr(L, "Identity", None),
+        L.RepeatVector,
+    ]
+    add(passthrough, LayerRule())
+    add([L.Flatten], FlattenRule())
+    add([L.Reshape], ReshapeRule())
+    add([L.Permute], PermuteRule())
+    add([L.Add, L.Subtract, L.Average, L.Maximum, L.Minimum],
+        MergeRule(ANY_DIRTY))
+    add([L.Multiply], MergeRule(ALL_DIRTY))
+    add([L.Concatenate], ConcatenateRule())
+
+    from keras.src.ops import nn as ops_nn
+    from keras.src.ops import numpy as ops_np
+
+    unary = [
+        "Relu", "Relu6", "Sigmoid", "HardSigmoid", "Silu", "Swish",
+        "HardSilu", "HardSwish", "Gelu", "Elu", "Selu", "Softplus",
+        "Softsign", "LeakyRelu", "Mish", "Celu", "Glu", "Tanh", "Exp",
+        "Negative", "Abs", "Absolute", "Square", "Sqrt", "Clip",
+        "TrueDivide", "Divide", "Power", "Cast",
+    ]
+    for name in unary:
+        for mod in (ops_nn, ops_np):
+            cls = getattr(mod, name, None)
+            if isinstance(cls, type):
+                reg.setdefault(cls, OpRule())
+    for name, kind in (
+        ("Add", ANY_DIRTY), ("Subtract", ANY_DIRTY), ("Maximum", ANY_DIRTY),
+        ("Minimum", ANY_DIRTY), ("Multiply", ALL_DIRTY),
+    ):
+        cls = getattr(ops_np, name, None)
+        if isinstance(cls, type):
+            reg[cls] = OpRule(merge_kind=kind)
+    return reg
+
+
+_REGISTRY = None
+
+
+def rule_for(operation):
+    """Returns the `LayerRule` for an operation, or None if unsupported.
+
+    Exact classes only: a subclass may compute something else entirely.
+    """
+    global _REGISTRY
+    if _REGISTRY is None:
+        _REGISTRY = _build_registry()
+    return _REGISTRY.get(type(operation))
+
+
+def weight_leaf_name(variable):
+    """'kernel' for a variable whose path is 'conv1/kernel'."""
+    return variable.path.split("/")[-1]
+
+
+def product(values):
+    return math.prod(int(v) for v in values)
+

@@ -1,0 +1,91 @@
+"""Stripping: from a wrapped model to a compact plain Keras model."""
+
+import keras
+import numpy as np
+
+from keras_chex import _graph
+from keras_chex import channel_analysis as cg
+from keras_chex import masking
+from keras_chex import wrapping
+from keras_chex.layer_rules import weight_leaf_name
+
+is_wrapped = wrapping.is_wrapped
+
+
+def _slice_weights(layer, slices, class_mask):
+    values = []
+    for variable in layer.weights:
+        value = np.asarray(variable.numpy())
+        for s in slices.get((id(layer), weight_leaf_name(variable)), ()):
+            keep = cg.keep_mask(s.classes, class_mask)
+            value = np.compress(keep, value, axis=s.axis)
+        values.append(value)
+    return values
+
+
+def strip(model):
+    """Removes masked channels for good: returns a compact plain model.
+
+    The result is built only from stock Keras layers (no keras-chex layer),
+    with every masked channel physically removed and weights sliced. In
+    inference mode it computes what the wrapped model computes.
+
+    Args:
+        model: a model returned by `keras_chex.prune_and_regrow` or
+            `keras_chex.wrap` (possibly trained, saved and loaded).
+
+    Returns:
+        A plain `keras.Model` (Functional; nested models stay nested).
+
+    Raises:
+        ValueError: if `model` is not a wrapped model.
+
+    Example:
+
+    ```python
+    compact = keras_chex.strip(wrapped)
+    compact.save("compact.keras")  # Loads without keras-chex.
+    ```
+    """
+    if not is_wrapped(model):
+        raise ValueError(
+            f"Model '{getattr(model, 'name', model)}' is not a keras-chex "
+            "wrapped model, so there is nothing to strip. Pass the model "
+            "returned by `keras_chex.prune_and_regrow()` / `keras_chex.wrap()`."
+        )
+    analysis = model.chex_analysis
+    class_mask = analysis.class_mask()
+    slices = {}
+    for s in analysis.weight_slices:
+        slices.setdefault((id(s.layer), s.name), []).append(s)
+    memo = {}
+
+    def kept(tensor):
+        return int(cg.keep_mask(analysis.classes_of(tensor), class_mask).sum())
+
+    def strip_graph(graph):
+        def node_fn(node, tensor_map):
+            op = node.operation
+            if isinstance(op, masking.ChannelMask):
+                return [tensor_map[id(node.inputs[0])]]
+            fresh = id(op) not in memo
+            if fresh:
+                if _graph.is_graph_model(op):
+                    memo[id(op)] = strip_graph(op)
+                elif isinstance(op, keras.layers.Layer):
+                    rule = analysis.rule_for(op)
+                    config = op.get_config()
+                    if rule is not None:
+                        config = rule.stripped_config(config, node, kept)
+                    memo[id(op)] = op.__class__.from_config(config)
+                else:
+                    memo[id(op)] = op
+            new_op = memo[id(op)]
+            outputs = node.call_with(new_op, tensor_map)
+            if fresh and new_op is not op and not _graph.is_graph_model(op):
+                new_op.set_weights(_slice_weights(op, slices, class_mask))
+            return outputs
+
+        return _graph.rebuild(graph, node_fn)
+
+    return strip_graph(model)

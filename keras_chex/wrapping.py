@@ -1,0 +1,140 @@
+"""Wrapping a model for pruning: a copy of it that carries channel masks."""
+
+import copy
+
+import keras
+
+from keras_chex import _graph
+from keras_chex import channel_analysis as cg
+from keras_chex import masking
+
+
+@keras.saving.register_keras_serializable(package="keras_chex")
+class PrunableModel(keras.Model):
+    """A Functional model with channel masks and a pruning configuration.
+
+    Returned by `keras_chex.wrap` and `keras_chex.prune_and_regrow`; do not
+    build it directly. It trains, saves (`.keras`) and loads like any
+    Functional model (only `import keras_chex` is needed to load it); its
+    `chex_config` (method, target, schedule, ...) travels with it.
+    """
+
+    def __init__(self, *args, chex=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chex_config = copy.deepcopy(chex) if chex else {}
+        self._chex_analysis_cache = None
+
+    @property
+    def chex_analysis(self):
+        """The `ModelAnalysis` of this model (computed once)."""
+        if self._chex_analysis_cache is None:
+            self._chex_analysis_cache = cg.ModelAnalysis(
+                self,
+                exclude=self.chex_config.get("exclude", ()),
+                warn=False,
+            )
+        return self._chex_analysis_cache
+
+    @property
+    def _chex_analysis(self):
+        return self.chex_analysis
+
+    def get_config(self):
+        config = super().get_config()
+        config["chex"] = copy.deepcopy(self.chex_config)
+        return config
+
+
+def is_wrapped(model):
+    """True if `model` carries keras-chex channel masks."""
+    return isinstance(model, PrunableModel)
+
+
+def _clone_layer(layer):
+    return layer.__class__.from_config(layer.get_config())
+
+
+def wrap(model, *, mode="hard", exclude=(), chex=None):
+    """Returns a copy of `model` whose prunable channels carry masks.
+
+    The copy has the same layers (fresh objects holding copies of the
+    weights; the user's model is untouched), plus `ChannelMask` layers at
+    the points where removed channels must read as exact zeros. All masks
+    start at 1 (nothing pruned).
+
+    Args:
+        model: a Functional or Sequential Keras model.
+        mode: mask gradient mode, see `ChannelMask` ("hard",
+            "straight_through" or "permanent").
+        exclude: names of layers whose channels must never be pruned.
+        chex: optional dict of method configuration stored on the model.
+
+    Returns:
+        A `PrunableModel`.
+
+    Example:
+
+    ```python
+    wrapped = keras_chex.wrap(keras.applications.MobileNetV2(weights=None))
+    groups = keras_chex.channel_groups(wrapped)
+    ```
+    """
+    if is_wrapped(model):
+        raise ValueError(
+            f"Model '{model.name}' is already wrapped by keras-chex. Wrap the "
+            "original model, or `keras_chex.strip()` this one first."
+        )
+    if mode not in masking.MASK_MODES:
+        raise ValueError(
+            f"mode must be one of {masking.MASK_MODES}, got {mode!r}."
+        )
+    exclude = tuple(exclude)
+    analysis = cg.ModelAnalysis(model, exclude=exclude)
+    to_mask = masking.place_masks(analysis)
+    clones = {}
+    mask_names = set()
+
+    def mask_name(tensor):
+        base = f"{_graph.producer_of(tensor).name}_chex_mask"
+        name, i = base, 1
+        while name in mask_names:
+            i += 1
+            name = f"{base}_{i}"
+        mask_names.add(name)
+        return name
+
+    def add_mask(old, new):
+        if id(old) not in to_mask:
+            return new
+        layer = masking.ChannelMask(new.shape[-1], mode=mode,
+                                    name=mask_name(old))
+        return layer(new)
+
+    config = dict(chex or {})
+    config.setdefault("exclude", list(exclude))
+    config["mask_mode"] = mode
+
+    def copy_graph(graph, model_fn=None):
+        def node_fn(node, tensor_map):
+            op = node.operation
+            fresh = id(op) not in clones
+            if fresh:
+                if _graph.is_graph_model(op):
+                    clones[id(op)] = copy_graph(op)
+                elif isinstance(op, keras.layers.Layer):
+                    clones[id(op)] = _clone_layer(op)
+                else:
+                    clones[id(op)] = op  # A stateless keras.ops operation.
+            new_op = clones[id(op)]
+            outputs = node.call_with(new_op, tensor_map)
+            if fresh and new_op is not op and not _graph.is_graph_model(op):
+                new_op.set_weights(op.get_weights())
+            return [add_mask(o, n) for o, n in zip(node.outputs, outputs)]
+
+        return _graph.rebuild(graph, node_fn, input_fn=add_mask,
+                              model_fn=model_fn)
+
+    def top_model(inputs, outputs, name):
+        return PrunableModel(inputs, outputs, name=name, chex=config)
+
+    return copy_graph(model, top_model)
