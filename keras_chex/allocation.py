@@ -29,8 +29,8 @@ def _check_sparsity(sparsity):
         raise ValueError(
             f"`sparsity` must be a scalar, got shape {sparsity.shape}."
         )
-    # float64 so that the rounded target matches exact decimal arithmetic
-    # as closely as possible (e.g. (1 - 0.7) * 10 -> 3, not 2).
+    # float64 so that half-way targets such as (1 - 0.75) * 10 = 2.5 are
+    # computed exactly enough to round the same way every time.
     return tf.cast(sparsity, tf.float64)
 
 
@@ -96,7 +96,8 @@ def keep_target(total, sparsity):
     sparsity = _check_sparsity(sparsity)
     sparsity = tf.clip_by_value(sparsity, 0.0, 1.0)
     kept = (1.0 - sparsity) * float(total)
-    # The small epsilon absorbs float error such as 0.3 * 10 = 2.9999...
+    # The small epsilon absorbs float error just below a half, such as
+    # (1 - 0.65) * 10 = 3.4999999999999996, which should round to 4.
     return tf.cast(tf.floor(kept + 0.5 + 1e-9), tf.int32)
 
 

@@ -172,6 +172,7 @@ class _Context:
         self.slices = {}  # (id(layer), name, axis) -> [layer, ids]
         self.macs = []  # (node, coef, layer, weight name)
         self.masks = []  # (mask layer, ids)
+        self.opaque_inputs = []  # (layer name, ids it consumed)
 
     # -- ids of tensors ------------------------------------------------
     def ids(self, tensor):
@@ -213,9 +214,11 @@ class _Context:
         for i, j in zip(a.tolist(), b.tolist()):
             self.uf.union(i, j)
 
-    def block(self, ids, reason):
+    def block(self, ids, reason, opaque=None):
         ids = np.asarray(ids, dtype=np.int64)
         self.blocked.append(ids)
+        if opaque is not None:
+            self.opaque_inputs.append((opaque, ids))
         for i in ids[:1].tolist():
             self.block_reasons.setdefault(i, reason)
 
@@ -296,8 +299,11 @@ class ModelAnalysis:
                 f"'{model.name}': {sorted(unknown)}."
             )
         self._finish(ctx)
-        if warn and self.unsupported:
-            listing = "; ".join(f"'{n}' ({r})" for n, r in self.unsupported)
+        harmful = self._harmful_opaque(ctx)
+        if warn and harmful:
+            listing = "; ".join(
+                f"'{n}' ({r})" for n, r in self.unsupported if n in harmful
+            )
             warnings.warn(
                 "keras-chex leaves the channels of these layers unpruned "
                 f"because it cannot analyse them: {listing}.",
@@ -362,7 +368,8 @@ class ModelAnalysis:
             self.unsupported.append((node.operation.name, reason))
         for t in node.inputs:
             if id(t) in self._tensor_ids:
-                ctx.block(ctx.ids(t), f"used by '{node.operation.name}'")
+                ctx.block(ctx.ids(t), f"used by '{node.operation.name}'",
+                          opaque=node.operation.name)
         for t in node.outputs:
             ctx.fresh(t, f"written by '{node.operation.name}'")
 
@@ -373,6 +380,23 @@ class ModelAnalysis:
         if isinstance(op, masking.ChannelMask):
             return masking.MASK_RULE
         return layer_rules.rule_for(op)
+
+    def _harmful_opaque(self, ctx):
+        """Unsupported layers that cost prunable channels (worth a warning).
+
+        A softmax on the model's output, say, touches only channels that
+        are fixed anyway; warning about it would be noise.
+        """
+        roots = ctx.uf.roots()
+        opaque_ids = {id(ids) for _, ids in ctx.opaque_inputs}
+        fixed = np.zeros(len(roots), dtype=bool)
+        for ids in ctx.blocked:
+            if id(ids) not in opaque_ids:
+                fixed[roots[ids]] = True
+        return {
+            name for name, ids in ctx.opaque_inputs
+            if len(ids) and not fixed[roots[ids]].all()
+        }
 
     # -- groups ----------------------------------------------------------
     def _finish(self, ctx):
@@ -495,7 +519,7 @@ def keep_mask(classes, class_mask):
 
 def analyze(model, exclude=(), warn=True):
     """Runs the channel analysis; see `ModelAnalysis`."""
-    cached = getattr(model, "_chex_analysis", None)
+    cached = getattr(model, "chex_analysis", None)
     if cached is not None and not exclude:
         return cached
     return ModelAnalysis(model, exclude=exclude, warn=warn)

@@ -85,7 +85,7 @@ def count_macs(model, class_mask=None):
     print(result.macs / 1e9)  # 3.86
     ```
     """
-    analysis = cg.analyze(model)
+    analysis = cg.analyze(model, warn=False)
     if class_mask is None:
         class_mask = analysis.class_mask()
     class_mask = np.asarray(class_mask, dtype=bool)

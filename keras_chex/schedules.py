@@ -74,7 +74,8 @@ def regrow_fraction(t, t_max, delta0):
 
 
 def _round_half_up(x):
-    # The small epsilon absorbs float error such as 0.72 * 1000 = 719.999...
+    # The small epsilon absorbs float error just below a half, such as
+    # 0.29 * 50 = 14.499999999999998, which should round to 15.
     return int(math.floor(x + 0.5 + 1e-9))
 
 

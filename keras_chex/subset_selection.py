@@ -78,7 +78,8 @@ def _count(k, name):
     k = tf.convert_to_tensor(k)
     if k.shape.rank not in (None, 0):
         raise ValueError(f"`{name}` must be a scalar, got shape {k.shape}.")
-    if not (k.dtype.is_integer or k.dtype.is_floating):
+    if not k.dtype.is_integer:
+        # A float count would be truncated silently; make the caller round.
         raise TypeError(f"`{name}` must be an integer, got dtype {k.dtype}.")
     return tf.cast(k, tf.int32)
 

@@ -35,10 +35,6 @@ class PrunableModel(keras.Model):
             )
         return self._chex_analysis_cache
 
-    @property
-    def _chex_analysis(self):
-        return self.chex_analysis
-
     def get_config(self):
         config = super().get_config()
         config["chex"] = copy.deepcopy(self.chex_config)

@@ -131,6 +131,8 @@ def test_select_top_k_rejects_bad_shapes():
         select_top_k([1.0, 2.0], 1, [True])
     with pytest.raises(ValueError, match="`k`"):
         select_top_k([1.0, 2.0], [1, 2])
+    with pytest.raises(TypeError, match="`k`"):
+        select_top_k([1.0, 2.0], 1.5)
 
 
 def test_descending_ranks_is_a_permutation():
