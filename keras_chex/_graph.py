@@ -149,7 +149,8 @@ def producer_of(tensor):
     return history[0] if history else None
 
 
-def rebuild(model, node_fn, *, input_fn=None, model_fn=None):
+def rebuild(model, node_fn, *, input_fn=None, model_fn=None,
+            input_shape_fn=None):
     """Builds a new graph model by re-running `model`'s nodes.
 
     Args:
@@ -162,6 +163,8 @@ def rebuild(model, node_fn, *, input_fn=None, model_fn=None):
             the tensor the graph's nodes see in place of each input.
         model_fn: `fn(inputs, outputs, name) -> model`; defaults to
             `keras.Model`.
+        input_shape_fn: optional `fn(original_input) -> batch shape` of the
+            new input (e.g. fewer channels for a stripped nested model).
 
     Returns:
         The new model. Its inputs keep names, shapes, dtypes and structure.
@@ -171,7 +174,7 @@ def rebuild(model, node_fn, *, input_fn=None, model_fn=None):
     new_inputs = []
     for old in graph.inputs:
         new = keras.Input(
-            batch_shape=old.shape,
+            batch_shape=input_shape_fn(old) if input_shape_fn else old.shape,
             dtype=old.dtype,
             sparse=getattr(old, "sparse", False),
             name=producer_of(old).name,
@@ -200,3 +203,19 @@ def all_layers(model):
 
 def _graph_or_model(layer):
     return isinstance(layer, keras.Model)
+
+
+def clone_layer(layer, config=None):
+    """A new layer of `layer`'s class from `config` (default: its own).
+
+    Weights are not copied.
+
+    The config comes from this process, not from a file, so Lambda layers
+    are rebuilt without the safe-mode refusal meant for untrusted files.
+    """
+    from keras.src.saving import serialization_lib
+
+    with serialization_lib.SafeModeScope(False):
+        return layer.__class__.from_config(
+            layer.get_config() if config is None else config
+        )

@@ -105,8 +105,11 @@ def load_cifar10(path=None, *, validation_per_class=None, cache_dir=None):
         validation_per_class = default_validation
     _check_validation_per_class(validation_per_class)
 
-    images, labels = _load_all(open_source(path), cache_dir)
-    return _split(images, labels, validation_per_class, path)
+    source = open_source(path)
+    # Checked before decoding, which takes seconds for the full data set.
+    _check_validation_fits(source.files_by_class, validation_per_class, path)
+    images, labels = _load_all(source, cache_dir)
+    return _split(images, labels, validation_per_class)
 
 
 def make_dataset(x, y, batch_size, *, training, seed=None, augment=True):
@@ -186,7 +189,7 @@ def open_source(path):
         ValueError: If `path` is neither a folder nor a zip archive, or its
             layout is not the one above.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         return _FolderSource(path)
     if not path.exists():
@@ -273,7 +276,8 @@ class _FolderSource:
         for names in self.files_by_class.values():
             for name in names:
                 stat = (self._root / name).stat()
-                digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+                entry = f"{name}:{stat.st_size}:{stat.st_mtime_ns};"
+                digest.update(entry.encode())
         return f"folder:{self._root.resolve()}:{digest.hexdigest()}"
 
 
@@ -312,9 +316,8 @@ def _group_by_class(relative_names, path):
         if missing:
             problems.append(f"no JPEG images for {', '.join(missing)}")
         if unexpected:
-            problems.append(
-                f"folders that are not CIFAR-10 classes: {', '.join(unexpected)}"
-            )
+            names = ", ".join(unexpected)
+            problems.append(f"folders that are not CIFAR-10 classes: {names}")
         raise ValueError(
             f"{path} does not have the CIFAR-10 layout {_LAYOUT} with one "
             f"folder per class ({', '.join(CLASS_NAMES)}): found "
@@ -423,17 +426,11 @@ def _write_cache(cache_file, images, labels):
         raise
 
 
-def _split(images, labels, validation_per_class, path):
+def _split(images, labels, validation_per_class):
     """Holds out the last `validation_per_class` images of each class."""
     train_indices, val_indices = [], []
-    for label, class_name in enumerate(CLASS_NAMES):
+    for label in range(len(CLASS_NAMES)):
         indices = np.flatnonzero(labels == label)
-        if validation_per_class >= len(indices):
-            raise ValueError(
-                f"validation_per_class={validation_per_class} leaves no "
-                f"training images: {path} has {len(indices)} images of class "
-                f"{class_name!r}. Pass a value below {len(indices)}."
-            )
         cut = len(indices) - validation_per_class
         train_indices.append(indices[:cut])
         val_indices.append(indices[cut:])
@@ -454,6 +451,18 @@ def _check_validation_per_class(value):
         raise ValueError(
             "`validation_per_class` must be a non-negative integer (or None "
             f"for the default), got {value!r}."
+        )
+
+
+def _check_validation_fits(files_by_class, validation_per_class, path):
+    class_name, names = min(
+        files_by_class.items(), key=lambda item: len(item[1])
+    )
+    if validation_per_class >= len(names):
+        raise ValueError(
+            f"validation_per_class={validation_per_class} leaves no "
+            f"training images: {path} has {len(names)} images of class "
+            f"{class_name!r}. Pass a value below {len(names)}."
         )
 
 

@@ -77,7 +77,7 @@ def strip(model):
                     config = op.get_config()
                     if rule is not None:
                         config = rule.stripped_config(config, node, kept)
-                    memo[id(op)] = op.__class__.from_config(config)
+                    memo[id(op)] = _graph.clone_layer(op, config)
                 else:
                     memo[id(op)] = op
             new_op = memo[id(op)]
@@ -86,6 +86,9 @@ def strip(model):
                 new_op.set_weights(_slice_weights(op, slices, class_mask))
             return outputs
 
-        return _graph.rebuild(graph, node_fn)
+        def input_shape(tensor):
+            return tuple(tensor.shape[:-1]) + (kept(tensor),)
+
+        return _graph.rebuild(graph, node_fn, input_shape_fn=input_shape)
 
     return strip_graph(model)

@@ -46,10 +46,6 @@ def is_wrapped(model):
     return isinstance(model, PrunableModel)
 
 
-def _clone_layer(layer):
-    return layer.__class__.from_config(layer.get_config())
-
-
 def wrap(model, *, mode="hard", exclude=(), chex=None):
     """Returns a copy of `model` whose prunable channels carry masks.
 
@@ -118,7 +114,7 @@ def wrap(model, *, mode="hard", exclude=(), chex=None):
                 if _graph.is_graph_model(op):
                     clones[id(op)] = copy_graph(op)
                 elif isinstance(op, keras.layers.Layer):
-                    clones[id(op)] = _clone_layer(op)
+                    clones[id(op)] = _graph.clone_layer(op)
                 else:
                     clones[id(op)] = op  # A stateless keras.ops operation.
             new_op = clones[id(op)]

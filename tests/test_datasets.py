@@ -169,9 +169,17 @@ def test_zero_validation_gives_empty_validation_arrays(tiny_zip):
     assert y_val.shape == (0,)
 
 
+def _fail_if_called(*args):
+    raise AssertionError("images were decoded")
+
+
 @pytest.mark.parametrize("value", [3, 100])
-def test_validation_leaving_no_training_images_is_rejected(tiny_zip, value):
-    with pytest.raises(ValueError, match="validation_per_class"):
+def test_validation_leaving_no_training_images_is_rejected_early(
+    tiny_zip, value, monkeypatch
+):
+    monkeypatch.setattr(datasets, "_decode_jpegs", _fail_if_called)
+
+    with pytest.raises(ValueError, match=f"validation_per_class={value}"):
         datasets.load_cifar10(tiny_zip, validation_per_class=value)
 
 
@@ -223,7 +231,7 @@ def test_undecodable_image_is_named(tmp_path, tiny_jpegs):
     path = _write_zip(tmp_path / "broken.zip", broken)
 
     with pytest.raises(ValueError, match=r"cannot decode dog/0001\.jpg"):
-        datasets.load_cifar10(path)
+        datasets.load_cifar10(path, validation_per_class=1)
 
 
 def test_image_of_the_wrong_size_is_named(tmp_path, tiny_jpegs):
@@ -232,7 +240,7 @@ def test_image_of_the_wrong_size_is_named(tmp_path, tiny_jpegs):
     path = _write_zip(tmp_path / "wrong.zip", wrong)
 
     with pytest.raises(ValueError, match=r"frog/0000\.jpg is 24x16 pixels"):
-        datasets.load_cifar10(path)
+        datasets.load_cifar10(path, validation_per_class=1)
 
 
 def test_cache_is_reused_and_never_written_next_to_the_source(
@@ -245,10 +253,7 @@ def test_cache_is_reused_and_never_written_next_to_the_source(
         source, validation_per_class=1, cache_dir=cache_dir
     )
 
-    def fail(*args):
-        raise AssertionError("decoded again despite a valid cache")
-
-    monkeypatch.setattr(datasets, "_decode_jpegs", fail)
+    monkeypatch.setattr(datasets, "_decode_jpegs", _fail_if_called)
     second = datasets.load_cifar10(
         source, validation_per_class=1, cache_dir=cache_dir
     )
@@ -284,7 +289,7 @@ def test_cache_is_rebuilt_when_the_source_changes(tmp_path, tiny_jpegs):
 
 def test_corrupt_cache_file_is_ignored(tmp_path, tiny_zip, tiny_jpegs):
     cache_dir = tmp_path / "cache"
-    datasets.load_cifar10(tiny_zip, cache_dir=cache_dir)
+    datasets.load_cifar10(tiny_zip, cache_dir=cache_dir, validation_per_class=1)
     (cache_file,) = cache_dir.glob("*.npz")
     cache_file.write_bytes(b"truncated")
 

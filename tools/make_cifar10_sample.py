@@ -30,7 +30,10 @@ _OUTPUT = flags.DEFINE_string(
     "output", None, "Path of the sample zip archive to write.", required=True
 )
 _TRAIN_PER_CLASS = flags.DEFINE_integer(
-    "train_per_class", 400, "Images per class taken from the start.", lower_bound=1
+    "train_per_class",
+    400,
+    "Images per class taken from the start.",
+    lower_bound=1,
 )
 _VAL_PER_CLASS = flags.DEFINE_integer(
     "val_per_class", 100, "Images per class taken from the end.", lower_bound=0
@@ -76,14 +79,17 @@ def write_sample(source, output, train_per_class, val_per_class):
     Returns:
         The number of images written.
     """
+    # Selected before the output is opened, so that bad flags leave no
+    # half-written archive behind.
+    selected = [
+        sample_names(
+            source.files_by_class[class_name], train_per_class, val_per_class
+        )
+        for class_name in datasets.CLASS_NAMES
+    ]
     count = 0
     with zipfile.ZipFile(output, "w", zipfile.ZIP_STORED) as archive:
-        for class_name in datasets.CLASS_NAMES:
-            names = sample_names(
-                source.files_by_class[class_name],
-                train_per_class,
-                val_per_class,
-            )
+        for names in selected:
             for name, data in zip(names, source.read(names)):
                 # JPEG data does not compress further; storing keeps the
                 # archive fast to read.

@@ -1,0 +1,88 @@
+"""Shared test helpers: random weights everywhere, exact-strip checks."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import keras_chex  # noqa: E402
+from keras_chex import _graph  # noqa: E402
+
+
+def randomize_weights(model, rng):
+    """Random values for every weight, so that a wrong slice shows.
+
+    Variances stay positive; everything else (BatchNorm beta, moving mean,
+    biases) becomes non-zero, which a missing mask would leak through.
+    """
+    for layer in _graph.all_layers(model):
+        if isinstance(layer, keras_chex.ChannelMask):
+            continue
+        values = []
+        for v in layer.weights:
+            leaf = v.path.split("/")[-1]
+            shape = tuple(v.shape)
+            if not np.issubdtype(np.dtype(v.dtype), np.floating):
+                values.append(np.asarray(v.numpy()))
+            elif "variance" in leaf:
+                values.append(rng.uniform(0.5, 1.5, shape))
+            elif leaf == "gamma":
+                values.append(rng.uniform(0.5, 1.5, shape))
+            elif leaf in ("beta", "moving_mean", "bias"):
+                values.append(rng.normal(0.0, 0.3, shape))
+            else:
+                fan_in = max(1, int(np.prod(shape[:-1])))
+                values.append(rng.normal(0.0, 1.0 / np.sqrt(fan_in), shape))
+        layer.set_weights([np.asarray(x, dtype=v.dtype)
+                           for x, v in zip(values, layer.weights)])
+
+
+def random_masks(wrapped, rng, keep=0.5):
+    """Random masks on every group (at least one channel kept each)."""
+    groups = keras_chex.channel_groups(wrapped)
+    for g in groups:
+        mask = rng.random(g.size) < keep
+        if mask.all() and g.size > 1:
+            mask[rng.integers(g.size)] = False  # Always prune something.
+        if not mask.any():
+            mask[rng.integers(g.size)] = True
+        g.set_mask(mask)
+    return groups
+
+
+def assert_strips_exactly(model, inputs, rng, keep=0.5, rtol=1e-4):
+    """Wrap, mask at random, strip, and compare outputs and MACs.
+
+    Returns:
+        (wrapped, compact) for further checks.
+    """
+    wrapped = keras_chex.wrap(model)
+    random_masks(wrapped, rng, keep)
+    compact = keras_chex.strip(wrapped)
+    expected = keras.tree.flatten(wrapped(inputs, training=False))
+    actual = keras.tree.flatten(compact(inputs, training=False))
+    for e, a in zip(expected, actual):
+        e, a = np.asarray(e), np.asarray(a)
+        assert e.shape == a.shape
+        assert np.all(np.isfinite(e))
+        scale = max(np.abs(e).max(), 1e-6)
+        assert np.abs(e - a).max() / scale <= rtol, (
+            f"max rel diff {np.abs(e - a).max() / scale:.3g}"
+        )
+    assert keras_chex.count_macs(compact).macs == (
+        keras_chex.count_macs(wrapped).macs
+    )
+    assert keras_chex.count_macs(compact).params == (
+        keras_chex.count_macs(wrapped).params
+    )
+    for layer in _graph.all_layers(compact):
+        assert layer.__class__.__module__.startswith("keras."), layer
+    return wrapped, compact
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

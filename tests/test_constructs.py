@@ -1,0 +1,309 @@
+"""Small hand-written models, one per construct channel analysis handles."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+import keras_chex
+from conftest import assert_strips_exactly
+from conftest import randomize_weights
+
+
+def _check(model, rng, keep=0.5, min_groups=1, inputs=None):
+    randomize_weights(model, rng)
+    if inputs is None:
+        inputs = [
+            rng.uniform(-1, 1, (2,) + tuple(t.shape[1:])).astype("float32")
+            for t in model.inputs
+        ]
+        inputs = inputs[0] if len(inputs) == 1 else inputs
+    groups = keras_chex.channel_groups(model)
+    assert len(groups) >= min_groups
+    wrapped, compact = assert_strips_exactly(model, inputs, rng, keep=keep)
+    assert keras_chex.count_macs(compact).params < keras_chex.count_macs(
+        model
+    ).params
+    return wrapped, compact
+
+
+def conv_bn_relu(x, filters, kernel=3, **kwargs):
+    x = layers.Conv2D(filters, kernel, padding="same", **kwargs)(x)
+    x = layers.BatchNormalization()(x)
+    return layers.ReLU()(x)
+
+
+def head(x, units=3):
+    x = layers.GlobalAveragePooling2D()(x)
+    return layers.Dense(units)(x)
+
+
+def test_conv1d_conv3d_and_dense(rng):
+    inp = keras.Input((12, 4))
+    x = layers.Conv1D(8, 3, padding="same", activation="relu")(inp)
+    x = layers.MaxPooling1D()(x)
+    x = layers.Conv1D(6, 3, activation="relu")(x)
+    x = layers.GlobalAveragePooling1D()(x)
+    out = layers.Dense(5)(layers.Dense(7, activation="relu")(x))
+    _check(keras.Model(inp, out), rng, min_groups=3)
+
+    inp = keras.Input((6, 6, 6, 2))
+    x = layers.Conv3D(5, 3, padding="same")(inp)
+    x = layers.BatchNormalization()(x)
+    x = layers.Activation("relu")(x)
+    x = layers.ZeroPadding3D(1)(x)
+    x = layers.Cropping3D(1)(x)
+    x = layers.UpSampling3D(2)(x)
+    x = layers.AveragePooling3D(2)(x)
+    x = layers.Conv3D(4, 3)(x)
+    out = layers.Dense(2)(layers.GlobalMaxPooling3D()(x))
+    _check(keras.Model(inp, out), rng, min_groups=2)
+
+
+def test_grouped_conv_keeps_groups_equal(rng):
+    inp = keras.Input((8, 8, 3))
+    x = conv_bn_relu(inp, 8)
+    x = layers.Conv2D(12, 3, groups=4, padding="same")(x)
+    x = layers.BatchNormalization()(x)
+    x = layers.ReLU()(x)
+    out = head(x)
+    model = keras.Model(inp, out)
+    groups = keras_chex.channel_groups(model)
+    # Channel k of each of the 4 groups is one logical channel.
+    assert sorted(g.size for g in groups) == [2, 3]
+    _, compact = _check(model, rng, keep=0.6)
+    grouped = [l for l in compact.layers
+               if isinstance(l, layers.Conv2D) and l.groups == 4]
+    assert len(grouped) == 1 and grouped[0].filters % 4 == 0
+
+
+def test_transposed_depthwise_separable(rng):
+    inp = keras.Input((8, 8, 3))
+    x = conv_bn_relu(inp, 6)
+    x = layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same")(x)
+    x = layers.BatchNormalization()(x)
+    x = layers.ReLU(max_value=6.0)(x)
+    x = layers.SeparableConv2D(10, 3, depth_multiplier=2, padding="same")(x)
+    x = layers.LeakyReLU(0.1)(x)
+    x = layers.Conv2DTranspose(7, 3, strides=2, padding="same")(x)
+    x = layers.ELU()(x)
+    x = layers.ZeroPadding2D(1)(x)
+    x = layers.Cropping2D(1)(x)
+    x = layers.UpSampling2D(2)(x)
+    x = layers.MaxPooling2D(2)(x)
+    out = head(x)
+    _check(keras.Model(inp, out), rng, min_groups=3)
+
+    inp = keras.Input((16, 3))
+    x = layers.Conv1D(6, 3, padding="same")(inp)
+    x = layers.DepthwiseConv1D(3, padding="same")(x)
+    x = layers.SeparableConv1D(5, 3, padding="same")(x)
+    x = layers.Conv1DTranspose(4, 3, strides=2)(x)
+    out = layers.Dense(2)(layers.Flatten()(x))
+    _check(keras.Model(inp, out), rng, min_groups=3)
+
+
+@pytest.mark.parametrize(
+    "merge",
+    [layers.Add, layers.Subtract, layers.Multiply, layers.Average,
+     layers.Maximum, layers.Minimum],
+)
+def test_merge_layers_couple_residual_streams(rng, merge):
+    inp = keras.Input((8, 8, 3))
+    a = conv_bn_relu(inp, 8)
+    b = layers.Conv2D(8, 3, padding="same")(a)
+    b = layers.BatchNormalization()(b)
+    c = layers.Conv2D(8, 1)(inp)
+    x = merge()([a, b]) if merge is layers.Subtract else merge()([a, b, c])
+    x = layers.ReLU()(x)
+    out = head(x)
+    model = keras.Model(inp, out)
+    groups = keras_chex.channel_groups(model)
+    # a, b (and c) write one stream: a single group of 8.
+    assert [g.size for g in groups] == [8]
+    assert len(groups[0].producers) >= 2
+    _check(model, rng)
+
+
+def test_squeeze_and_excitation_with_sigmoid(rng):
+    inp = keras.Input((8, 8, 3))
+    x = conv_bn_relu(inp, 8)
+    s = layers.GlobalAveragePooling2D(keepdims=True)(x)
+    s = layers.Conv2D(4, 1, activation="relu")(s)
+    s = layers.Conv2D(8, 1, activation="sigmoid")(s)  # sigmoid(0) = 0.5
+    x = layers.Multiply()([x, s])
+    x = conv_bn_relu(x, 6)
+    out = head(x)
+    _check(keras.Model(inp, out), rng, min_groups=3)
+
+
+def test_ops_on_keras_tensors_and_hard_swish(rng):
+    inp = keras.Input((8, 8, 3))
+    x = layers.Conv2D(8, 3, padding="same")(inp)
+    # MobileNetV3's hard sigmoid: relu6(x + 3) / 6 is 0.5 at zero.
+    gate = layers.ReLU(6.0)(x + 3.0) * (1.0 / 6.0)
+    x = layers.Conv2D(6, 1)(keras.ops.sigmoid(x) + gate)
+    out = head(keras.ops.relu(x))
+    _check(keras.Model(inp, out), rng, min_groups=2)
+
+
+def test_concatenate_maps_offsets(rng):
+    inp = keras.Input((8, 8, 3))
+    a = conv_bn_relu(inp, 4)
+    b = conv_bn_relu(inp, 6)
+    x = layers.Concatenate()([a, b, a])
+    x = conv_bn_relu(x, 5)
+    out = head(x)
+    model = keras.Model(inp, out)
+    assert sorted(g.size for g in keras_chex.channel_groups(model)) == [
+        4, 5, 6]
+    _check(model, rng)
+
+
+def test_flatten_and_reshape_into_dense(rng):
+    inp = keras.Input((6, 6, 3))
+    x = conv_bn_relu(inp, 5)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Flatten()(x)
+    x = layers.Dropout(0.2)(x)
+    x = layers.Dense(8, activation="relu")(x)
+    out = layers.Dense(3)(x)
+    _check(keras.Model(inp, out), rng, min_groups=2)
+
+    inp = keras.Input((4, 4, 3))
+    x = conv_bn_relu(inp, 6)
+    x = layers.Reshape((16, 6))(x)
+    x = layers.Conv1D(4, 3)(x)
+    x = layers.Reshape((-1,))(x)
+    out = layers.Dense(2)(x)
+    _check(keras.Model(inp, out), rng, min_groups=2)
+
+
+def test_nested_models_and_shared_layers(rng):
+    block_in = keras.Input((8, 8, 6))
+    y = conv_bn_relu(block_in, 6)
+    block = keras.Model(block_in, layers.Add()([y, block_in]), name="block")
+
+    inp = keras.Input((8, 8, 3))
+    x = conv_bn_relu(inp, 6)
+    x = block(x)
+    x = block(x)  # The nested model is called twice.
+    shared = layers.Conv2D(5, 3, padding="same", name="shared")
+    p, q = shared(x), shared(layers.ReLU()(x))
+    x = layers.Concatenate()([p, q])
+    out = head(x)
+    model = keras.Model(inp, out)
+    _, compact = _check(model, rng, min_groups=2)
+    nested = [l for l in compact.layers if isinstance(l, keras.Model)]
+    assert len(nested) == 1  # Still one nested model, called twice.
+
+
+def test_sequential_model(rng):
+    model = keras.Sequential([
+        keras.Input((8, 8, 3)),
+        layers.Conv2D(8, 3, activation="relu"),
+        layers.BatchNormalization(),
+        layers.Conv2D(6, 3),
+        layers.PReLU(shared_axes=[1, 2]),
+        layers.Flatten(),
+        layers.Dense(4),
+    ])
+    _check(model, rng, min_groups=2)
+
+
+def test_multiple_inputs_and_outputs(rng):
+    a_in = keras.Input((8, 8, 3), name="image")
+    b_in = keras.Input((5,), name="extra")
+    x = conv_bn_relu(a_in, 6)
+    feat = layers.GlobalAveragePooling2D()(x)
+    h = layers.Dense(7, activation="relu")(b_in)
+    joint = layers.Concatenate()([feat, h])
+    out1 = layers.Dense(3, name="cls")(joint)
+    out2 = layers.Conv2D(2, 1, name="seg")(x)
+    model = keras.Model({"image": a_in, "extra": b_in},
+                        {"cls": out1, "seg": out2})
+    inputs = {"image": rng.uniform(size=(2, 8, 8, 3)).astype("float32"),
+              "extra": rng.uniform(size=(2, 5)).astype("float32")}
+    wrapped, compact = _check(model, rng, inputs=inputs, min_groups=2)
+    # Inputs and outputs keep their channels.
+    out = compact(inputs)
+    assert out["cls"].shape == (2, 3) and out["seg"].shape == (2, 8, 8, 2)
+
+
+def test_unsupported_layers_are_left_alone_with_a_warning(rng):
+    inp = keras.Input((8, 8, 3))
+    a = conv_bn_relu(inp, 6)
+    lam = layers.Lambda(lambda t: t * 2.0, name="doubler")(a)
+    b = conv_bn_relu(lam, 5)
+    n = layers.LayerNormalization(name="ln")(b)
+    c = conv_bn_relu(n, 4)
+    out = head(c)
+    model = keras.Model(inp, out)
+    with pytest.warns(UserWarning, match="'doubler'.*'ln'"):
+        groups = keras_chex.channel_groups(model)
+    # Only the last conv's channels remain prunable.
+    assert [g.size for g in groups] == [4]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _check(model, rng)
+
+
+def test_softmax_over_channels_is_not_split(rng):
+    inp = keras.Input((8, 8, 3))
+    x = layers.Conv2D(6, 3)(inp)
+    x = layers.Softmax(name="chan_softmax")(x)
+    x = layers.Conv2D(4, 3)(x)
+    out = head(x)
+    with pytest.warns(UserWarning, match="chan_softmax"):
+        groups = keras_chex.channel_groups(keras.Model(inp, out))
+    assert [g.size for g in groups] == [4]
+
+
+def test_channels_first_is_left_alone(rng):
+    inp = keras.Input((3, 8, 8))
+    x = layers.Conv2D(6, 3, data_format="channels_first", name="cf")(inp)
+    out = layers.Dense(2)(layers.Flatten()(x))
+    with pytest.warns(UserWarning, match="'cf'.*channels_first"):
+        groups = keras_chex.channel_groups(keras.Model(inp, out))
+    assert [g.size for g in groups] == [2] or groups == []
+
+
+def test_subclassed_model_gets_a_clear_error():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = layers.Conv2D(4, 3)
+
+        def call(self, x):
+            return self.conv(x)
+
+    net = Net()
+    net(np.zeros((1, 8, 8, 3), "float32"))
+    with pytest.raises(ValueError, match="subclassed model.*Functional API"):
+        keras_chex.channel_groups(net)
+    with pytest.raises(ValueError, match="Sequential.*keras.Input"):
+        keras_chex.wrap(keras.Sequential([layers.Dense(3)]))
+    with pytest.raises(TypeError, match="keras.Model"):
+        keras_chex.channel_groups("model.keras")
+
+
+def test_model_outputs_and_inputs_never_pruned(rng):
+    inp = keras.Input((8, 8, 3))
+    x = conv_bn_relu(inp, 6)
+    out = layers.Conv2D(4, 1)(x)  # Writes the output: not prunable.
+    groups = keras_chex.channel_groups(keras.Model(inp, out))
+    assert [g.size for g in groups] == [6]
+
+
+def test_exclude_keeps_a_layer_whole(rng):
+    inp = keras.Input((8, 8, 3))
+    x = conv_bn_relu(inp, 6, name="keep_me")
+    x = conv_bn_relu(x, 5)
+    out = head(x)
+    model = keras.Model(inp, out)
+    wrapped = keras_chex.wrap(model, exclude=["keep_me"])
+    assert [g.size for g in keras_chex.channel_groups(wrapped)] == [5]
+    with pytest.raises(ValueError, match="not_a_layer"):
+        keras_chex.wrap(model, exclude=["not_a_layer"])
