@@ -3,8 +3,10 @@
 Public API. Everything else in the package is internal.
 """
 
+from keras_chex.callbacks import ChannelExploration
 from keras_chex.channel_analysis import ChannelGroup
 from keras_chex.channel_analysis import channel_groups
+from keras_chex.chex import prune_and_regrow
 from keras_chex.counting import count_macs
 from keras_chex.masking import ChannelMask
 from keras_chex.stripping import strip
@@ -15,12 +17,14 @@ from keras_chex.wrapping import wrap
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChannelExploration",
     "ChannelGroup",
     "ChannelMask",
     "PrunableModel",
     "channel_groups",
     "count_macs",
     "is_wrapped",
+    "prune_and_regrow",
     "strip",
     "wrap",
 ]

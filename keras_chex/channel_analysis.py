@@ -60,13 +60,17 @@ class WeightSlice:
         axis: the axis along which entries belong to channels.
         classes: int array, the global channel index of each entry along
             `axis` (-1 for entries that are never pruned).
+        filters: True when the entries along `axis` are the filters that
+            write the channels (a producer's output axis), the matrix
+            columns CHEX's subset selection works on.
     """
 
-    def __init__(self, layer, name, axis, classes):
+    def __init__(self, layer, name, axis, classes, filters=False):
         self.layer = layer
         self.name = name
         self.axis = axis
         self.classes = classes
+        self.filters = filters
 
     def variable(self):
         for v in self.layer.weights:
@@ -229,7 +233,7 @@ class _Context:
         return ids
 
     # -- weights and costs ---------------------------------------------
-    def weight_slice(self, layer, name, axis, ids):
+    def weight_slice(self, layer, name, axis, ids, filters=False):
         if not any(layer_rules.weight_leaf_name(v) == name
                    for v in layer.weights):
             return  # e.g. use_bias=False
@@ -238,7 +242,8 @@ class _Context:
             # A shared layer: each call must drop the same entries.
             self.union(self.slices[key][1], np.asarray(ids))
         else:
-            self.slices[key] = [layer, np.asarray(ids, dtype=np.int64)]
+            self.slices[key] = [layer, np.asarray(ids, dtype=np.int64),
+                                filters]
 
     def add_macs(self, node, coef, layer, name):
         self.macs.append((node, coef, layer, name))
@@ -451,8 +456,8 @@ class ModelAnalysis:
             return self._class_of_id[ids] if len(ids) else ids
 
         self.weight_slices = [
-            WeightSlice(layer, name, axis, classes(ids))
-            for (_, name, axis), (layer, ids) in ctx.slices.items()
+            WeightSlice(layer, name, axis, classes(ids), filters)
+            for (_, name, axis), (layer, ids, filters) in ctx.slices.items()
         ]
         self.mask_sites = [MaskSite(layer, classes(ids))
                            for layer, ids in ctx.masks]
@@ -505,8 +510,34 @@ class ModelAnalysis:
                 "the returned model."
             )
         mask = np.asarray(mask, dtype=bool)
+        if self.mask_sites[0].layer.mode == "permanent":
+            self._prune_permanently(mask)
         for site in self.mask_sites:
             site.layer.set_channel_mask(keep_mask(site.classes, mask))
+
+    def _prune_permanently(self, mask):
+        old = self.class_mask()
+        regrown = np.flatnonzero(mask & ~old)
+        if len(regrown):
+            names = sorted({g.name for g in self.groups
+                            for c in regrown[:20]
+                            if g.start <= c < g.start + g.size})
+            raise ValueError(
+                "This model was wrapped with mode='permanent': pruned "
+                f"channels cannot come back, but the new mask re-enables "
+                f"{len(regrown)} of them (groups {names}). Wrap with "
+                "mode='hard' or 'straight_through' to allow regrowth."
+            )
+        for s in self.weight_slices:
+            removed = ~keep_mask(s.classes, mask)
+            if not removed.any():
+                continue
+            variable = s.variable()
+            value = np.array(variable.numpy())
+            index = [slice(None)] * value.ndim
+            index[s.axis] = removed
+            value[tuple(index)] = 0
+            variable.assign(value)
 
 
 def keep_mask(classes, class_mask):

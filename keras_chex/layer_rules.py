@@ -93,7 +93,7 @@ class ConvRule(LayerRule):
             out_ids = ctx.couple_across_groups(out_ids, groups)
         per_group = len(in_ids) // groups
         ctx.weight_slice(layer, "kernel", -2, in_ids[:per_group])
-        ctx.weight_slice(layer, "kernel", -1, out_ids)
+        ctx.weight_slice(layer, "kernel", -1, out_ids, filters=True)
         ctx.weight_slice(layer, "bias", 0, out_ids)
         ctx.set_ids(y, out_ids)
         ctx.add_macs(node, _spatial_size(y), layer, "kernel")
@@ -112,7 +112,7 @@ class ConvTransposeRule(ConvRule):
         x, y = node.inputs[0], node.outputs[0]
         out_ids = ctx.layer_block(layer, layer.filters)
         ctx.weight_slice(layer, "kernel", -1, ctx.ids(x))
-        ctx.weight_slice(layer, "kernel", -2, out_ids)
+        ctx.weight_slice(layer, "kernel", -2, out_ids, filters=True)
         ctx.weight_slice(layer, "bias", 0, out_ids)
         ctx.set_ids(y, out_ids)
         # Each input pixel scatters one kernel: cost scales with input size.
@@ -146,7 +146,7 @@ class SeparableRule(ConvRule):
         out_ids = ctx.layer_block(layer, layer.filters)
         ctx.weight_slice(layer, "depthwise_kernel", -2, in_ids)
         ctx.weight_slice(layer, "pointwise_kernel", -2, mid_ids)
-        ctx.weight_slice(layer, "pointwise_kernel", -1, out_ids)
+        ctx.weight_slice(layer, "pointwise_kernel", -1, out_ids, filters=True)
         ctx.weight_slice(layer, "bias", 0, out_ids)
         ctx.set_ids(node.outputs[0], out_ids)
         spatial = _spatial_size(node.outputs[0])
@@ -168,7 +168,7 @@ class DenseRule(LayerRule):
             raise Unsupported("LoRA or quantized Dense layers are not supported")
         out_ids = ctx.layer_block(layer, layer.units)
         ctx.weight_slice(layer, "kernel", 0, ctx.ids(node.inputs[0]))
-        ctx.weight_slice(layer, "kernel", 1, out_ids)
+        ctx.weight_slice(layer, "kernel", 1, out_ids, filters=True)
         ctx.weight_slice(layer, "bias", 0, out_ids)
         ctx.set_ids(node.outputs[0], out_ids)
         ctx.add_macs(node, _spatial_size(node.outputs[0]), layer, "kernel")

@@ -95,7 +95,10 @@ def sample_without_replacement(logits, n, candidates, rng):
             tensor. Clipped to `[0, number of candidates]`.
         candidates: Bool mask of the same length as `logits`, or None for
             all entries.
-        rng: A `tf.random.Generator`; its state is advanced.
+        rng: A `tf.random.Generator` (its state is advanced), or a stateless
+            seed: an int tensor of shape `(2,)` for
+            `tf.random.stateless_uniform` (the draw then depends only on the
+            seed, which makes resumed training repeat itself exactly).
 
     Returns:
         A bool mask of the same length as `logits` with exactly
@@ -113,15 +116,26 @@ def sample_without_replacement(logits, n, candidates, rng):
     False
     """
     logits = subset_selection._static_vector(logits, "logits")
-    if not isinstance(rng, tf.random.Generator):
-        raise TypeError(
-            f"`rng` must be a tf.random.Generator, got {type(rng).__name__}."
-        )
     length = logits.shape[0]
     candidates = subset_selection._bool_mask(candidates, length, "candidates")
     # The smallest positive float keeps log(u) finite, so no candidate gets
     # -inf noise and loses its chance by a rounding accident.
     tiny = np.finfo(logits.dtype.as_numpy_dtype).tiny
-    uniform = rng.uniform([length], minval=tiny, maxval=1.0, dtype=logits.dtype)
+    if isinstance(rng, tf.random.Generator):
+        uniform = rng.uniform([length], minval=tiny, maxval=1.0,
+                              dtype=logits.dtype)
+    elif tf.is_tensor(rng) or isinstance(rng, (np.ndarray, list, tuple)):
+        seed = tf.convert_to_tensor(rng)
+        if seed.shape != (2,) or not seed.dtype.is_integer:
+            raise TypeError("A stateless `rng` seed must be 2 integers, got "
+                            f"shape {seed.shape} of {seed.dtype.name}.")
+        uniform = tf.random.stateless_uniform(
+            [length], seed, minval=tiny, maxval=1.0, dtype=logits.dtype
+        )
+    else:
+        raise TypeError(
+            "`rng` must be a tf.random.Generator or a stateless seed of 2 "
+            f"integers, got {type(rng).__name__}."
+        )
     gumbel = -tf.math.log(-tf.math.log(uniform))
     return subset_selection.select_top_k(logits + gumbel, n, candidates)

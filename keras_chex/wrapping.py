@@ -8,6 +8,14 @@ from keras_chex import _graph
 from keras_chex import channel_analysis as cg
 from keras_chex import masking
 
+# method name -> class of the state object a wrapped model carries for it.
+_METHOD_STATES = {}
+
+
+def register_method(name, state_class):
+    """Lets `PrunableModel`s whose config names `name` carry its state."""
+    _METHOD_STATES[name] = state_class
+
 
 @keras.saving.register_keras_serializable(package="keras_chex")
 class PrunableModel(keras.Model):
@@ -23,6 +31,15 @@ class PrunableModel(keras.Model):
         super().__init__(*args, **kwargs)
         self.chex_config = copy.deepcopy(chex) if chex else {}
         self._chex_analysis_cache = None
+        method = self.chex_config.get("method")
+        if method is not None:
+            if method not in _METHOD_STATES:
+                raise ValueError(
+                    f"Model '{self.name}' was made for pruning method "
+                    f"'{method}', which this keras-chex does not know."
+                )
+            # An attribute, so Keras saves its variables with the model.
+            self.chex_state = _METHOD_STATES[method](self)
 
     @property
     def chex_analysis(self):

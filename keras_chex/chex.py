@@ -1,0 +1,463 @@
+"""CHEX: prune and regrow channels during training (Hou et al., CVPR 2022).
+
+`prune_and_regrow` wraps a model and sets the initial masks;
+`ChexState` holds everything the method needs between exploration steps in
+Keras variables (so `.keras` files and `BackupAndRestore` keep it) and runs
+one exploration step as a compiled `tf.function`:
+
+1. refresh the stored copy of every weight entry whose channels are active
+   (so a pruned channel keeps its *most recently used* values);
+2. rank all active channels by |BatchNorm gamma| and find the global channel
+   sparsity `S` at which the masked model meets the MACs / params target
+   (bisection on the closed-form `CostModel`), giving per-group keep counts;
+   a second threshold at `S - delta_t` gives the counts after regrowth;
+3. inside each group keep the channels with the highest leverage scores of
+   the filter matrix (column subset selection);
+4. regrow channels sampled with probability softmax(projection residual onto
+   the kept filters), and restore their stored weights exactly;
+5. write the new masks.
+
+Regrowth is capped at half the target sparsity (`delta_t <= S / 2`): the
+paper's delta0 = 0.3 assumes S around 0.7, and with a milder target (50% of
+the MACs needs only S ~ 0.3) an uncapped delta would regrow everything it
+prunes and explore nothing.
+
+How `S` is derived: for `sparsity=S` it is `S`. For `flops=f` (or
+`params=f`) it is recomputed at every step: the smallest global sparsity whose
+allocation (by the current gamma ranking, with `min_channels` and
+`round_to`) costs at most `f` times the dense MACs (params). The initial
+uniform masks use the uniform sparsity meeting the target, minus `regrow`.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_chex import allocation
+from keras_chex import cost_model
+from keras_chex import regrowth
+from keras_chex import subset_selection
+from keras_chex import wrapping
+
+METHOD = "chex"
+
+
+def _check_fraction(name, value, low_open=True, high_closed=True):
+    if value is None:
+        return
+    ok = (value > 0 if low_open else value >= 0) and (
+        value <= 1 if high_closed else value < 1
+    )
+    if not isinstance(value, (int, float)) or not ok:
+        interval = ("(0" if low_open else "[0") + (
+            ", 1]" if high_closed else ", 1)"
+        )
+        raise ValueError(f"`{name}` must be a number in {interval}, got "
+                         f"{value!r}.")
+
+
+def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
+                     regrow=0.3, interval=2, until=0.72, min_channels=0.05,
+                     round_to=1, exclude=(), seed=None):
+    """Prepares a model for CHEX channel exploration during `model.fit`.
+
+    Args:
+        model: a Functional or Sequential Keras model (untouched; a wrapped
+            copy is returned).
+        flops: fraction of the dense MACs to keep (e.g. 0.5).
+        params: fraction of the dense parameter count to keep.
+        sparsity: fraction of prunable channels to remove (the paper's S).
+            Give exactly one of `flops`, `params`, `sparsity`.
+        regrow: initial regrowth fraction delta0, decayed to 0 with a cosine.
+        interval: epochs between exploration steps (fractions allowed).
+        until: fraction of the planned training after which masks freeze.
+        min_channels: fewest channels a group may keep: an int, or a float
+            in (0, 1) for a fraction of the group's size (at least 1).
+        round_to: keep channel counts at multiples of this (8 or 16 suit
+            CPU/GPU kernels), except where a group is smaller.
+        exclude: names of layers never pruned.
+        seed: random seed for regrowth sampling (drawn at random if None,
+            and stored with the model, so a loaded model continues the same).
+
+    Returns:
+        A `keras_chex.PrunableModel` to compile and fit with
+        `callbacks=[keras_chex.ChannelExploration()]`.
+
+    Example:
+
+    ```python
+    model = keras_chex.prune_and_regrow(model, flops=0.5)
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=10, callbacks=[keras_chex.ChannelExploration()])
+    compact = keras_chex.strip(model)
+    ```
+    """
+    targets = {"flops": flops, "params": params, "sparsity": sparsity}
+    given = [k for k, v in targets.items() if v is not None]
+    if len(given) != 1:
+        raise ValueError(
+            "Give exactly one target: `flops` (fraction of MACs to keep), "
+            "`params` (fraction of parameters to keep) or `sparsity` "
+            f"(fraction of channels to remove); got {given or 'none'}."
+        )
+    _check_fraction("flops", flops)
+    _check_fraction("params", params)
+    _check_fraction("sparsity", sparsity, low_open=False, high_closed=False)
+    _check_fraction("regrow", regrow, low_open=False, high_closed=False)
+    _check_fraction("until", until)
+    if not isinstance(interval, (int, float)) or interval <= 0:
+        raise ValueError(f"`interval` must be > 0 epochs, got {interval!r}.")
+    if not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"`round_to` must be an int >= 1, got {round_to!r}.")
+    if isinstance(min_channels, bool) or not (
+        (isinstance(min_channels, int) and min_channels >= 1)
+        or (isinstance(min_channels, float) and 0 < min_channels < 1)
+    ):
+        raise ValueError(
+            "`min_channels` must be an int >= 1 or a fraction in (0, 1), "
+            f"got {min_channels!r}."
+        )
+    if seed is None:
+        seed = int(np.random.default_rng().integers(2**31 - 1))
+    config = {
+        "method": METHOD,
+        "target": given[0],
+        "target_value": float(targets[given[0]]),
+        "regrow": float(regrow),
+        "interval": float(interval),
+        "until": float(until),
+        "min_channels": min_channels,
+        "round_to": round_to,
+        "seed": int(seed),
+    }
+    wrapped = wrapping.wrap(model, mode="hard", exclude=exclude, chex=config)
+    wrapped.chex_state.initialize()
+    return wrapped
+
+
+def _min_counts(config, sizes):
+    m = config["min_channels"]
+    if isinstance(m, float):
+        counts = np.maximum(1, np.ceil(m * sizes))
+    else:
+        counts = np.full(len(sizes), m)
+    return np.minimum(counts, sizes).astype(np.int32)
+
+
+class ChexState(keras.layers.Layer):
+    """CHEX's state and exploration step for one wrapped model.
+
+    Created by `PrunableModel` for models from `prune_and_regrow`; users do
+    not build it. All state lives in non-trainable variables: the stored
+    weights of every prunable weight tensor (for exact restoration) and the
+    statistics of the last exploration.
+
+    Args:
+        model: the `PrunableModel`.
+    """
+
+    def __init__(self, model, **kwargs):
+        super().__init__(name="chex_state", **kwargs)
+        analysis = model.chex_analysis
+        self._analysis = analysis
+        self.config = dict(model.chex_config)
+        self.cost = cost_model.CostModel(analysis)
+        self.num_channels = analysis.num_channels
+        self.group_sizes = np.array([g.size for g in analysis.groups])
+        self.group_ids = cost_model.channel_groups_of(analysis)
+        self.min_counts = _min_counts(self.config, self.group_sizes)
+        self._by_var = {}
+        for s in analysis.weight_slices:
+            v = s.variable()
+            self._by_var.setdefault(id(v), (v, []))[1].append(s)
+        self.backups = []
+        self._vars = []
+        for i, (v, _) in enumerate(self._by_var.values()):
+            self._vars.append(v)
+            self.backups.append(self.add_weight(
+                name=f"backup_{i}", shape=tuple(v.shape), dtype=v.dtype,
+                initializer="zeros", trainable=False,
+            ))
+        self.last_stats = self.add_weight(
+            name="last_stats", shape=(4,), initializer="zeros",
+            trainable=False,
+        )  # macs fraction, pruned, regrown, explorations done.
+        self._plan_groups(analysis)
+        self._cost_fn = self.cost.tf_cost(
+            "params" if self.config["target"] == "params" else "macs"
+        )
+        self._explore_fn = None
+        self.built = True
+
+    # -- static plans ------------------------------------------------------
+    def _plan_groups(self, analysis):
+        """Constant index tensors for reading masks and filter matrices."""
+        n = self.num_channels
+        site_of = np.full(n, -1)
+        pos_of = np.zeros(n, dtype=np.int64)
+        for i, site in enumerate(analysis.mask_sites):
+            for p, c in enumerate(site.classes):
+                if c >= 0 and site_of[c] < 0:
+                    site_of[c], pos_of[c] = i, p
+        self._read_plan = [
+            (site.layer.mask, np.flatnonzero(site_of == i),
+             pos_of[site_of == i])
+            for i, site in enumerate(analysis.mask_sites)
+        ]
+        self._var_index = {id(v): i for i, v in enumerate(self._vars)}
+        self._filters = []  # per group: list of (var index, axis, P matrix)
+        self._gammas = []  # (var index, classes)
+        for s in analysis.weight_slices:
+            if s.name == "gamma":
+                self._gammas.append((self._var_index[id(s.variable())],
+                                     s.classes))
+        for g in analysis.groups:
+            parts = []
+            for s in analysis.weight_slices:
+                if not s.filters:
+                    continue
+                inside = (s.classes >= g.start) & (s.classes < g.start + g.size)
+                if not inside.any():
+                    continue
+                P = np.zeros((len(s.classes), g.size), dtype=np.float32)
+                P[np.flatnonzero(inside), s.classes[inside] - g.start] = 1.0
+                parts.append((self._var_index[id(s.variable())], s.axis, P))
+            self._filters.append(parts)
+
+    # -- mask I/O ------------------------------------------------------------
+    def _read_mask(self):
+        values = []
+        indices = []
+        for variable, classes, positions in self._read_plan:
+            if len(classes):
+                values.append(tf.gather(tf.convert_to_tensor(variable),
+                                        positions))
+                indices.append(classes)
+        return tf.scatter_nd(
+            np.concatenate(indices)[:, None], tf.concat(values, 0),
+            [self.num_channels],
+        )
+
+    def _write_mask(self, mask):
+        for site in self._analysis.mask_sites:
+            classes = site.classes
+            values = tf.where(classes >= 0,
+                              tf.gather(mask, np.maximum(classes, 0)), 1.0)
+            site.layer.mask.assign(values)
+
+    def _entry_active(self, var_index, mask):
+        variable, slices = list(self._by_var.values())[var_index]
+        rank = len(variable.shape)
+        active = tf.ones(variable.shape, tf.bool)
+        for s in slices:
+            keep = tf.where(s.classes >= 0,
+                            tf.gather(mask, np.maximum(s.classes, 0)), 1.0)
+            shape = [1] * rank
+            shape[s.axis % rank] = -1
+            active = active & (tf.reshape(keep, shape) > 0.5)
+        return active
+
+    # -- one exploration -------------------------------------------------------
+    def _filter_matrix(self, g):
+        blocks = []
+        for var_index, axis, P in self._filters[g]:
+            w = tf.convert_to_tensor(self.backups[var_index])
+            rank = len(w.shape)
+            axis = axis % rank
+            perm = [a for a in range(rank) if a != axis] + [axis]
+            w = tf.reshape(tf.transpose(w, perm), [-1, w.shape[axis]])
+            blocks.append(tf.matmul(tf.cast(w, tf.float32), P))
+        return tf.concat(blocks, 0)
+
+    def _scores(self, mask, matrices):
+        """|gamma| per channel; groups without BatchNorm use filter norms."""
+        n = self.num_channels
+        total = tf.zeros([n])
+        count = tf.zeros([n])
+        for var_index, classes in self._gammas:
+            sel = np.flatnonzero(classes >= 0)
+            g = tf.abs(tf.gather(tf.cast(self.backups[var_index], tf.float32),
+                                 sel))
+            total += tf.scatter_nd(classes[sel][:, None], g, [n])
+            count += tf.scatter_nd(classes[sel][:, None], tf.ones_like(g), [n])
+        has_bn = count > 0
+        gamma = tf.math.divide_no_nan(total, count)
+        bn_mean = tf.math.divide_no_nan(
+            tf.reduce_sum(tf.where(has_bn, gamma * mask, 0.0)),
+            tf.reduce_sum(tf.where(has_bn, mask, 0.0)),
+        )
+        bn_mean = tf.where(bn_mean > 0, bn_mean, 1.0)
+        norms = []
+        for g, w in enumerate(matrices):
+            norm = tf.norm(w, axis=0)
+            active = mask[self.group_sizes[:g].sum():][:self.group_sizes[g]]
+            mean = tf.math.divide_no_nan(tf.reduce_sum(norm * active),
+                                         tf.reduce_sum(active))
+            # Scale-matched so filter norms rank fairly against gammas.
+            norms.append(tf.math.divide_no_nan(norm, mean) * bn_mean)
+        fallback = tf.concat(norms, 0) if norms else tf.zeros([n])
+        return tf.where(has_bn, gamma, fallback) * mask
+
+    def _counts(self, scores, sparsity, rounded):
+        counts = allocation.global_keep_counts(
+            scores, self.group_ids, len(self.group_sizes), sparsity,
+            self.min_counts,
+        )
+        if rounded and self.config["round_to"] > 1:
+            r = self.config["round_to"]
+            down = (counts // r) * r
+            counts = tf.maximum(tf.where(down > 0, down, counts),
+                                self.min_counts)
+        return counts
+
+    def _mask_from_counts(self, scores, counts):
+        ranks_in_group = []
+        for g in range(len(self.group_sizes)):
+            lo = int(self.group_sizes[:g].sum())
+            s = scores[lo:lo + self.group_sizes[g]]
+            ranks_in_group.append(subset_selection.descending_ranks(s))
+        ranks = tf.concat(ranks_in_group, 0)
+        return tf.cast(ranks < tf.gather(counts, self.group_ids), tf.float32)
+
+    def _sparsity_for_target(self, scores):
+        if self.config["target"] == "sparsity":
+            return tf.constant(self.config["target_value"], tf.float64)
+        budget = self.config["target_value"] * (
+            self.cost.dense_params if self.config["target"] == "params"
+            else self.cost.dense_macs
+        )
+        lo = tf.constant(0.0, tf.float64)
+        hi = tf.constant(1.0 - 1e-9, tf.float64)
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            counts = self._counts(scores, mid, rounded=True)
+            fits = self._cost_fn(self._mask_from_counts(scores, counts)) <= (
+                budget
+            )
+            lo, hi = tf.where(fits, lo, mid), tf.where(fits, mid, hi)
+        return hi
+
+    def _explore(self, delta, seed):
+        old = self._read_mask()
+        for i, (variable, backup) in enumerate(zip(self._vars, self.backups)):
+            backup.assign(tf.where(self._entry_active(i, old), variable,
+                                   backup))
+        matrices = [self._filter_matrix(g) for g in range(len(self.group_sizes))]
+        scores = self._scores(old, matrices)
+        sparsity = self._sparsity_for_target(scores)
+        counts = self._counts(scores, sparsity, rounded=True)
+        delta = tf.minimum(tf.cast(delta, tf.float64), sparsity / 2)
+        grown = self._counts(scores, sparsity - delta, rounded=False)
+        new = []
+        for g, w in enumerate(matrices):
+            lo = int(self.group_sizes[:g].sum())
+            active = old[lo:lo + self.group_sizes[g]] > 0.5
+            kept = subset_selection.css_keep_mask(w, counts[g], active)
+            short = counts[g] - tf.reduce_sum(tf.cast(kept, tf.int32))
+            n_regrow = tf.maximum(grown[g] - counts[g], 0) + short
+            residuals = regrowth.projection_residuals(w, kept)
+            # Stateless: the draw depends only on (seed, t, group), so a
+            # resumed or reloaded run samples what an uninterrupted one would.
+            back = regrowth.sample_without_replacement(
+                residuals, n_regrow, tf.logical_not(kept),
+                tf.stack([seed, tf.constant(g, tf.int64)]),
+            )
+            new.append(tf.cast(kept | back, tf.float32))
+        new = tf.concat(new, 0)
+        self._write_mask(new)
+        for i, (variable, backup) in enumerate(zip(self._vars, self.backups)):
+            regrown = self._entry_active(i, new) & ~self._entry_active(i, old)
+            variable.assign(tf.where(regrown, backup, variable))
+        pruned = tf.reduce_sum(old * (1 - new))
+        regrown_count = tf.reduce_sum(new * (1 - old))
+        fraction = tf.cast(self._cost_fn(new), tf.float32) / float(
+            self.cost.dense_macs if self.config["target"] != "params"
+            else self.cost.dense_params
+        )
+        self.last_stats.assign(tf.stack([
+            fraction, pruned, regrown_count, self.last_stats[3] + 1.0
+        ]))
+        return self.last_stats
+
+    def explore(self, delta, index):
+        """Runs one exploration step.
+
+        Args:
+            delta: regrowth fraction for this step (0 at the last one).
+            index: exploration index t (seeds the sampling).
+
+        Returns:
+            A float vector: [kept MACs (or params) fraction, channels pruned,
+            channels regrown, explorations done so far].
+        """
+        if self._explore_fn is None:
+            self._explore_fn = tf.function(self._explore)
+        seed = tf.constant([self.config["seed"], int(index)], tf.int64)
+        seed = seed[0] * 1000003 + seed[1]
+        return self._explore_fn(tf.constant(delta, tf.float32), seed)
+
+    def kept_fraction(self):
+        """Current MACs (or params, for a params target) over dense."""
+        resource = "params" if self.config["target"] == "params" else "macs"
+        mask = self._analysis.class_mask()
+        dense = self.cost.cost(np.ones(self.num_channels), resource)
+        return self.cost.cost(mask, resource) / dense
+
+    # -- initial masks (NumPy, once) -------------------------------------------
+    def initialize(self):
+        """Uniform masks at sparsity `S - regrow`, chosen by filter L1 norm."""
+        for v, b in zip(self._vars, self.backups):
+            b.assign(v)
+        sizes = self.group_sizes
+        cost = self.cost
+        target = self.config["target"]
+
+        def uniform_counts(s):
+            counts = np.maximum(np.round((1 - s) * sizes), self.min_counts)
+            r = self.config["round_to"]
+            if r > 1:
+                down = (counts // r) * r
+                counts = np.maximum(np.where(down > 0, down, counts),
+                                    self.min_counts)
+            return np.minimum(counts, sizes).astype(int)
+
+        l1 = [np.abs(np.asarray(self._filter_matrix(g))).sum(0)
+              for g in range(len(sizes))]
+
+        def mask_for(counts):
+            parts = []
+            for g, k in enumerate(counts):
+                order = np.argsort(-l1[g], kind="stable")
+                m = np.zeros(sizes[g], bool)
+                m[order[:k]] = True
+                parts.append(m)
+            return np.concatenate(parts) if parts else np.zeros(0, bool)
+
+        if target == "sparsity":
+            s = self.config["target_value"]
+        else:
+            budget = self.config["target_value"] * cost.cost(
+                np.ones(self.num_channels), target.replace("flops", "macs")
+            )
+            lo, hi = 0.0, 1.0 - 1e-9
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                c = cost.cost(mask_for(uniform_counts(mid)),
+                              target.replace("flops", "macs"))
+                lo, hi = (lo, mid) if c <= budget else (mid, hi)
+            s = hi
+        start = s - min(self.config["regrow"], s / 2)
+        if self.num_channels:
+            self._analysis.set_class_mask(mask_for(uniform_counts(start)))
+
+    def get_config(self):
+        return {"name": self.name}
+
+
+def is_chex(model):
+    return wrapping.is_wrapped(model) and model.chex_config.get(
+        "method") == METHOD
+
+
+# Registered with the wrapper so models loaded from `.keras` get their state.
+wrapping.register_method(METHOD, ChexState)
