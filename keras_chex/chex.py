@@ -29,6 +29,8 @@ allocation (by the current gamma ranking, with `min_channels` and
 uniform masks use the uniform sparsity meeting the target, minus `regrow`.
 """
 
+import types
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -158,20 +160,24 @@ class ChexState(keras.layers.Layer):
 
     def __init__(self, model, **kwargs):
         super().__init__(name="chex_state", **kwargs)
+        # References to the model's own variables and plain bookkeeping:
+        # kept out of Keras' tracking so they are not counted as this
+        # layer's weights (only the backups and statistics are).
+        object.__setattr__(self, "_plain", {})
         analysis = model.chex_analysis
         self._analysis = analysis
-        self.config = dict(model.chex_config)
+        self._plain["config"] = dict(model.chex_config)
         self.cost = cost_model.CostModel(analysis)
         self.num_channels = analysis.num_channels
         self.group_sizes = np.array([g.size for g in analysis.groups])
         self.group_ids = cost_model.channel_groups_of(analysis)
         self.min_counts = _min_counts(self.config, self.group_sizes)
-        self._by_var = {}
+        self._plain["_by_var"] = {}
         for s in analysis.weight_slices:
             v = s.variable()
             self._by_var.setdefault(id(v), (v, []))[1].append(s)
         self.backups = []
-        self._vars = []
+        self._plain["_vars"] = []
         for i, (v, _) in enumerate(self._by_var.values()):
             self._vars.append(v)
             self.backups.append(self.add_weight(
@@ -189,6 +195,14 @@ class ChexState(keras.layers.Layer):
         self._explore_fn = None
         self.built = True
 
+    config = property(lambda self: self._plain["config"])
+    _by_var = property(lambda self: self._plain["_by_var"])
+    _vars = property(lambda self: self._plain["_vars"])
+    _read_plan = property(lambda self: self._plain["_read_plan"])
+    _var_index = property(lambda self: self._plain["_var_index"])
+    _filters = property(lambda self: self._plain["_filters"])
+    _gammas = property(lambda self: self._plain["_gammas"])
+
     # -- static plans ------------------------------------------------------
     def _plan_groups(self, analysis):
         """Constant index tensors for reading masks and filter matrices."""
@@ -199,14 +213,14 @@ class ChexState(keras.layers.Layer):
             for p, c in enumerate(site.classes):
                 if c >= 0 and site_of[c] < 0:
                     site_of[c], pos_of[c] = i, p
-        self._read_plan = [
+        self._plain["_read_plan"] = [
             (site.layer.mask, np.flatnonzero(site_of == i),
              pos_of[site_of == i])
             for i, site in enumerate(analysis.mask_sites)
         ]
-        self._var_index = {id(v): i for i, v in enumerate(self._vars)}
-        self._filters = []  # per group: list of (var index, axis, P matrix)
-        self._gammas = []  # (var index, classes)
+        self._plain["_var_index"] = {id(v): i for i, v in enumerate(self._vars)}
+        self._plain["_filters"] = []  # per group: list of (var index, axis, P matrix)
+        self._plain["_gammas"] = []  # (var index, classes)
         for s in analysis.weight_slices:
             if s.name == "gamma":
                 self._gammas.append((self._var_index[id(s.variable())],

@@ -1,6 +1,6 @@
 """Wrapping a model for pruning: a copy of it that carries channel masks."""
 
-import copy
+import json
 
 import keras
 
@@ -29,7 +29,9 @@ class PrunableModel(keras.Model):
 
     def __init__(self, *args, chex=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.chex_config = copy.deepcopy(chex) if chex else {}
+        # Kept as JSON: Keras would wrap a dict attribute in a tracked
+        # container that drags the model along when copied.
+        self._chex_config_json = json.dumps(chex or {})
         self._chex_analysis_cache = None
         method = self.chex_config.get("method")
         if method is not None:
@@ -40,6 +42,11 @@ class PrunableModel(keras.Model):
                 )
             # An attribute, so Keras saves its variables with the model.
             self.chex_state = _METHOD_STATES[method](self)
+
+    @property
+    def chex_config(self):
+        """The pruning configuration (a fresh dict; edit has no effect)."""
+        return json.loads(self._chex_config_json)
 
     @property
     def chex_analysis(self):
@@ -54,7 +61,7 @@ class PrunableModel(keras.Model):
 
     def get_config(self):
         config = super().get_config()
-        config["chex"] = copy.deepcopy(self.chex_config)
+        config["chex"] = self.chex_config
         return config
 
 
