@@ -196,13 +196,9 @@ def all_layers(model):
     """Every non-model layer of `model`, nested models included, once each."""
     seen = {}
     for layer in model._flatten_layers(include_self=False, recursive=True):
-        if not _graph_or_model(layer):
+        if not isinstance(layer, (keras.Model, keras.layers.InputLayer)):
             seen.setdefault(id(layer), layer)
     return list(seen.values())
-
-
-def _graph_or_model(layer):
-    return isinstance(layer, keras.Model)
 
 
 def clone_layer(layer, config=None):

@@ -1,0 +1,221 @@
+"""Wrapped models: masks, gradient modes, training, saving, compilation."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import layers
+
+import keras_chex
+from conftest import random_masks
+from conftest import randomize_weights
+
+
+def small_net(name="net"):
+    inp = keras.Input((8, 8, 3))
+    x = layers.Conv2D(8, 3, padding="same", name="c1")(inp)
+    x = layers.BatchNormalization(name="bn1")(x)
+    x = layers.ReLU()(x)
+    y = layers.Conv2D(8, 3, padding="same", name="c2")(x)
+    y = layers.BatchNormalization(name="bn2")(y)
+    x = layers.ReLU()(layers.Add()([x, y]))
+    x = layers.Conv2D(6, 3, padding="same", name="c3")(x)
+    x = layers.ReLU()(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, layers.Dense(3, name="head")(x), name=name)
+
+
+@pytest.fixture
+def data(rng):
+    x = rng.uniform(-1, 1, (16, 8, 8, 3)).astype("float32")
+    y = rng.integers(0, 3, 16)
+    return x, y
+
+
+def test_wrap_leaves_the_users_model_untouched(rng, data):
+    model = small_net()
+    randomize_weights(model, rng)
+    before = [w.copy() for w in model.get_weights()]
+    wrapped = keras_chex.wrap(model)
+    random_masks(wrapped, rng)
+    wrapped.compile("sgd", keras.losses.SparseCategoricalCrossentropy(True))
+    wrapped.fit(*data, epochs=1, verbose=0)
+    after = model.get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    assert not any(isinstance(l, keras_chex.ChannelMask) for l in model.layers)
+    # All-ones masks: the wrapped copy computes exactly what the model does.
+    fresh = keras_chex.wrap(model)
+    np.testing.assert_allclose(fresh(data[0]), model(data[0]), atol=1e-6)
+
+
+def test_masked_channels_are_exact_zeros_where_they_are_consumed(rng, data):
+    model = small_net()
+    randomize_weights(model, rng)
+    wrapped = keras_chex.wrap(model)
+    groups = random_masks(wrapped, rng)
+    masks = [l for l in wrapped.layers if isinstance(l, keras_chex.ChannelMask)]
+    assert masks
+    probe = keras.Model(wrapped.input, [m.output for m in masks])
+    for layer, out in zip(masks, probe(data[0])):
+        dropped = np.asarray(layer.mask.numpy()) == 0
+        assert np.all(np.asarray(out)[..., dropped] == 0)
+    assert sum((~g.mask).sum() for g in groups) > 0
+
+
+def test_channel_group_handle(rng):
+    wrapped = keras_chex.wrap(small_net())
+    groups = keras_chex.channel_groups(wrapped)
+    by_name = {g.name: g for g in groups}
+    stream = by_name["c1"]
+    assert stream.size == 8
+    assert set(stream.producers) == {"c1", "c2"}
+    assert {"c1", "bn1", "c2", "bn2", "c3"} <= set(stream.layers)
+    assert stream.mask.dtype == bool and stream.mask.all()
+    mask = np.array([1, 0, 1, 0, 1, 1, 1, 1], bool)
+    stream.set_mask(mask)
+    np.testing.assert_array_equal(stream.mask, mask)
+    # A fresh handle sees the same (state lives in the model, not the handle).
+    np.testing.assert_array_equal(
+        keras_chex.channel_groups(wrapped)[groups.index(stream)].mask, mask)
+    with pytest.raises(ValueError, match="shape"):
+        stream.set_mask(np.ones(3, bool))
+    with pytest.raises(ValueError, match="removes all"):
+        stream.set_mask(np.zeros(8, bool))
+    with pytest.raises(ValueError, match="wrap"):
+        keras_chex.channel_groups(small_net())[0].set_mask(mask)
+    with pytest.raises(ValueError, match="already wrapped"):
+        keras_chex.wrap(wrapped)
+
+
+def _grads(wrapped, x, y):
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y, wrapped(x, training=True))
+    names = [v.path for v in wrapped.trainable_variables]
+    return dict(zip(names, tape.gradient(loss, wrapped.trainable_variables)))
+
+
+def _pruned_slices(wrapped):
+    group = {g.name: g for g in keras_chex.channel_groups(wrapped)}["c3"]
+    dropped = ~group.mask
+    return group, dropped
+
+
+@pytest.mark.parametrize("mode", ["hard", "straight_through"])
+def test_gradient_modes(rng, data, mode):
+    model = small_net()
+    randomize_weights(model, rng)
+    wrapped = keras_chex.wrap(model, mode=mode)
+    group = {g.name: g for g in keras_chex.channel_groups(wrapped)}["c3"]
+    mask = np.ones(group.size, bool)
+    mask[[1, 4]] = False
+    group.set_mask(mask)
+    grads = _grads(wrapped, *data)
+    kernel_grad = np.asarray(grads["c3/kernel"])[..., ~mask]
+    bias_grad = np.asarray(grads["c3/bias"])[~mask]
+    kept_grad = np.asarray(grads["c3/kernel"])[..., mask]
+    assert np.abs(kept_grad).sum() > 0
+    if mode == "hard":
+        assert np.all(kernel_grad == 0) and np.all(bias_grad == 0)
+    else:
+        assert np.abs(kernel_grad).sum() > 0 and np.abs(bias_grad).sum() > 0
+    # Either way the forward pass is masked: strip agrees.
+    compact = keras_chex.strip(wrapped)
+    np.testing.assert_allclose(compact(data[0]), wrapped(data[0]),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_permanent_mode_zeroes_weights_and_refuses_regrowth(rng):
+    model = small_net()
+    randomize_weights(model, rng)
+    wrapped = keras_chex.wrap(model, mode="permanent")
+    group = {g.name: g for g in keras_chex.channel_groups(wrapped)}["c1"]
+    mask = np.ones(group.size, bool)
+    mask[[0, 5]] = False
+    group.set_mask(mask)
+    layer = {l.name: l for l in wrapped.layers}
+    assert np.all(np.asarray(layer["c1"].kernel)[..., ~mask] == 0)
+    assert np.all(np.asarray(layer["c2"].kernel)[..., ~mask, :] == 0)
+    assert np.all(np.asarray(layer["bn2"].gamma)[~mask] == 0)
+    assert np.all(np.asarray(layer["c3"].kernel)[:, :, ~mask, :] == 0)
+    assert np.abs(np.asarray(layer["c1"].kernel)[..., mask]).sum() > 0
+    with pytest.raises(ValueError, match="permanent"):
+        group.set_mask(np.ones(group.size, bool))
+    tighter = mask.copy()
+    tighter[1] = False
+    group.set_mask(tighter)  # Pruning more is fine.
+
+
+def test_fit_tf_function_and_xla(rng, data):
+    model = small_net()
+    wrapped = keras_chex.wrap(model)
+    random_masks(wrapped, rng)
+    wrapped.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=True,
+    )
+    history = wrapped.fit(*data, batch_size=8, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    fn = tf.function(lambda x: wrapped(x, training=False), jit_compile=True)
+    np.testing.assert_allclose(fn(data[0]), wrapped(data[0]), rtol=1e-4,
+                               atol=1e-5)
+    # A mask set after tracing takes effect without retracing.
+    for g in keras_chex.channel_groups(wrapped):
+        g.set_mask(np.eye(1, g.size, 0, dtype=bool)[0])
+    compact = keras_chex.strip(wrapped)
+    np.testing.assert_allclose(fn(data[0]), compact(data[0]), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_save_and_load_keras_file_keeps_masks(rng, data, tmp_path):
+    model = small_net()
+    randomize_weights(model, rng)
+    wrapped = keras_chex.wrap(model, mode="straight_through",
+                              exclude=["c3"])
+    random_masks(wrapped, rng)
+    path = tmp_path / "wrapped.keras"
+    wrapped.save(path)
+    loaded = keras.saving.load_model(path)  # No custom_objects needed.
+    assert keras_chex.is_wrapped(loaded)
+    assert loaded.chex_config["exclude"] == ["c3"]
+    assert loaded.chex_config["mask_mode"] == "straight_through"
+    old = keras_chex.channel_groups(wrapped)
+    new = keras_chex.channel_groups(loaded)
+    assert [g.name for g in old] == [g.name for g in new]
+    for a, b in zip(old, new):
+        np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_allclose(loaded(data[0]), wrapped(data[0]), atol=1e-6)
+    compact = keras_chex.strip(loaded)
+    compact.save(tmp_path / "compact.keras")
+    plain = keras.saving.load_model(tmp_path / "compact.keras")
+    assert type(plain) is not keras_chex.PrunableModel
+    np.testing.assert_allclose(plain(data[0]), wrapped(data[0]), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_strip_rejects_plain_models():
+    with pytest.raises(ValueError, match="not a keras-chex wrapped model"):
+        keras_chex.strip(small_net())
+
+
+def test_bad_mode_is_named():
+    with pytest.raises(ValueError, match="mode"):
+        keras_chex.wrap(small_net(), mode="soft")
+
+
+def test_count_macs_table_and_masks(rng):
+    model = small_net()
+    dense = keras_chex.count_macs(model)
+    # c1: 8*8 positions * 3*3*3 * 8; c2: 64*9*8*8; c3: 64*9*8*6; head 6*3.
+    expected = 64 * 27 * 8 + 64 * 72 * 8 + 64 * 72 * 6 + 6 * 3
+    assert dense.macs == expected
+    assert dense.params == model.count_params()
+    rows = {r.name: r for r in dense.layers}
+    assert rows["c2"].macs == 64 * 72 * 8
+    assert "c3" in dense.table()
+    wrapped = keras_chex.wrap(model)
+    stream = {g.name: g for g in keras_chex.channel_groups(wrapped)}["c1"]
+    stream.set_mask(np.arange(8) < 4)
+    half = keras_chex.count_macs(wrapped)
+    assert half.macs == 64 * 27 * 4 + 64 * 36 * 4 + 64 * 36 * 6 + 6 * 3
