@@ -29,8 +29,9 @@ from keras_chex import export  # noqa: E402
 from keras_chex import latency  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data", None, "CIFAR-10 train.zip or folder; default: "
-                    "the real sample bundled with keras-chex.")
+flags.DEFINE_string("data", None, "CIFAR-10 train.zip or folder, or "
+                    "'download' (needs internet); default: the real sample "
+                    "bundled with keras-chex.")
 flags.DEFINE_integer("depth", 20, "ResNet depth (6n+2): 20, 32, 44, 56, 110.")
 flags.DEFINE_integer("epochs", 6, "Training epochs.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")

@@ -65,7 +65,11 @@ def load_cifar10(path=None, *, validation_per_class=None, cache_dir=None):
     them before training, for example with `make_dataset`.
 
     Args:
-        path: Path to a zip archive or a folder with the layout above, for
+        path: "download" to fetch the original data set with
+            `keras.datasets.cifar10.load_data()` (needs internet; the
+            held-out part is then cut from its training split the same
+            way), or a path to a zip archive or a folder with the layout
+            above, for
             example the 50,000-image `train.zip` of CIFAR-10. `None` reads
             the sample shipped with the package: 500 real images per class
             (the first 400 and the last 100 of the full data set's classes).
@@ -96,6 +100,8 @@ def load_cifar10(path=None, *, validation_per_class=None, cache_dir=None):
     >>> x_train.shape, x_val.shape
     ((4000, 32, 32, 3), (1000, 32, 32, 3))
     """
+    if path == "download":
+        return _download(validation_per_class)
     if path is None:
         path = SAMPLE_PATH
         default_validation = SAMPLE_VALIDATION_PER_CLASS
@@ -525,3 +531,18 @@ def _augment_example(example, seed):
 
 def _scale_images(images, labels):
     return tf.cast(images, tf.float32) / 255.0, labels
+
+
+def _download(validation_per_class):
+    """The original data set through Keras, split like the local copies."""
+    import keras
+
+    (x, y), _ = keras.datasets.cifar10.load_data()
+    y = y.reshape(-1).astype(np.int64)
+    per_class = (DEFAULT_VALIDATION_PER_CLASS if validation_per_class is None
+                 else validation_per_class)
+    val = np.zeros(len(y), bool)
+    for c in range(len(CLASS_NAMES)):
+        idx = np.flatnonzero(y == c)
+        val[idx[len(idx) - per_class:]] = True
+    return (x[~val], y[~val]), (x[val], y[val])

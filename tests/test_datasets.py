@@ -406,3 +406,19 @@ def test_make_dataset_rejects_invalid_arguments(kwargs, message):
 
     with pytest.raises(ValueError, match=message):
         datasets.make_dataset(**arguments)
+
+
+def test_download_option_splits_like_local_copies(monkeypatch):
+    import keras
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (60, 32, 32, 3), dtype=np.uint8)
+    y = np.repeat(np.arange(10), 6).reshape(-1, 1)
+    monkeypatch.setattr(keras.datasets.cifar10, "load_data",
+                        lambda: ((x, y), (x[:1], y[:1])))
+    (xt, yt), (xv, yv) = datasets.load_cifar10("download",
+                                               validation_per_class=2)
+    assert len(xt) == 40 and len(xv) == 20
+    assert np.bincount(yv).tolist() == [2] * 10
+    # The held-out images are the last ones of each class.
+    np.testing.assert_array_equal(xv[:2], x[4:6])
