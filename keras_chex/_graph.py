@@ -193,11 +193,22 @@ def rebuild(model, node_fn, *, input_fn=None, model_fn=None,
 
 
 def all_layers(model):
-    """Every non-model layer of `model`, nested models included, once each."""
+    """Every layer called in `model`'s graph, nested models' too, once each.
+
+    Layers merely attached to the model (not called in its graph) are not
+    included; nor are the nested models themselves or input layers.
+    """
     seen = {}
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if not isinstance(layer, (keras.Model, keras.layers.InputLayer)):
-            seen.setdefault(id(layer), layer)
+
+    def visit(graph):
+        for node in nodes(graph):
+            op = node.operation
+            if is_graph_model(op):
+                visit(op)
+            elif isinstance(op, keras.layers.Layer):
+                seen.setdefault(id(op), op)
+
+    visit(model)
     return list(seen.values())
 
 

@@ -29,6 +29,7 @@ allocation (by the current gamma ranking, with `min_channels` and
 uniform masks use the uniform sparsity meeting the target, minus `regrow`.
 """
 
+import numbers
 import types
 
 import keras
@@ -47,10 +48,13 @@ METHOD = "chex"
 def _check_fraction(name, value, low_open=True, high_closed=True):
     if value is None:
         return
-    ok = (value > 0 if low_open else value >= 0) and (
-        value <= 1 if high_closed else value < 1
+    # Type first: comparing a string would raise an unhelpful TypeError, and
+    # `True` would pass as 1. NumPy scalars (np.float32) are numbers.Real.
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and (
+        (value > 0 if low_open else value >= 0)
+        and (value <= 1 if high_closed else value < 1)
     )
-    if not isinstance(value, (int, float)) or not ok:
+    if not ok:
         interval = ("(0" if low_open else "[0") + (
             ", 1]" if high_closed else ", 1)"
         )
@@ -320,7 +324,10 @@ class ChexState(keras.layers.Layer):
         if rounded and self.config["round_to"] > 1:
             r = self.config["round_to"]
             down = (counts // r) * r
-            counts = tf.maximum(tf.where(down > 0, down, counts),
+            # Below one multiple: r channels (groups smaller than r are
+            # left unrounded).
+            up = tf.where(self.group_sizes >= r, r, counts)
+            counts = tf.maximum(tf.where(down > 0, down, up),
                                 self.min_counts)
         return counts
 
@@ -340,15 +347,21 @@ class ChexState(keras.layers.Layer):
             self.cost.dense_params if self.config["target"] == "params"
             else self.cost.dense_macs
         )
-        lo = tf.constant(0.0, tf.float64)
-        hi = tf.constant(1.0 - 1e-9, tf.float64)
-        for _ in range(40):
+
+        def bisect(lo, hi):
             mid = (lo + hi) / 2
             counts = self._counts(scores, mid, rounded=True)
             fits = self._cost_fn(self._mask_from_counts(scores, counts)) <= (
                 budget
             )
-            lo, hi = tf.where(fits, lo, mid), tf.where(fits, mid, hi)
+            return tf.where(fits, lo, mid), tf.where(fits, mid, hi)
+
+        # A graph loop, not a Python one: 40 unrolled copies of the sorts
+        # made tracing take ~15 s even on a tiny ResNet.
+        start = (tf.constant(0.0, tf.float64),
+                 tf.constant(1.0 - 1e-9, tf.float64))
+        _, hi = tf.while_loop(lambda lo, hi: True, bisect, start,
+                              maximum_iterations=40)
         return hi
 
     def _explore(self, delta, seed):
@@ -361,12 +374,19 @@ class ChexState(keras.layers.Layer):
         sparsity = self._sparsity_for_target(scores)
         counts = self._counts(scores, sparsity, rounded=True)
         delta = tf.minimum(tf.cast(delta, tf.float64), sparsity / 2)
-        grown = self._counts(scores, sparsity - delta, rounded=False)
+        # Rounded too: unrounded, it would regrow what rounding just pruned
+        # (even at the last, regrowth-free step), breaking `round_to` and
+        # the MACs / params target.
+        grown = self._counts(scores, sparsity - delta, rounded=True)
         new = []
         for g, w in enumerate(matrices):
             lo = int(self.group_sizes[:g].sum())
             active = old[lo:lo + self.group_sizes[g]] > 0.5
-            kept = subset_selection.css_keep_mask(w, counts[g], active)
+            # CSS works on the layer as it is: pruned filters are zero there.
+            # Their stored values (kept for regrowth) must not shape the SVD.
+            kept = subset_selection.css_keep_mask(
+                w * tf.cast(active, w.dtype)[tf.newaxis, :], counts[g], active
+            )
             short = counts[g] - tf.reduce_sum(tf.cast(kept, tf.int32))
             n_regrow = tf.maximum(grown[g] - counts[g], 0) + short
             residuals = regrowth.projection_residuals(w, kept)
@@ -405,7 +425,11 @@ class ChexState(keras.layers.Layer):
             channels regrown, explorations done so far].
         """
         if self._explore_fn is None:
-            self._explore_fn = tf.function(self._explore)
+            # Plain Python control flow over static structure: nothing for
+            # AutoGraph to convert (and it cannot parse the method anyway).
+            self._explore_fn = tf.function(
+                tf.autograph.experimental.do_not_convert(self._explore)
+            )
         seed = tf.constant([self.config["seed"], int(index)], tf.int64)
         seed = seed[0] * 1000003 + seed[1]
         return self._explore_fn(tf.constant(delta, tf.float32), seed)
@@ -427,11 +451,12 @@ class ChexState(keras.layers.Layer):
         target = self.config["target"]
 
         def uniform_counts(s):
-            counts = np.maximum(np.round((1 - s) * sizes), self.min_counts)
+            counts = np.maximum(np.floor((1 - s) * sizes + 0.5), self.min_counts)
             r = self.config["round_to"]
             if r > 1:
                 down = (counts // r) * r
-                counts = np.maximum(np.where(down > 0, down, counts),
+                up = np.where(sizes >= r, r, counts)
+                counts = np.maximum(np.where(down > 0, down, up),
                                     self.min_counts)
             return np.minimum(counts, sizes).astype(int)
 
