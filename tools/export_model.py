@@ -52,8 +52,11 @@ _OVERWRITE = flags.DEFINE_bool(
 flags.mark_flags_as_required(["model", "output_dir"])
 
 
-def count_model(model):
+def count_model(model, dense=False):
     """Returns `(macs, params)` or `(None, None)` if counting isn't available.
+
+    With `dense=True`, a keras-chex pruning model is counted with all its
+    channels (what it was before pruning).
 
     Args:
         model: A Keras model.
@@ -76,7 +79,12 @@ def count_model(model):
         if e.name != "keras_chex.counting":
             raise
         return None, None
-    counts = count_macs(model)
+    mask = None
+    if dense and getattr(model, "chex_analysis", None) is not None:
+        import numpy as np
+
+        mask = np.ones(model.chex_analysis.num_channels, bool)
+    counts = count_macs(model, class_mask=mask)
     return counts.macs, counts.params
 
 
@@ -142,7 +150,8 @@ def main(argv):
     from keras_chex import export
 
     model = keras.saving.load_model(_MODEL.value)
-    macs_before, params_before = count_model(model)
+    # "before" is the unpruned network: for a pruning model, all masks at 1.
+    macs_before, params_before = count_model(model, dense=True)
     # Stripped here only to count; the exporters get the original model so
     # that verification compares the file with the model as trained.
     plain, stripped = export.strip_if_wrapped(model)
