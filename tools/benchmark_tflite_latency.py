@@ -121,7 +121,7 @@ _OUTPUT_DIR = flags.DEFINE_string(
     "Where to write the .tflite files (kept). Default: a temporary directory, "
     "deleted at the end.",
 )
-_SEED = flags.DEFINE_integer("seed", 0, "Seed for weights and masks.")
+_SEED = flags.DEFINE_integer("model_seed", 0, "Seed for weights and masks.")
 
 
 # ---------------------------------------------------------------------------
