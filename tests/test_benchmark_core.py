@@ -81,21 +81,20 @@ def test_report_tiny(bench):
     ]
     for r in train:
         assert all(float(c) > 0 for c in r[2:]), r
-    assert float(train[0][4]) == 1.0
+    assert float(train[0][3]) == float(train[0][5]) == 1.0
     assert "Goals:" in text
 
 
 def test_training_rows_ratios(bench):
     runs = [
         {"label": bench.UNWRAPPED, "compile": "XLA", "rounds": [1.0, 2.0],
-         "error": None},
+         "cpu": [2.0, 2.0, 4.0], "error": None},
         {"label": bench.WRAPPED, "compile": "XLA", "rounds": [1.1, 2.0],
-         "error": None},
+         "cpu": [2.2, 2.2, 4.0], "error": None},
         {"label": bench.WRAPPED, "compile": "default", "rounds": [],
-         "error": "NotImplementedError: no"},
+         "cpu": [], "error": "NotImplementedError: no"},
     ]
     rows = bench.training_rows(runs)
-    assert rows[0][4:] == ["1.000", "1.000"]
-    assert rows[1][2] == "1550.0"
-    assert rows[1][4] == "1.050"  # Median of 1.1 and 1.0.
+    assert rows[0][2:] == ["1500.0", "1.000", "2000.0", "1.000"]
+    assert rows[1][2:] == ["1550.0", "1.050", "2200.0", "1.100"]
     assert "failed" in rows[2][2]
