@@ -30,8 +30,6 @@ uniform masks use the uniform sparsity meeting the target, minus `regrow`.
 """
 
 import numbers
-import types
-
 import keras
 import numpy as np
 import tensorflow as tf

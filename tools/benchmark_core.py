@@ -37,10 +37,7 @@ python tools/benchmark_core.py --nojit --core_models=ResNet50
 ```
 """
 
-import datetime
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -123,72 +120,17 @@ WRAPPED_MASKED = "wrapped, 50% masks"
 # Machine and formatting.
 
 
-def cpu_model():
-    """The CPU model name from /proc/cpuinfo (or `platform.processor()`)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info():
-    """A dict describing the machine, software versions and load."""
-    import keras  # pylint: disable=g-import-not-at-top
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    try:
-        load = "%.2f, %.2f, %.2f" % os.getloadavg()
-    except OSError:
-        load = "n/a"
-    return {
-        "CPU": cpu_model(),
-        "Cores": f"{os.cpu_count()} ({usable} usable)",
-        "Python": platform.python_version(),
-        "TensorFlow": tf.__version__,
-        "Keras": keras.__version__,
-        "Load average at start": load,
-        "Date": datetime.datetime.now(datetime.timezone.utc).strftime(
-            "%Y-%m-%d %H:%M UTC"
-        ),
-    }
-
-
-def markdown_table(columns, rows):
-    """Formats rows (sequences of cells) as an aligned Markdown table."""
-    rows = [[str(c) for c in row] for row in rows]
-    widths = [
-        max([len(columns[i])] + [len(r[i]) for r in rows])
-        for i in range(len(columns))
-    ]
-
-    def line(cells):
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(columns), sep] + [line(r) for r in rows])
+# The benchmarks run as scripts (and are loaded by path in tests): make their
+# shared helper importable either way.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_report import command_line  # noqa: E402
+from bench_report import machine_info  # noqa: E402
+from bench_report import markdown_table  # noqa: E402
 
 
 def format_seconds(seconds):
     """Two decimals, or two significant digits below 0.1 s (never "0.00")."""
     return f"{seconds:.2f}" if seconds >= 0.1 else f"{seconds:.2g}"
-
-
-def command_line(argv=None):
-    """The command that ran this script, shell-quoted."""
-    argv = sys.argv if argv is None else argv
-    return " ".join(["python"] + [shlex.quote(a) for a in argv])
-
-
-# ---------------------------------------------------------------------------
-# Part 1: analysis, wrapping, stripping.
 
 
 def random_masks(groups, rng, keep):
