@@ -6,7 +6,9 @@ Variants (all ResNet-`depth`, SGD + momentum, cosine learning rate):
             trained from scratch;
   fixed     the initial CHEX masks (uniform, by filter L1 norm) fixed for the
             whole run: no exploration;
-  noregrow  CHEX re-allocation and pruning steps, without regrowth;
+  noregrow  CHEX's initial masks (at S - delta0) and exploration steps with
+            regrowth 0: one global re-allocation and prune to the target,
+            nothing comes back;
   chex      CHEX.
 Held-out accuracy is measured on the stripped (compact) model for the pruned
 variants, on the last `--val_per_class` images of each class.
@@ -90,11 +92,16 @@ def run_variant(name, train, val, steps):
         model = cifar_resnet.cifar_resnet(FLAGS.depth, widths=widths,
                                           weight_decay=5e-4)
     else:
-        regrow = 0.3 if name == "chex" else 0.0
+        regrow = 0.0 if name == "fixed" else 0.3
         model = keras_chex.prune_and_regrow(
             dense, flops=FLAGS.flops, regrow=regrow, seed=FLAGS.seed,
             interval=FLAGS.interval,
         )
+        if name == "noregrow":
+            # Ablation only: same start as CHEX, but the callback's schedule
+            # regrows nothing (the initial masks are already set).
+            config = dict(model.chex_config, regrow=0.0)
+            model._chex_config_json = json.dumps(config)
         if name != "fixed":
             callbacks = [keras_chex.ChannelExploration(verbose=1)]
     lr = keras.optimizers.schedules.CosineDecay(0.1, steps * FLAGS.epochs)
