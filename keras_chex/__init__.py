@@ -8,6 +8,8 @@ from keras_chex.channel_analysis import ChannelGroup
 from keras_chex.channel_analysis import channel_groups
 from keras_chex.chex import prune_and_regrow
 from keras_chex.counting import count_macs
+from keras_chex.export import export_saved_model
+from keras_chex.export import export_tflite
 from keras_chex.masking import ChannelMask
 from keras_chex.stripping import strip
 from keras_chex.wrapping import PrunableModel
@@ -23,6 +25,8 @@ __all__ = [
     "PrunableModel",
     "channel_groups",
     "count_macs",
+    "export_saved_model",
+    "export_tflite",
     "is_wrapped",
     "prune_and_regrow",
     "strip",

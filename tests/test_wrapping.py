@@ -219,3 +219,10 @@ def test_count_macs_table_and_masks(rng):
     stream.set_mask(np.arange(8) < 4)
     half = keras_chex.count_macs(wrapped)
     assert half.macs == 64 * 27 * 4 + 64 * 36 * 4 + 64 * 36 * 6 + 6 * 3
+
+
+def test_public_api_is_complete():
+    for name in ("prune_and_regrow", "ChannelExploration", "channel_groups",
+                 "count_macs", "strip", "wrap", "export_tflite",
+                 "export_saved_model", "ChannelGroup", "ChannelMask"):
+        assert name in keras_chex.__all__ and hasattr(keras_chex, name)
