@@ -294,6 +294,7 @@ class ModelAnalysis:
         self._nodes = {}  # id(graph model) -> [GraphNode]
         self._graphs = {}  # id(graph model) -> graph model
         self.unsupported = []
+        self._slices_by_weight = None
         ctx = _Context(self)
         self._ctx = ctx
         self._walk(model, top=True)
@@ -478,6 +479,46 @@ class ModelAnalysis:
                 ChannelGroup(self, i, names[g][0], lo, hi - lo,
                              list(names[g]), touching)
             )
+
+    # -- per-weight views ------------------------------------------------
+    def slices_for(self, layer, name):
+        """The `WeightSlice`s of weight `name` of `layer` (maybe none)."""
+        if self._slices_by_weight is None:
+            self._slices_by_weight = {}
+            for s in self.weight_slices:
+                self._slices_by_weight.setdefault(
+                    (id(s.layer), s.name), []).append(s)
+        return self._slices_by_weight.get((id(layer), name), ())
+
+    def macs_weights(self):
+        """(layer name, coefficient, layer, variable) of every MACs term.
+
+        A call's MACs are `coefficient` times the kept size of `variable`.
+
+        Raises:
+            ValueError: a call has an input of unknown spatial size.
+        """
+        result = []
+        for term in self.macs_terms:
+            layer, name = term.weight
+            if term.coef is None:
+                raise ValueError(
+                    f"Layer '{term.layer_name}' has an input of unknown "
+                    "spatial size, so its MACs are undefined. Build the model "
+                    "with a fixed input shape (e.g. `input_shape=(224, 224, "
+                    "3)`)."
+                )
+            variable = next(v for v in layer.weights
+                            if layer_rules.weight_leaf_name(v) == name)
+            result.append((term.layer_name, term.coef, layer, variable))
+        return result
+
+    def parameter_layers(self):
+        """The model's layers whose weights count as parameters."""
+        from keras_chex import masking
+
+        return [layer for layer in _graph.all_layers(self.model)
+                if not isinstance(layer, masking.ChannelMask)]
 
     # -- per-tensor views ------------------------------------------------
     def classes_of(self, tensor):

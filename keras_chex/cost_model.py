@@ -12,9 +12,7 @@ methods can price thousands of candidate masks, in NumPy or inside a
 import numpy as np
 import tensorflow as tf
 
-from keras_chex import _graph
 from keras_chex import layer_rules
-from keras_chex import masking
 
 
 class CostModel:
@@ -39,9 +37,6 @@ class CostModel:
 
     def __init__(self, analysis):
         self.num_channels = n = analysis.num_channels
-        slices = {}
-        for s in analysis.weight_slices:
-            slices.setdefault((id(s.layer), s.name), []).append(s)
         factors = {}  # (id(layer), name, axis) -> index
         fixed, counts = [1.0], [np.zeros(n)]  # Factor 0 is the constant 1.
 
@@ -57,7 +52,7 @@ class CostModel:
 
         def term(layer, variable):
             name = layer_rules.weight_leaf_name(variable)
-            mine = slices.get((id(layer), name), ())
+            mine = analysis.slices_for(layer, name)
             axes = {s.axis % len(variable.shape): s for s in mine}
             const = 1.0
             idx = []
@@ -71,23 +66,11 @@ class CostModel:
             return const, (idx + [0, 0])[:2]
 
         macs = []
-        for t in analysis.macs_terms:
-            layer, name = t.weight
-            if t.coef is None:
-                raise ValueError(
-                    f"Layer '{t.layer_name}' has an input of unknown spatial "
-                    "size: build the model with a fixed input shape."
-                )
-            variable = next(v for v in layer.weights
-                            if layer_rules.weight_leaf_name(v) == name)
+        for _, coef, layer, variable in analysis.macs_weights():
             const, idx = term(layer, variable)
-            macs.append((t.coef * const, idx))
-        params = []
-        for layer in _graph.all_layers(analysis.model):
-            if isinstance(layer, masking.ChannelMask):
-                continue
-            for v in layer.weights:
-                params.append(term(layer, v))
+            macs.append((coef * const, idx))
+        params = [term(layer, v) for layer in analysis.parameter_layers()
+                  for v in layer.weights]
         self._fixed = np.array(fixed)
         self._counts = np.stack(counts)  # (factors, channels)
         self._macs = self._pack(macs)

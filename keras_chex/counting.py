@@ -10,10 +10,8 @@ import dataclasses
 
 import numpy as np
 
-from keras_chex import _graph
 from keras_chex import channel_analysis as cg
 from keras_chex import layer_rules
-from keras_chex import masking
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,33 +87,16 @@ def count_macs(model, class_mask=None):
     if class_mask is None:
         class_mask = analysis.class_mask()
     class_mask = np.asarray(class_mask, dtype=bool)
-    slices = {}
-    for s in analysis.weight_slices:
-        slices.setdefault((id(s.layer), s.name), []).append(s)
-
     def kept(layer, variable):
         name = layer_rules.weight_leaf_name(variable)
-        return _kept_size(variable, slices.get((id(layer), name), ()),
+        return _kept_size(variable, analysis.slices_for(layer, name),
                           class_mask)
 
     macs = {}
-    for term in analysis.macs_terms:
-        layer, name = term.weight
-        if term.coef is None:
-            raise ValueError(
-                f"Layer '{term.layer_name}' has an input of unknown spatial "
-                "size, so its MACs are undefined. Build the model with a "
-                "fixed input shape (e.g. `input_shape=(224, 224, 3)`)."
-            )
-        variable = next(v for v in layer.weights
-                        if layer_rules.weight_leaf_name(v) == name)
-        macs[term.layer_name] = macs.get(term.layer_name, 0) + (
-            term.coef * kept(layer, variable)
-        )
+    for name, coef, layer, variable in analysis.macs_weights():
+        macs[name] = macs.get(name, 0) + coef * kept(layer, variable)
     rows = []
-    for layer in _graph.all_layers(model):
-        if isinstance(layer, masking.ChannelMask):
-            continue
+    for layer in analysis.parameter_layers():
         params = sum(kept(layer, v) for v in layer.weights)
         if not params and layer.name not in macs:
             continue

@@ -12,11 +12,11 @@ from keras_chex.layer_rules import weight_leaf_name
 is_wrapped = wrapping.is_wrapped
 
 
-def _slice_weights(layer, slices, class_mask):
+def _slice_weights(layer, analysis, class_mask):
     values = []
     for variable in layer.weights:
         value = np.asarray(variable.numpy())
-        for s in slices.get((id(layer), weight_leaf_name(variable)), ()):
+        for s in analysis.slices_for(layer, weight_leaf_name(variable)):
             keep = cg.keep_mask(s.classes, class_mask)
             value = np.compress(keep, value, axis=s.axis)
         values.append(value)
@@ -55,9 +55,6 @@ def strip(model):
         )
     analysis = model.chex_analysis
     class_mask = analysis.class_mask()
-    slices = {}
-    for s in analysis.weight_slices:
-        slices.setdefault((id(s.layer), s.name), []).append(s)
     memo = {}
 
     def kept(tensor):
@@ -83,7 +80,7 @@ def strip(model):
             new_op = memo[id(op)]
             outputs = node.call_with(new_op, tensor_map)
             if fresh and new_op is not op and not _graph.is_graph_model(op):
-                new_op.set_weights(_slice_weights(op, slices, class_mask))
+                new_op.set_weights(_slice_weights(op, analysis, class_mask))
             return outputs
 
         def input_shape(tensor):
