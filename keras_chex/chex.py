@@ -262,7 +262,8 @@ class ChexState(keras.layers.Layer):
             site.layer.mask.assign(values)
 
     def _entry_active(self, var_index, mask):
-        variable, slices = list(self._by_var.values())[var_index]
+        variable = self._vars[var_index]
+        slices = self._by_var[id(variable)][1]
         rank = len(variable.shape)
         active = tf.ones(variable.shape, tf.bool)
         for s in slices:

@@ -152,7 +152,7 @@ def place_masks(analysis):
                        for t in node.inputs]
                 op = node.operation
                 if _graph.is_graph_model(op):
-                    for t, inner in zip(node.outputs, _graph.outputs_of(op)):
+                    for t in node.outputs:
                         dirty[id(t)] = True
                     continue
                 rule = analysis.rule_for(op)
