@@ -1,0 +1,54 @@
+"""Smoke tests of the CHEX benchmark scripts in tools/, with tiny settings."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *args):
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "tools", script), *args],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_benchmark_chex_runs_every_variant_on_the_same_budget(tmp_path):
+    output = tmp_path / "bench.jsonl"
+    _run("benchmark_chex.py", "--depth=8", "--epochs=2",
+         "--train_per_class=40", "--val_per_class=10", "--interval=0.5",
+         "--threads=1", f"--output={output}")
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    header, results = lines[0], {r["variant"]: r for r in lines[1:]}
+    assert header["train_images"] == 400 and header["val_images"] == 100
+    assert set(results) == {"dense", "narrow", "fixed", "noregrow", "chex"}
+    assert results["dense"]["macs_fraction"] == 1.0
+    for name in ("narrow", "fixed", "noregrow", "chex"):
+        assert 0.45 <= results[name]["macs_fraction"] <= 0.5, name
+        assert 0.0 <= results[name]["val_accuracy"] <= 1.0
+    # Widths are read from the stripped model: every pruned variant is
+    # narrower than dense somewhere and never wider anywhere.
+    dense = results["dense"]["conv_filters"]
+    for name in ("fixed", "noregrow", "chex"):
+        widths = results[name]["conv_filters"]
+        assert len(widths) == len(dense)
+        assert all(w <= d for w, d in zip(widths, dense)) and widths != dense
+
+
+def test_benchmark_chex_overhead_reports_interleaved_rounds():
+    text = _run("benchmark_chex_overhead.py", "--depth=8", "--epochs=3",
+                "--rounds=1", "--interval=1", "--threads=1")
+    assert "Command: `python" in text
+    rows = [line for line in text.splitlines()
+            if re.match(r"\| 1 +\|", line)]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    plain, chex, ratio = float(cells[1]), float(cells[2]), float(cells[3])
+    assert abs(ratio - chex / plain) < 0.01
+    assert int(cells[7]) >= 1  # explorations did run inside the CHEX fit
+    assert re.search(r"median ratio: fit [0-9.]+, steady-state epoch", text)

@@ -1,0 +1,45 @@
+"""The README's main job, run end to end on a tiny budget."""
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_cifar10_example_trains_strips_exports_and_reports(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples",
+                                      "cifar10_resnet_chex.py"),
+         "--depth=8", "--epochs=1", "--target=0.5",
+         f"--output_dir={out}"],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = result.stdout
+    kept = float(re.search(r"MACs kept: ([0-9.]+)", text).group(1))
+    assert 0.49 <= kept <= 0.5
+    compact, wrapped = map(float, re.search(
+        r"accuracy: ([0-9.]+) \(compact\) = ([0-9.]+)", text).groups())
+    # The compact model is the pruning model with channels removed.
+    assert abs(compact - wrapped) < 1e-3
+    for name in ("pruning_model.keras", "compact.keras", "dense.tflite",
+                 "compact.tflite"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "compact.tflite").stat().st_size < (
+        out / "dense.tflite").stat().st_size
+
+
+def test_cifar10_example_rejects_a_bad_target(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples",
+                                      "cifar10_resnet_chex.py"),
+         "--target=1.5", f"--output_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "target" in result.stderr
+    assert "Traceback" not in result.stderr
