@@ -35,7 +35,7 @@ class ChannelExploration(keras.callbacks.Callback):
     def __init__(self, verbose=0):
         super().__init__()
         self.verbose = verbose
-        self._plan = {}
+        self._plan = []
         self._changed = np.zeros(2)
 
     def on_train_begin(self, logs=None):
@@ -60,27 +60,37 @@ class ChannelExploration(keras.callbacks.Callback):
             interval=config["interval"], until=config["until"]
         )
         t_max = schedule.t_max(steps, epochs)
-        self._plan = {}
+        # Steps already trained (a run resumed by BackupAndRestore, or a
+        # second `fit`) had their explorations then.
+        done = int(self.model.optimizer.iterations.numpy())
+        self._plan = []
         for step in schedule.exploration_steps(steps, epochs):
+            if step <= done:
+                continue
             t = schedule.exploration_index(step, steps, epochs)
-            self._plan[step] = (
-                t, schedules.regrow_fraction(t, t_max, config["regrow"])
+            self._plan.append(
+                (step, t, schedules.regrow_fraction(t, t_max,
+                                                    config["regrow"]))
             )
         self._changed = np.zeros(2)
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        if step not in self._plan:
+        if not self._plan:
             return
-        t, delta = self._plan[step]
-        stats = np.asarray(self.model.chex_state.explore(delta, t))
-        self._changed += stats[1:3]
-        if self.verbose:
-            print(
-                f"\nCHEX exploration {t} at step {step}: regrow {delta:.3f}, "
-                f"kept {stats[0]:.3f} of dense cost, pruned {int(stats[1])}, "
-                f"regrown {int(stats[2])}"
-            )
+        step = int(self.model.optimizer.iterations.numpy())
+        # With `steps_per_execution > 1` the callback sees every k-th step
+        # only: run every exploration that fell inside the last execution.
+        while self._plan and self._plan[0][0] <= step:
+            planned, t, delta = self._plan.pop(0)
+            stats = np.asarray(self.model.chex_state.explore(delta, t))
+            self._changed += stats[1:3]
+            if self.verbose:
+                print(
+                    f"\nCHEX exploration {t} at step {step} (planned "
+                    f"{planned}): regrow {delta:.3f}, kept {stats[0]:.3f} of "
+                    f"dense cost, pruned {int(stats[1])}, regrown "
+                    f"{int(stats[2])}"
+                )
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:

@@ -669,6 +669,29 @@ def test_sparsity_target_fit_with_steps_per_epoch_on_a_repeated_dataset():
     assert_compact_matches(model, x[:4])
 
 
+def test_steps_per_execution_runs_every_planned_exploration():
+    # Planned steps 5, 10, 15 (interval 1 over 5-step epochs) are not
+    # multiples of steps_per_execution=3: the callback only sees steps 3, 6,
+    # 9, ... and must still run each exploration once, in order.
+    keras.utils.set_random_seed(13)
+    model = keras_chex.prune_and_regrow(plain_cnn(), flops=0.5, interval=1,
+                                        until=0.72, seed=0)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        steps_per_execution=3,
+    )
+    x, y = data(40, 8)
+    planned = schedules.ExplorationSchedule(1, 0.72).exploration_steps(5, 5)
+    assert any(step % 3 for step in planned)
+    history = model.fit(x, y, batch_size=8, epochs=5, verbose=0,
+                        callbacks=[keras_chex.ChannelExploration()])
+    assert int(model.chex_state.last_stats[3]) == len(planned)
+    # The last (regrowth-free) exploration ran: the target is met.
+    assert history.history["chex_macs"][-1] <= 0.5
+    assert sum(history.history["chex_regrown"]) > 0
+
+
 def _assert_rounded(model, round_to, where):
     for g in keras_chex.channel_groups(model):
         k = int(g.mask.sum())
