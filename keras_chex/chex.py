@@ -291,14 +291,20 @@ class ChexState(keras.layers.Layer):
         n = self.num_channels
         total = tf.zeros([n])
         count = tf.zeros([n])
+        largest = tf.zeros([n])
         for var_index, classes in self._gammas:
             sel = np.flatnonzero(classes >= 0)
             g = tf.abs(tf.gather(tf.cast(self.backups[var_index], tf.float32),
                                  sel))
             total += tf.scatter_nd(classes[sel][:, None], g, [n])
             count += tf.scatter_nd(classes[sel][:, None], tf.ones_like(g), [n])
+            largest = tf.tensor_scatter_nd_max(largest, classes[sel][:, None],
+                                               g)
         has_bn = count > 0
-        gamma = tf.math.divide_no_nan(total, count)
+        if self.config.get("group_score", "mean") == "max":
+            gamma = largest
+        else:
+            gamma = tf.math.divide_no_nan(total, count)
         bn_mean = tf.math.divide_no_nan(
             tf.reduce_sum(tf.where(has_bn, gamma * mask, 0.0)),
             tf.reduce_sum(tf.where(has_bn, mask, 0.0)),
