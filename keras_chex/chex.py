@@ -7,7 +7,9 @@ one exploration step as a compiled `tf.function`:
 
 1. refresh the stored copy of every weight entry whose channels are active
    (so a pruned channel keeps its *most recently used* values);
-2. rank all active channels by |BatchNorm gamma| and find the global channel
+2. rank all active channels by |BatchNorm gamma| (a channel shared by
+   several BatchNorms, as on a residual stream, by the largest of its
+   |gamma|s) and find the global channel
    sparsity `S` at which the masked model meets the MACs / params target
    (bisection on the closed-form `CostModel`), giving per-group keep counts;
    a second threshold at `S - delta_t` gives the counts after regrowth;
@@ -287,24 +289,23 @@ class ChexState(keras.layers.Layer):
         return tf.concat(blocks, 0)
 
     def _scores(self, mask, matrices):
-        """|gamma| per channel; groups without BatchNorm use filter norms."""
+        """|gamma| per channel (the largest over a coupled group's
+        BatchNorms); groups without BatchNorm use filter norms."""
         n = self.num_channels
-        total = tf.zeros([n])
         count = tf.zeros([n])
         largest = tf.zeros([n])
         for var_index, classes in self._gammas:
             sel = np.flatnonzero(classes >= 0)
             g = tf.abs(tf.gather(tf.cast(self.backups[var_index], tf.float32),
                                  sel))
-            total += tf.scatter_nd(classes[sel][:, None], g, [n])
             count += tf.scatter_nd(classes[sel][:, None], tf.ones_like(g), [n])
             largest = tf.tensor_scatter_nd_max(largest, classes[sel][:, None],
                                                g)
         has_bn = count > 0
-        if self.config.get("group_score", "mean") == "max":
-            gamma = largest
-        else:
-            gamma = tf.math.divide_no_nan(total, count)
+        # A coupled group (a residual stream) feeds several BatchNorms; a
+        # channel that any of them scales up is needed there. The mean
+        # would dilute it by the number of blocks sharing the stream.
+        gamma = largest
         bn_mean = tf.math.divide_no_nan(
             tf.reduce_sum(tf.where(has_bn, gamma * mask, 0.0)),
             tf.reduce_sum(tf.where(has_bn, mask, 0.0)),

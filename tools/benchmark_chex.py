@@ -106,12 +106,6 @@ def run_variant(name, train, val, steps):
             # regrows nothing (the initial masks are already set).
             config = dict(model.chex_config, regrow=0.0)
             model._chex_config_json = json.dumps(config)
-        if name == "chex_max":
-            # Experiment: a coupled group scores the largest |gamma| of its
-            # BatchNorms instead of their mean.
-            config = dict(model.chex_config, group_score="max")
-            model._chex_config_json = json.dumps(config)
-            model.chex_state._plain["config"]["group_score"] = "max"
         if name != "fixed":
             callbacks = [keras_chex.ChannelExploration(verbose=1)]
     lr = keras.optimizers.schedules.CosineDecay(0.1, steps * FLAGS.epochs)
