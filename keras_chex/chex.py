@@ -292,20 +292,17 @@ class ChexState(keras.layers.Layer):
         """|gamma| per channel (the largest over a coupled group's
         BatchNorms); groups without BatchNorm use filter norms."""
         n = self.num_channels
-        count = tf.zeros([n])
-        largest = tf.zeros([n])
-        for var_index, classes in self._gammas:
-            sel = np.flatnonzero(classes >= 0)
-            g = tf.abs(tf.gather(tf.cast(self.backups[var_index], tf.float32),
-                                 sel))
-            count += tf.scatter_nd(classes[sel][:, None], tf.ones_like(g), [n])
-            largest = tf.tensor_scatter_nd_max(largest, classes[sel][:, None],
-                                               g)
-        has_bn = count > 0
+        has_bn = np.zeros(n, bool)
         # A coupled group (a residual stream) feeds several BatchNorms; a
         # channel that any of them scales up is needed there. The mean
         # would dilute it by the number of blocks sharing the stream.
-        gamma = largest
+        gamma = tf.zeros([n])
+        for var_index, classes in self._gammas:
+            sel = np.flatnonzero(classes >= 0)
+            has_bn[classes[sel]] = True
+            g = tf.abs(tf.gather(tf.cast(self.backups[var_index], tf.float32),
+                                 sel))
+            gamma = tf.tensor_scatter_nd_max(gamma, classes[sel][:, None], g)
         bn_mean = tf.math.divide_no_nan(
             tf.reduce_sum(tf.where(has_bn, gamma * mask, 0.0)),
             tf.reduce_sum(tf.where(has_bn, mask, 0.0)),
