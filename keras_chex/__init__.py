@@ -11,6 +11,7 @@ from keras_chex.counting import count_macs
 from keras_chex.export import export_saved_model
 from keras_chex.export import export_tflite
 from keras_chex.masking import ChannelMask
+from keras_chex.masking import MaskedBatchNormalization
 from keras_chex.stripping import strip
 from keras_chex.wrapping import PrunableModel
 from keras_chex.wrapping import is_wrapped
@@ -22,6 +23,7 @@ __all__ = [
     "ChannelExploration",
     "ChannelGroup",
     "ChannelMask",
+    "MaskedBatchNormalization",
     "PrunableModel",
     "channel_groups",
     "count_macs",

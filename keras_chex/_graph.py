@@ -212,8 +212,10 @@ def all_layers(model):
     return list(seen.values())
 
 
-def clone_layer(layer, config=None):
-    """A new layer of `layer`'s class from `config` (default: its own).
+def clone_layer(layer, config=None, cls=None):
+    """A new layer of class `cls` (default: `layer`'s) from `config`.
+
+    `config` defaults to `layer`'s own.
 
     Weights are not copied.
 
@@ -223,6 +225,6 @@ def clone_layer(layer, config=None):
     from keras.src.saving import serialization_lib
 
     with serialization_lib.SafeModeScope(False):
-        return layer.__class__.from_config(
+        return (cls or layer.__class__).from_config(
             layer.get_config() if config is None else config
         )

@@ -385,6 +385,8 @@ class ModelAnalysis:
 
         if isinstance(op, masking.ChannelMask):
             return masking.MASK_RULE
+        if isinstance(op, masking.MaskedBatchNormalization):
+            return masking.MASKED_BATCHNORM_RULE
         return layer_rules.rule_for(op)
 
     def _harmful_opaque(self, ctx):
@@ -513,11 +515,16 @@ class ModelAnalysis:
             result.append((term.layer_name, term.coef, layer, variable))
         return result
 
-    def parameter_layers(self):
-        """The model's layers whose weights count as parameters."""
+    def parameter_weights(self):
+        """(layer, its parameter variables) for every layer of the model.
+
+        Masks are not parameters: `ChannelMask` layers are left out, and so
+        is the mask of a `MaskedBatchNormalization`.
+        """
         from keras_chex import masking
 
-        return [layer for layer in _graph.all_layers(self.model)
+        return [(layer, masking.parameter_weights(layer))
+                for layer in _graph.all_layers(self.model)
                 if not isinstance(layer, masking.ChannelMask)]
 
     # -- per-tensor views ------------------------------------------------

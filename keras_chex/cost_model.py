@@ -69,8 +69,9 @@ class CostModel:
         for _, coef, layer, variable in analysis.macs_weights():
             const, idx = term(layer, variable)
             macs.append((coef * const, idx))
-        params = [term(layer, v) for layer in analysis.parameter_layers()
-                  for v in layer.weights]
+        params = [term(layer, v)
+                  for layer, weights in analysis.parameter_weights()
+                  for v in weights]
         self._fixed = np.array(fixed)
         self._counts = np.stack(counts)  # (factors, channels)
         self._macs = self._pack(macs)

@@ -96,8 +96,8 @@ def count_macs(model, class_mask=None):
     for name, coef, layer, variable in analysis.macs_weights():
         macs[name] = macs.get(name, 0) + coef * kept(layer, variable)
     rows = []
-    for layer in analysis.parameter_layers():
-        params = sum(kept(layer, v) for v in layer.weights)
+    for layer, weights in analysis.parameter_weights():
+        params = sum(kept(layer, v) for v in weights)
         if not params and layer.name not in macs:
             continue
         rows.append(LayerCount(layer.name, int(macs.get(layer.name, 0)),

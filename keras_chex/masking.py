@@ -6,7 +6,12 @@ placed where the compact model must see exact zeros: on every tensor that
 reaches a layer mixing channels (convolution, dense) while a removed channel
 may still be non-zero (after a bias, a BatchNorm beta, or an activation with
 f(0) != 0). Putting the mask as late as possible lets one mask serve a whole
-conv-BN-ReLU chain or a residual Add, and keeps the training overhead small.
+conv-BN-ReLU chain or a residual Add.
+
+Where the removed channels come out of a BatchNormalization, the mask is
+folded into it instead (`MaskedBatchNormalization`): zeroing gamma and beta
+costs C multiplies per step, a `ChannelMask` on the activations N*H*W*C
+forward and again backward. Most masks of a ResNet or MobileNet fold.
 """
 
 import keras
@@ -17,6 +22,35 @@ from keras_chex import _graph
 from keras_chex import layer_rules
 
 MASK_MODES = ("hard", "straight_through", "permanent")
+# Modes whose masks can fold into a BatchNorm. A straight-through mask must
+# let the gradient pass masked channels as if unmasked, through the
+# activation evaluated on the unmasked value; zeroing gamma and beta cannot.
+FOLDING_MODES = ("hard", "permanent")
+
+
+def _check_mode(mode, modes=MASK_MODES):
+    if mode not in modes:
+        raise ValueError(f"mode must be one of {modes}, got {mode!r}.")
+
+
+def _add_mask_weight(layer, channels):
+    return layer.add_weight(
+        name="mask",
+        shape=(channels,),
+        initializer="ones",
+        trainable=False,
+        dtype="float32",
+    )
+
+
+def _set_mask(layer, keep):
+    keep = np.asarray(keep, dtype=bool)
+    if keep.shape != tuple(layer.mask.shape):
+        raise ValueError(
+            f"{layer.name}: mask must have shape {tuple(layer.mask.shape)}, "
+            f"got {keep.shape}."
+        )
+    layer.mask.assign(keep.astype("float32"))
 
 
 @keras.saving.register_keras_serializable(package="keras_chex")
@@ -45,19 +79,10 @@ class ChannelMask(keras.layers.Layer):
 
     def __init__(self, channels, mode="hard", **kwargs):
         super().__init__(**kwargs)
-        if mode not in MASK_MODES:
-            raise ValueError(
-                f"mode must be one of {MASK_MODES}, got {mode!r}."
-            )
+        _check_mode(mode)
         self.channels = int(channels)
         self.mode = mode
-        self.mask = self.add_weight(
-            name="mask",
-            shape=(self.channels,),
-            initializer="ones",
-            trainable=False,
-            dtype="float32",
-        )
+        self.mask = _add_mask_weight(self, self.channels)
 
     def call(self, inputs):
         mask = ops.cast(self.mask, inputs.dtype)
@@ -68,13 +93,7 @@ class ChannelMask(keras.layers.Layer):
 
     def set_channel_mask(self, keep):
         """Sets the mask from a bool array (True = keep)."""
-        keep = np.asarray(keep, dtype=bool)
-        if keep.shape != (self.channels,):
-            raise ValueError(
-                f"{self.name}: mask must have shape ({self.channels},), "
-                f"got {keep.shape}."
-            )
-        self.mask.assign(keep.astype("float32"))
+        _set_mask(self, keep)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -83,6 +102,109 @@ class ChannelMask(keras.layers.Layer):
         config = super().get_config()
         config.update({"channels": self.channels, "mode": self.mode})
         return config
+
+
+@keras.saving.register_keras_serializable(package="keras_chex")
+class MaskedBatchNormalization(keras.layers.BatchNormalization):
+    """A BatchNormalization whose output is exactly zero on masked channels.
+
+    The mask multiplies gamma and beta rather than the output, which is
+    the same in the forward pass and for "hard" gradients, for a fraction
+    of the cost. `keras_chex.wrap` puts it in place of a BatchNormalization
+    whose output needs masking; `keras_chex.strip` turns it back into a
+    plain BatchNormalization.
+
+    Args:
+        mode: "hard" or "permanent", see `ChannelMask`.
+        **kwargs: the arguments of `keras.layers.BatchNormalization`.
+
+    Example:
+
+    ```python
+    layer = MaskedBatchNormalization(center=True)
+    layer.build((None, 4))
+    layer.set_channel_mask([True, False, True, True])
+    layer(np.ones((1, 4)) + 5.0)[0, 1]  # 0.0
+    ```
+    """
+
+    def __init__(self, mode="hard", **kwargs):
+        super().__init__(**kwargs)
+        _check_mode(mode, FOLDING_MODES)
+        self.mode = mode
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.mask = _add_mask_weight(self, input_shape[-1])
+
+    def call(self, inputs, training=None, mask=None):
+        if mask is not None or self.renorm:
+            # Rare paths: keep Keras' own maths and mask the output.
+            outputs = super().call(inputs, training=training, mask=mask)
+            return outputs * ops.cast(self.mask, outputs.dtype)
+        # Upcast as Keras does: BatchNorm overflows in float16.
+        dtype = keras.backend.result_type(inputs.dtype, "float32")
+        inputs = ops.cast(inputs, dtype)
+        keep = ops.cast(self.mask, dtype)
+        scale = ops.cast(self.gamma, dtype) * keep if self.scale else keep
+        offset = ops.cast(self.beta, dtype) * keep if self.center else None
+        moving_mean = ops.cast(self.moving_mean, dtype)
+        moving_variance = ops.cast(self.moving_variance, dtype)
+        if training and self.trainable:
+            axes = [i for i in range(len(inputs.shape))
+                    if i != len(inputs.shape) - 1]
+            mean, variance = ops.moments(inputs, axes=axes,
+                                         synchronized=self.synchronized)
+            m = self.momentum
+            self.moving_mean.assign(moving_mean * m + mean * (1.0 - m))
+            self.moving_variance.assign(
+                moving_variance * m + variance * (1.0 - m))
+        else:
+            mean, variance = moving_mean, moving_variance
+        outputs = ops.batch_normalization(
+            inputs, mean, variance, axis=-1, offset=offset, scale=scale,
+            epsilon=self.epsilon,
+        )
+        return ops.cast(outputs, self.compute_dtype)
+
+    def set_channel_mask(self, keep):
+        """Sets the mask from a bool array (True = keep)."""
+        _set_mask(self, keep)
+
+    def get_config(self):
+        config = super().get_config()
+        config["mode"] = self.mode
+        return config
+
+    @classmethod
+    def replacing(cls, layer, mode):
+        """A new layer with `layer`'s config (a BatchNormalization)."""
+        return cls(mode=mode, **layer.get_config())
+
+    def load_batchnorm_weights(self, layer):
+        """Copies the weights of BatchNormalization `layer` (mask stays)."""
+        for target, value in zip(self.weights, layer.get_weights()):
+            target.assign(value)
+
+    def batchnorm_config(self):
+        """The config of the plain BatchNormalization it stands for."""
+        config = self.get_config()
+        del config["mode"]
+        return config
+
+
+def mask_carriers():
+    """The layer classes that hold a channel mask."""
+    return (ChannelMask, MaskedBatchNormalization)
+
+
+def parameter_weights(layer):
+    """`layer`'s weights that are model parameters (not masks)."""
+    if isinstance(layer, ChannelMask):
+        return []
+    if isinstance(layer, MaskedBatchNormalization):
+        return [w for w in layer.weights if w is not layer.mask]
+    return list(layer.weights)
 
 
 class _MaskRule(layer_rules.LayerRule):
@@ -95,6 +217,16 @@ class _MaskRule(layer_rules.LayerRule):
 
 
 MASK_RULE = _MaskRule()
+
+
+class _MaskedBatchNormRule(layer_rules.BatchNormRule):
+
+    def propagate(self, ctx, node):
+        super().propagate(ctx, node)
+        ctx.mask_layer(node.operation, ctx.ids(node.inputs[0]))
+
+
+MASKED_BATCHNORM_RULE = _MaskedBatchNormRule()
 
 
 def _zeros_like(tensor):
@@ -118,14 +250,25 @@ def _preserves_zero(node, cache):
     return cache[key]
 
 
-def place_masks(analysis):
-    """Chooses the tensors that need a `ChannelMask`.
+def _foldable(layer, rule, opaque):
+    return (isinstance(rule, layer_rules.BatchNormRule)
+            and type(layer) is keras.layers.BatchNormalization
+            and not layer.renorm and layer.name not in opaque)
+
+
+def place_masks(analysis, fold_batchnorm=True):
+    """Chooses where masks go: `ChannelMask` tensors and folded BatchNorms.
 
     Args:
         analysis: a `ModelAnalysis` of the plain model.
+        fold_batchnorm: mask BatchNorms that produce prunable channels by
+            their gamma and beta (`MaskedBatchNormalization`), so that most
+            `ChannelMask`s become unnecessary.
 
     Returns:
-        A set of `id(KerasTensor)` of the original model's tensors to mask.
+        (tensors, batchnorms): a set of `id(KerasTensor)` of the original
+        model's tensors to mask, and a set of `id(layer)` of the
+        BatchNormalization layers to replace by `MaskedBatchNormalization`.
     """
     cache = {}
     prunable = {}
@@ -137,6 +280,16 @@ def place_masks(analysis):
         return prunable[key]
 
     opaque = {name for name, _ in analysis.unsupported}
+    folded = set()
+    folded_outputs = []
+    if fold_batchnorm:
+        for nodes in analysis._nodes.values():
+            for node in nodes:
+                op = node.operation
+                if (_foldable(op, analysis.rule_for(op), opaque)
+                        and has_channels(node.outputs[0])):
+                    folded.add(id(op))
+                    folded_outputs.append(node.outputs[0])
 
     def sinks_and_dirt(masked):
         dirty = {}
@@ -156,7 +309,9 @@ def place_masks(analysis):
                         dirty[id(t)] = True
                     continue
                 rule = analysis.rule_for(op)
-                if rule is None or op.name in opaque:
+                if id(op) in folded:
+                    out = False
+                elif rule is None or op.name in opaque:
                     out = True
                 else:
                     if rule.mixes_input:
@@ -184,8 +339,8 @@ def place_masks(analysis):
     # Safety net: every prunable channel must be covered by some mask,
     # otherwise masking it would not change the wrapped model's output.
     covered = np.zeros(analysis.num_channels, dtype=bool)
-    for t in needed:
-        c = analysis.classes_of(analysis._tensors[t])
+    for t in [analysis._tensors[t] for t in needed] + folded_outputs:
+        c = analysis.classes_of(t)
         covered[c[c >= 0]] = True
     if not covered.all():
         for model_id, nodes in analysis._nodes.items():
@@ -196,4 +351,4 @@ def place_masks(analysis):
                     if len(c) and not covered[c].all():
                         needed.add(id(t))
                         covered[c] = True
-    return needed
+    return needed, folded

@@ -14,7 +14,7 @@ is_wrapped = wrapping.is_wrapped
 
 def _slice_weights(layer, analysis, class_mask):
     values = []
-    for variable in layer.weights:
+    for variable in masking.parameter_weights(layer):
         value = np.asarray(variable.numpy())
         for s in analysis.slices_for(layer, weight_leaf_name(variable)):
             keep = cg.keep_mask(s.classes, class_mask)
@@ -71,10 +71,13 @@ def strip(model):
                     memo[id(op)] = strip_graph(op)
                 elif isinstance(op, keras.layers.Layer):
                     rule = analysis.rule_for(op)
-                    config = op.get_config()
+                    config, cls = op.get_config(), None
+                    if isinstance(op, masking.MaskedBatchNormalization):
+                        config = op.batchnorm_config()
+                        cls = keras.layers.BatchNormalization
                     if rule is not None:
                         config = rule.stripped_config(config, node, kept)
-                    memo[id(op)] = _graph.clone_layer(op, config)
+                    memo[id(op)] = _graph.clone_layer(op, config, cls=cls)
                 else:
                     memo[id(op)] = op
             new_op = memo[id(op)]

@@ -70,13 +70,15 @@ def is_wrapped(model):
     return isinstance(model, PrunableModel)
 
 
-def wrap(model, *, mode="hard", exclude=(), chex=None):
+def wrap(model, *, mode="hard", exclude=(), chex=None, fold_batchnorm=True):
     """Returns a copy of `model` whose prunable channels carry masks.
 
     The copy has the same layers (fresh objects holding copies of the
-    weights; the user's model is untouched), plus `ChannelMask` layers at
-    the points where removed channels must read as exact zeros. All masks
-    start at 1 (nothing pruned).
+    weights; the user's model is untouched), with masks at the points where
+    removed channels must read as exact zeros: BatchNormalization layers
+    become `MaskedBatchNormalization` (same name and weights, plus a mask
+    on gamma and beta), and `ChannelMask` layers go where no BatchNorm can
+    carry the mask. All masks start at 1 (nothing pruned).
 
     Args:
         model: a Functional or Sequential Keras model.
@@ -84,6 +86,9 @@ def wrap(model, *, mode="hard", exclude=(), chex=None):
             "straight_through" or "permanent").
         exclude: names of layers whose channels must never be pruned.
         chex: optional dict of method configuration stored on the model.
+        fold_batchnorm: fold masks into BatchNorms where possible (modes
+            "hard" and "permanent"). Folding changes neither the outputs
+            nor the gradients, only the cost of a training step.
 
     Returns:
         A `PrunableModel`.
@@ -106,7 +111,10 @@ def wrap(model, *, mode="hard", exclude=(), chex=None):
         )
     exclude = tuple(exclude)
     analysis = cg.ModelAnalysis(model, exclude=exclude)
-    to_mask = masking.place_masks(analysis)
+    to_mask, folded = masking.place_masks(
+        analysis,
+        fold_batchnorm=fold_batchnorm and mode in masking.FOLDING_MODES,
+    )
     clones = {}
     mask_names = set()
 
@@ -137,6 +145,9 @@ def wrap(model, *, mode="hard", exclude=(), chex=None):
             if fresh:
                 if _graph.is_graph_model(op):
                     clones[id(op)] = copy_graph(op)
+                elif id(op) in folded:
+                    clones[id(op)] = masking.MaskedBatchNormalization.replacing(
+                        op, mode)
                 elif isinstance(op, keras.layers.Layer):
                     clones[id(op)] = _graph.clone_layer(op)
                 else:
@@ -144,7 +155,10 @@ def wrap(model, *, mode="hard", exclude=(), chex=None):
             new_op = clones[id(op)]
             outputs = node.call_with(new_op, tensor_map)
             if fresh and new_op is not op and not _graph.is_graph_model(op):
-                new_op.set_weights(op.get_weights())
+                if id(op) in folded:
+                    new_op.load_batchnorm_weights(op)
+                else:
+                    new_op.set_weights(op.get_weights())
             return [add_mask(o, n) for o, n in zip(node.outputs, outputs)]
 
         return _graph.rebuild(graph, node_fn, input_fn=add_mask,

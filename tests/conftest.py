@@ -25,7 +25,8 @@ def randomize_weights(model, rng):
         for v in layer.weights:
             leaf = v.path.split("/")[-1]
             shape = tuple(v.shape)
-            if not np.issubdtype(np.dtype(v.dtype), np.floating):
+            keep = v is getattr(layer, "mask", None)  # A folded mask.
+            if keep or not np.issubdtype(np.dtype(v.dtype), np.floating):
                 values.append(np.asarray(v.numpy()))
             elif "variance" in leaf:
                 values.append(rng.uniform(0.5, 1.5, shape))

@@ -56,7 +56,8 @@ SCRIPT = textwrap.dedent(
 
     def mask_vars():
         return {layer.name: layer.mask for layer in model.layers
-                if isinstance(layer, keras_chex.ChannelMask)}
+                if isinstance(layer, (keras_chex.ChannelMask,
+                                      keras_chex.MaskedBatchNormalization))}
 
     initial = {n: per_replica(v)[0] for n, v in mask_vars().items()}
     rng = np.random.default_rng(0)

@@ -53,8 +53,12 @@ def test_masked_channels_are_exact_zeros_where_they_are_consumed(rng, data):
     randomize_weights(model, rng)
     wrapped = keras_chex.wrap(model)
     groups = random_masks(wrapped, rng)
-    masks = [l for l in wrapped.layers if isinstance(l, keras_chex.ChannelMask)]
-    assert masks
+    masks = [l for l in wrapped.layers
+             if isinstance(l, (keras_chex.ChannelMask,
+                               keras_chex.MaskedBatchNormalization))]
+    # c3 has a bias and no BatchNorm: an activation mask; bn1/bn2 fold.
+    assert {type(l) for l in masks} == {
+        keras_chex.ChannelMask, keras_chex.MaskedBatchNormalization}
     probe = keras.Model(wrapped.input, [m.output for m in masks])
     for layer, out in zip(masks, probe(data[0])):
         dropped = np.asarray(layer.mask.numpy()) == 0
@@ -224,5 +228,6 @@ def test_count_macs_table_and_masks(rng):
 def test_public_api_is_complete():
     for name in ("prune_and_regrow", "ChannelExploration", "channel_groups",
                  "count_macs", "strip", "wrap", "export_tflite",
-                 "export_saved_model", "ChannelGroup", "ChannelMask"):
+                 "export_saved_model", "ChannelGroup", "ChannelMask",
+                 "MaskedBatchNormalization"):
         assert name in keras_chex.__all__ and hasattr(keras_chex, name)
