@@ -67,17 +67,18 @@ def test_report_tiny(bench):
     core = _table(text, "| Model ")
     assert [r[0] for r in core] == ["Tiny"]
     (row,) = core
-    layers, groups, masks = (int(c) for c in row[1:4])
-    assert layers > 0 and groups > 0 and masks > 0
-    for seconds in row[4:8]:
+    layers, groups, masks, folded = (int(c) for c in row[1:5])
+    assert layers > 0 and groups > 0 and masks + folded > 0
+    for seconds in row[5:9]:
         assert float(seconds) > 0
-    assert 0 < float(row[8].rstrip("%")) <= 100
+    assert 0 < float(row[9].rstrip("%")) <= 100
 
     train = _table(text, "| Run ")
     assert [(r[0], r[1]) for r in train] == [
         (bench.UNWRAPPED, "default"),
         (bench.WRAPPED, "default"),
         (bench.WRAPPED_MASKED, "default"),
+        (bench.UNFOLDED_MASKED, "default"),
     ]
     for r in train:
         assert all(float(c) > 0 for c in r[2:]), r

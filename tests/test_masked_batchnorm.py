@@ -31,8 +31,8 @@ def _random_bn(rng, config):
 
 
 @pytest.mark.parametrize("config", [
-    {}, {"scale": False}, {"center": False}, {"momentum": 0.5,
-                                              "epsilon": 0.1},
+    {}, {"scale": False}, {"center": False},
+    {"momentum": 0.5, "epsilon": 0.1}, {"dtype": "mixed_float16"},
 ])
 def test_all_ones_mask_computes_what_batchnorm_computes(rng, config):
     bn, masked = _random_bn(rng, config)

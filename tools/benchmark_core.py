@@ -7,7 +7,8 @@ Prints Markdown tables (ready for `docs/benchmarks.md`) of:
    ImageNet-size `keras.applications` models: median of `--repeats` timed
    runs after one untimed warm-up run.
 2. The per-step training time of a CIFAR ResNet (`cifar_resnet`) unwrapped,
-   wrapped with all-ones masks and wrapped with 50% masks, trained with
+   wrapped with all-ones masks and wrapped with 50% masks (with masks
+   folded into BatchNorms, the default, and without), trained with
    `model.fit` (SGD with momentum) on pre-made CIFAR-10 batches. Every model
    is warmed up by one untimed epoch (tracing, compilation); then the models
    are run in interleaved rounds (A B C, C B A, A B C, ...) of one
@@ -97,6 +98,7 @@ CORE_COLUMNS = (
     "Layers",
     "Groups",
     "ChannelMasks",
+    "Folded BNs",
     "Analyse (s)",
     "Wrap (s)",
     "Set 50% masks (s)",
@@ -114,6 +116,7 @@ TRAIN_COLUMNS = (
 UNWRAPPED = "unwrapped"
 WRAPPED = "wrapped, masks all ones"
 WRAPPED_MASKED = "wrapped, 50% masks"
+UNFOLDED_MASKED = "wrapped, 50% masks, fold_batchnorm=False"
 
 
 # ---------------------------------------------------------------------------
@@ -185,6 +188,10 @@ def time_core(model_fn, repeats, keep=0.5, seed=0, name=None):
                     isinstance(layer, keras_chex.ChannelMask)
                     for layer in _graph.all_layers(wrapped)
                 ),
+                "folded": sum(
+                    isinstance(layer, keras_chex.MaskedBatchNormalization)
+                    for layer in _graph.all_layers(wrapped)
+                ),
                 "macs_kept": keras_chex.count_macs(compact).macs
                 / keras_chex.count_macs(model).macs,
             }
@@ -206,6 +213,7 @@ def core_rows(results):
                 r["layers"],
                 r["groups"],
                 r["masks"],
+                r["folded"],
             ]
             + [
                 format_seconds(statistics.median(r[k]))
@@ -295,16 +303,19 @@ def _step_timer():
 
 
 def training_configs(jit=True):
-    """(label, compile label, wrapped?, masked?, jit_compile) of each run."""
+    """(label, compile label, wrapped?, masked?, fold?, jit_compile) of
+    each run. The unfolded run shows what folding masks into BatchNorms
+    saves."""
     configs = [
-        (UNWRAPPED, "default", False, False, False),
-        (WRAPPED, "default", True, False, False),
-        (WRAPPED_MASKED, "default", True, True, False),
+        (UNWRAPPED, "default", False, False, True, False),
+        (WRAPPED, "default", True, False, True, False),
+        (WRAPPED_MASKED, "default", True, True, True, False),
+        (UNFOLDED_MASKED, "default", True, True, False, False),
     ]
     if jit:
         configs += [
-            (UNWRAPPED, "XLA", False, False, True),
-            (WRAPPED, "XLA", True, False, True),
+            (UNWRAPPED, "XLA", False, False, True, True),
+            (WRAPPED, "XLA", True, False, True, True),
         ]
     return configs
 
@@ -349,11 +360,11 @@ def time_training(
         raise ValueError("steps must be >= 2 (the first step is not timed).")
     plain = model_fn()
     runs = []
-    for label, compile_label, wrapped, masked, jit_compile in training_configs(
-        jit
+    for label, compile_label, wrapped, masked, fold, jit_compile in (
+        training_configs(jit)
     ):
         if wrapped:
-            model = keras_chex.wrap(plain)
+            model = keras_chex.wrap(plain, fold_batchnorm=fold)
             if masked:
                 rng = np.random.default_rng(seed)
                 random_masks(keras_chex.channel_groups(model), rng, keep)
