@@ -53,3 +53,29 @@ def test_benchmark_chex_overhead_reports_interleaved_rounds():
     assert int(cells[7]) == 3  # epochs 1, 2 and 2.88 (until=0.72)
     assert float(cells[8]) > 0 and float(cells[9]) > 0
     assert re.search(r"median ratio: fit [0-9.]+, steady-state epoch", text)
+
+
+def test_chex_results_pairs_seeds(tmp_path):
+    records = [
+        {"command": "header line, skipped"},
+        {"variant": "chex_max", "seed": 0, "val_accuracy": 0.80},
+        {"variant": "chex_max", "seed": 1, "val_accuracy": 0.70},
+        {"variant": "fixed", "seed": 0, "val_accuracy": 0.75},
+        {"variant": "fixed", "seed": 1, "val_accuracy": 0.60},
+        {"variant": "fixed", "seed": 2, "val_accuracy": 0.10},  # Unpaired.
+        {"variant": "narrow", "seed": 1, "val_accuracy": 0.90},
+        {"variant": "narrow", "seed": 1, "val_accuracy": 0.72},  # Last wins.
+    ]
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = _run("chex_results.py", str(path), "--rename=chex_max=chex",
+               "--variants=chex,fixed,narrow")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in
+                                         line.split("|")[2:-1]]
+            for line in out.splitlines()[2:]}
+    assert rows["chex"][:5] == ["80.00", "70.00", "-", "75.00", "7.07"]
+    # fixed: mean over its three seeds; paired only on seeds 0 and 1.
+    assert rows["fixed"][3] == "48.33"
+    assert rows["fixed"][5:] == ["+7.50", "2 of 2"]
+    assert rows["narrow"][1] == "72.00"
+    assert rows["narrow"][5:] == ["-2.00", "0 of 1"]
