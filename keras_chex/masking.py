@@ -193,11 +193,6 @@ class MaskedBatchNormalization(keras.layers.BatchNormalization):
         return config
 
 
-def mask_carriers():
-    """The layer classes that hold a channel mask."""
-    return (ChannelMask, MaskedBatchNormalization)
-
-
 def parameter_weights(layer):
     """`layer`'s weights that are model parameters (not masks)."""
     if isinstance(layer, ChannelMask):
