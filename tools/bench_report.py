@@ -91,3 +91,17 @@ def command_line(argv=None):
     """The command that ran this script, shell-quoted."""
     argv = sys.argv if argv is None else argv
     return " ".join(["python"] + [shlex.quote(a) for a in argv])
+
+
+def set_threads(threads):
+    """Runs TensorFlow ops on `threads` threads (intra- and inter-op).
+
+    Both pools: with only the intra-op pool capped, independent ops still
+    run side by side and the process uses more cores than asked for.
+    0 keeps TensorFlow's defaults. Call before TensorFlow runs anything.
+    """
+    if threads:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)

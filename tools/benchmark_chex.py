@@ -30,6 +30,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+import bench_report  # noqa: E402
 import keras_chex  # noqa: E402
 from keras_chex import cifar_resnet  # noqa: E402
 from keras_chex import datasets  # noqa: E402
@@ -49,7 +50,8 @@ flags.DEFINE_list("variants", ["dense", "narrow", "fixed", "noregrow", "chex"],
 flags.DEFINE_integer("seed", 0, "Seed shared by all variants.")
 flags.DEFINE_string("output", None, "Append one JSON line per variant here.")
 flags.DEFINE_integer("threads", 0,
-                     "TensorFlow intra-op threads (0: TensorFlow's default). "
+                     "TensorFlow intra- and inter-op threads (0: TensorFlow's "
+                     "default). "
                      "Two 1-thread runs side by side use a 2-core machine "
                      "~1.3x better than one 2-thread run.")
 
@@ -134,9 +136,7 @@ def run_variant(name, train, val, steps):
 
 def main(argv):
     del argv
-    if FLAGS.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
+    bench_report.set_threads(FLAGS.threads)
     (x, y), (xv, yv) = datasets.load_cifar10(
         FLAGS.data, validation_per_class=FLAGS.val_per_class)
     x, y = subset(x, y, FLAGS.train_per_class)

@@ -25,7 +25,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
@@ -42,7 +41,8 @@ flags.DEFINE_integer("rounds", 3, "Interleaved plain/CHEX rounds.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_float("interval", 2.0, "CHEX exploration interval (epochs).")
 flags.DEFINE_float("flops", 0.5, "CHEX MACs target.")
-flags.DEFINE_integer("threads", 0, "TensorFlow intra-op threads (0: default).")
+flags.DEFINE_integer("threads", 0,
+                     "TensorFlow intra- and inter-op threads (0: default).")
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -97,8 +97,7 @@ def timed_fit(train, chex):
 
 def main(argv):
     del argv
-    if FLAGS.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
+    bench_report.set_threads(FLAGS.threads)
     info = bench_report.machine_info()
     (x, y), _ = datasets.load_cifar10(FLAGS.data)
     train = datasets.make_dataset(x, y, FLAGS.batch_size, training=True,
