@@ -228,3 +228,17 @@ def clone_layer(layer, config=None, cls=None):
         return (cls or layer.__class__).from_config(
             layer.get_config() if config is None else config
         )
+
+
+def set_layer_weights(layer, values):
+    """`layer.set_weights(values)`, then refreshes state derived from them.
+
+    Some layers cache tensors computed from their weights (Normalization
+    keeps its mean and variance reshaped for broadcasting); Keras refreshes
+    them in their `finalize_state` when it loads a file, not in
+    `set_weights`.
+    """
+    layer.set_weights(values)
+    finalize = getattr(layer, "finalize_state", None)
+    if finalize is not None:
+        finalize()

@@ -203,6 +203,29 @@ class BatchNormRule(LayerRule):
         return config
 
 
+class NormalizationRule(LayerRule):
+    """Normalization (fixed mean and variance) per channel or per tensor."""
+
+    kind = PRODUCER  # (0 - mean) / std is not zero.
+
+    def propagate(self, ctx, node):
+        layer = node.operation
+        rank = len(node.inputs[0].shape)
+        axes = tuple(sorted(a % rank for a in layer.axis))
+        ids = ctx.ids(node.inputs[0])
+        if axes == (rank - 1,):
+            if getattr(layer, "input_mean", None) is not None:
+                # Per-channel constants in the config, not weights: nothing
+                # to slice them by, so these channels stay.
+                ctx.block(ids, f"'{layer.name}' has a constant per-channel "
+                               "mean")
+            for name in ("mean", "variance"):
+                ctx.weight_slice(layer, name, 0, ids)
+        elif axes:
+            raise Unsupported(f"normalises per position of axes {axes}")
+        ctx.set_ids(node.outputs[0], ids)
+
+
 class PReLURule(LayerRule):
     """PReLU: alpha is per channel unless shared along the channel axis."""
 
@@ -381,6 +404,7 @@ def _build_registry():
     add([L.SeparableConv1D, L.SeparableConv2D], SeparableRule())
     add([L.Dense], DenseRule())
     add([L.BatchNormalization], BatchNormRule())
+    add([L.Normalization], NormalizationRule())
     add([L.PReLU], PReLURule())
     add([L.Activation], ActivationRule())
     add([L.ReLU, L.LeakyReLU, L.ELU], ActivationRule())

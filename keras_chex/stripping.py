@@ -83,7 +83,8 @@ def strip(model):
             new_op = memo[id(op)]
             outputs = node.call_with(new_op, tensor_map)
             if fresh and new_op is not op and not _graph.is_graph_model(op):
-                new_op.set_weights(_slice_weights(op, analysis, class_mask))
+                _graph.set_layer_weights(
+                    new_op, _slice_weights(op, analysis, class_mask))
             return outputs
 
         def input_shape(tensor):

@@ -158,7 +158,7 @@ def wrap(model, *, mode="hard", exclude=(), chex=None, fold_batchnorm=True):
                 if id(op) in folded:
                     new_op.load_batchnorm_weights(op)
                 else:
-                    new_op.set_weights(op.get_weights())
+                    _graph.set_layer_weights(new_op, op.get_weights())
             return [add_mask(o, n) for o, n in zip(node.outputs, outputs)]
 
         return _graph.rebuild(graph, node_fn, input_fn=add_mask,

@@ -37,8 +37,9 @@ def randomize_weights(model, rng):
             else:
                 fan_in = max(1, int(np.prod(shape[:-1])))
                 values.append(rng.normal(0.0, 1.0 / np.sqrt(fan_in), shape))
-        layer.set_weights([np.asarray(x, dtype=v.dtype)
-                           for x, v in zip(values, layer.weights)])
+        _graph.set_layer_weights(layer, [np.asarray(x, dtype=v.dtype)
+                                         for x, v in zip(values,
+                                                         layer.weights)])
 
 
 def random_masks(wrapped, rng, keep=0.5):

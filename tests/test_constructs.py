@@ -307,3 +307,32 @@ def test_exclude_keeps_a_layer_whole(rng):
     assert [g.size for g in keras_chex.channel_groups(wrapped)] == [5]
     with pytest.raises(ValueError, match="not_a_layer"):
         keras_chex.wrap(model, exclude=["not_a_layer"])
+
+
+def test_normalization_layers_are_copied_and_pruned(rng):
+    data = rng.uniform(0, 255, (16, 8, 8, 3)).astype("float32")
+    inp = keras.Input((8, 8, 3))
+    x = layers.Normalization(name="input_norm")(inp)
+    x = layers.Conv2D(6, 3, padding="same", name="c1")(x)
+    mid = layers.Normalization(name="mid_norm")
+    mid.adapt(rng.normal(3.0, 2.0, (16, 8, 8, 6)))
+    x = layers.ReLU()(mid(x))
+    x = layers.Conv2D(5, 3, padding="same", name="c2")(x)
+    x = layers.Normalization(axis=None, mean=1.0, variance=4.0)(x)
+    x = layers.ReLU()(x)
+    x = layers.Conv2D(4, 3, padding="same", name="c3")(x)
+    x = layers.Normalization(mean=[1, 2, 3, 4], variance=[1, 1, 2, 2],
+                             name="const_norm")(x)
+    model = keras.Model(inp, head(layers.ReLU()(x)))
+    model.get_layer("input_norm").adapt(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Nothing here is unsupported.
+        wrapped = keras_chex.wrap(model)
+        groups = {g.name: g for g in keras_chex.channel_groups(model)}
+    # The adapted statistics are copied, not left at their initial values.
+    np.testing.assert_allclose(wrapped(data), model(data), rtol=1e-5,
+                               atol=1e-5)
+    assert "mid_norm" in groups["c1"].layers
+    # A per-channel constant in the config cannot be sliced: c3 stays.
+    assert "c3" not in groups and {"c1", "c2"} <= set(groups)
+    _check(model, rng, inputs=data)
