@@ -76,6 +76,7 @@ def test_chex_results_pairs_seeds(tmp_path):
     assert rows["chex"][:5] == ["80.00", "70.00", "-", "75.00", "7.07"]
     # fixed: mean over its three seeds; paired only on seeds 0 and 1.
     assert rows["fixed"][3] == "48.33"
-    assert rows["fixed"][5:] == ["+7.50", "2 of 2"]
+    # Paired differences 5 and 10: mean 7.5, sd 3.54, t = 7.5 / 2.5 = 3.
+    assert rows["fixed"][5:] == ["+7.50", "2 of 2", "+3.00"]
     assert rows["narrow"][1] == "72.00"
-    assert rows["narrow"][5:] == ["-2.00", "0 of 1"]
+    assert rows["narrow"][5:] == ["-2.00", "0 of 1", "-"]

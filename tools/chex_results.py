@@ -3,8 +3,8 @@
 Reads the JSON lines that `tools/benchmark_chex.py --output=...` appends
 (header lines are skipped), and prints, per variant, the held-out accuracy
 of every seed, the mean and standard deviation, and the paired difference
-`reference - variant` over the seeds both have (mean, and how many seeds
-the reference wins). Pairing by seed matters: runs with the same seed share
+`reference - variant` over the seeds both have (mean, how many seeds the
+reference wins, and the paired t statistic). Pairing by seed matters: runs with the same seed share
 the data order and the initial weights.
 
     python tools/chex_results.py runs/chex30_seeds.jsonl --reference=chex
@@ -45,6 +45,20 @@ def load(paths, rename=None):
     return results
 
 
+def paired_t(diffs):
+    """t statistic of the mean paired difference ("-" below 2 pairs).
+
+    With n pairs it has n - 1 degrees of freedom: |t| > 3.18 is p < 0.05
+    (two-sided) for 4 pairs, > 2.78 for 5.
+    """
+    if len(diffs) < 2:
+        return "-"
+    sd = statistics.stdev(diffs)
+    if sd == 0:
+        return "-"
+    return f"{statistics.mean(diffs) / (sd / len(diffs) ** 0.5):+.2f}"
+
+
 def summary_rows(results, reference, variants):
     """Table rows: variant, per-seed accuracies, mean, sd, paired diff."""
     seeds = sorted({s for runs in results.values() for s in runs})
@@ -61,16 +75,17 @@ def summary_rows(results, reference, variants):
                    else "-")
         common = sorted(set(runs) & set(ref))
         if name == reference or not common:
-            row += ["", ""]
+            row += ["", "", ""]
         else:
             diffs = [ref[s] - runs[s] for s in common]
             wins = sum(d > 0 for d in diffs)
             row.append(f"{statistics.mean(diffs):+.2f}")
             row.append(f"{wins} of {len(common)}")
+            row.append(paired_t(diffs))
         rows.append(row)
     columns = (["variant"] + [f"seed {s}" for s in seeds]
                + ["mean", "sd", f"{reference} - variant (paired)",
-                  f"{reference} better"])
+                  f"{reference} better", "paired t"])
     return columns, rows
 
 
