@@ -9,8 +9,8 @@ from keras import layers
 import keras_chex
 from keras_chex import _graph
 from keras_chex.cifar_resnet import cifar_resnet
-from tests.conftest import assert_strips_exactly
-from tests.conftest import randomize_weights
+from conftest import assert_strips_exactly
+from conftest import randomize_weights
 
 MASK_LAYERS = (keras_chex.ChannelMask, keras_chex.MaskedBatchNormalization)
 
