@@ -518,14 +518,12 @@ class ModelAnalysis:
     def parameter_weights(self):
         """(layer, its parameter variables) for every layer of the model.
 
-        Masks are not parameters: `ChannelMask` layers are left out, and so
-        is the mask of a `MaskedBatchNormalization`.
+        Masks are not parameters (see `masking.parameter_weights`).
         """
         from keras_chex import masking
 
         return [(layer, masking.parameter_weights(layer))
-                for layer in _graph.all_layers(self.model)
-                if not isinstance(layer, masking.ChannelMask)]
+                for layer in _graph.all_layers(self.model)]
 
     # -- per-tensor views ------------------------------------------------
     def classes_of(self, tensor):

@@ -191,11 +191,11 @@ class BatchNormRule(LayerRule):
                 f"normalises axis {layer.axis}, not the channel axis"
             )
         ids = ctx.ids(node.inputs[0])
-        # Every per-channel weight, renorm's statistics included.
+        # Every per-channel weight, renorm's statistics included (those a
+        # layer lacks are skipped by `weight_slice`).
         for name in ("gamma", "beta", "moving_mean", "moving_variance",
                      "moving_stddev", "renorm_mean", "renorm_stddev"):
-            if any(weight_leaf_name(v) == name for v in layer.weights):
-                ctx.weight_slice(layer, name, 0, ids)
+            ctx.weight_slice(layer, name, 0, ids)
         ctx.set_ids(node.outputs[0], ids)
 
     def stripped_config(self, config, node, kept):

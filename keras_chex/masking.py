@@ -245,12 +245,11 @@ def _preserves_zero(node, cache):
     return cache[key]
 
 
-def _foldable(node, rule, opaque):
-    layer = node.operation
-    rank = len(node.inputs[0].shape)
+def _foldable(layer, rule, opaque):
+    # A BatchNorm over another axis than the channels' is opaque: its rule
+    # rejects it.
     return (isinstance(rule, layer_rules.BatchNormRule)
             and type(layer) is keras.layers.BatchNormalization
-            and layer.axis in (-1, rank - 1)
             and not layer.renorm and layer.name not in opaque)
 
 
@@ -284,7 +283,7 @@ def place_masks(analysis, fold_batchnorm=True):
         for nodes in analysis._nodes.values():
             for node in nodes:
                 op = node.operation
-                if (_foldable(node, analysis.rule_for(op), opaque)
+                if (_foldable(op, analysis.rule_for(op), opaque)
                         and has_channels(node.outputs[0])):
                     folded.add(id(op))
                     folded_outputs.append(node.outputs[0])

@@ -19,6 +19,8 @@ import statistics
 from absl import app
 from absl import flags
 
+import bench_report
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("reference", "chex", "Variant the others are paired with.")
 flags.DEFINE_list("rename", [], "old=new variant renames.")
@@ -89,20 +91,14 @@ def summary_rows(results, reference, variants):
     return columns, rows
 
 
-def markdown(columns, rows):
-    lines = ["| " + " | ".join(columns) + " |",
-             "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def main(argv):
     paths = argv[1:]
     if not paths:
         raise app.UsageError("Give one or more JSON-lines result files.")
     rename = dict(item.split("=", 1) for item in FLAGS.rename)
     results = load(paths, rename)
-    print(markdown(*summary_rows(results, FLAGS.reference, FLAGS.variants)))
+    print(bench_report.markdown_table(
+        *summary_rows(results, FLAGS.reference, FLAGS.variants)))
 
 
 if __name__ == "__main__":
