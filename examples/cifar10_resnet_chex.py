@@ -25,10 +25,10 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 import keras_chex  # noqa: E402
-from keras_chex import cifar_resnet  # noqa: E402
-from keras_chex import datasets  # noqa: E402
-from keras_chex import export  # noqa: E402
-from keras_chex import latency  # noqa: E402
+from keras_chex.cifar import resnet as cifar_resnet  # noqa: E402
+from keras_chex.cifar import data as datasets  # noqa: E402
+from keras_chex.deploy import export  # noqa: E402
+from keras_chex.deploy import latency  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", None, "CIFAR-10 train.zip or folder, or "

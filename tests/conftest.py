@@ -9,7 +9,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import keras_chex  # noqa: E402
-from keras_chex import _graph  # noqa: E402
+from keras_chex.core import _graph  # noqa: E402
 
 
 def randomize_weights(model, rng):

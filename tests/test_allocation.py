@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_chex import allocation
-from keras_chex.allocation import global_keep_counts
-from keras_chex.allocation import keep_target
+from keras_chex.methods.chex import allocation
+from keras_chex.methods.chex.allocation import global_keep_counts
+from keras_chex.methods.chex.allocation import keep_target
 
 # ---------------------------------------------------------------------------
 # NumPy reference, written as the procedure the docs describe: take the

@@ -7,7 +7,7 @@ import re
 import keras
 import pytest
 
-from keras_chex import cifar_resnet
+from keras_chex.cifar import resnet as cifar_resnet
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

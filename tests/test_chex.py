@@ -17,8 +17,8 @@ import tensorflow as tf
 from keras import layers
 
 import keras_chex
-from keras_chex import schedules
-from keras_chex.cifar_resnet import cifar_resnet
+from keras_chex.methods.chex import schedules
+from keras_chex.cifar.resnet import cifar_resnet
 
 # ---------------------------------------------------------------------------
 # Tiny models and helpers
@@ -216,7 +216,7 @@ def test_bad_arguments_name_the_argument(small_model, kwargs, name):
 def test_valid_edge_arguments_are_accepted(small_model, kwargs):
     model = keras_chex.prune_and_regrow(small_model, seed=0, **kwargs)
     assert keras_chex.is_wrapped(model)
-    config = model.chex_config
+    config = model.pruning_config
     target = next(k for k in ("flops", "params", "sparsity") if k in kwargs)
     assert config["target"] == target
     assert config["target_value"] == pytest.approx(float(kwargs[target]))
@@ -346,7 +346,7 @@ def test_exploration_step_matches_numpy():
     rng = np.random.default_rng(60)
     model = keras_chex.prune_and_regrow(
         parallel_model(), sparsity=0.5, regrow=0.3, min_channels=1, seed=11)
-    state = model.chex_state
+    state = model.pruning_state
 
     # (a) + (b): with delta = 0 the new mask is exactly the pruning result.
     active = {
@@ -412,7 +412,7 @@ def test_a_coupled_channel_scores_its_largest_gamma():
     assert sorted(g.size for g in groups) == [8, 8]
     for g in groups:
         g.set_mask(np.ones(8, bool))
-    model.chex_state.explore(0.0, 0)
+    model.pruning_state.explore(0.0, 0)
     kept = {("conv_c" if g.name == "conv_c" else "coupled"): int(
         g.mask.sum()) for g in groups}
     assert kept == {"coupled": 8, "conv_c": 4}  # 12 = 0.75 * 16 channels
@@ -438,13 +438,13 @@ def test_exploration_step_uses_kept_filters_only_for_css():
         kernel.assign(value)
     for name, group in groups_of(model).items():
         group.set_mask(np.ones(group.size, bool))
-    model.chex_state.explore(0.0, 0)
+    model.pruning_state.explore(0.0, 0)
     # Now prune them and draw new live weights: the huge filters are only
     # remembered (for a later regrowth); were they part of the SVD, they
     # would dominate the top singular vectors and change what CSS keeps.
     _set_parallel_state(model, rng, active)
     kept, _, _ = _parallel_reference(model, 0.5, 0.0)
-    model.chex_state.explore(0.0, 1)
+    model.pruning_state.explore(0.0, 1)
     for name, group in groups_of(model).items():
         np.testing.assert_array_equal(group.mask, kept[name], err_msg=name)
 
@@ -501,7 +501,7 @@ def test_regrown_channels_get_their_last_used_weights_back():
                 noise, garbage = np.abs(noise), np.abs(garbage)
             v.assign(np.where(act, value + noise, garbage).astype("float32"))
         before = {key: v.numpy().copy() for key, v in variables.items()}
-        model.chex_state.explore(delta, t)
+        model.pruning_state.explore(delta, t)
         new_masks = {n: g.mask for n, g in groups_of(model).items()}
         for key, v in variables.items():
             after = v.numpy()
@@ -718,7 +718,7 @@ def test_steps_per_execution_runs_every_planned_exploration():
     assert any(step % 3 for step in planned)
     history = model.fit(x, y, batch_size=8, epochs=5, verbose=0,
                         callbacks=[keras_chex.ChannelExploration()])
-    assert int(model.chex_state.last_stats[3]) == len(planned)
+    assert int(model.pruning_state.last_stats[3]) == len(planned)
     # The last (regrowth-free) exploration ran: the target is met.
     assert history.history["chex_macs"][-1] <= 0.5
     assert sum(history.history["chex_regrown"]) > 0
@@ -767,7 +767,7 @@ def test_round_to_never_leaves_a_big_group_below_the_multiple():
     gamma_b = rng.uniform(1.0, 2.0, 12)
     gamma_b[rng.permutation(12)[:5]] = 0.02
     layer_var(model, "bn_b", "gamma").assign(gamma_b.astype("float32"))
-    model.chex_state.explore(0.0, 0)
+    model.pruning_state.explore(0.0, 0)
     counts = {n: int(g.mask.sum()) for n, g in groups.items()}
     assert counts["conv_b"] == 4  # 7 rounded down.
     assert counts["conv_a"] in (1, 4), counts  # Not 3: the minimum or 4.
@@ -873,8 +873,15 @@ class _Interrupt(keras.callbacks.Callback):
             raise RuntimeError("simulated crash")
 
 
-def test_backup_and_restore_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("backup_first", [True, False])
+def test_backup_and_restore_resumes_exactly(tmp_path, backup_first):
     x, y = data(32, 8)
+
+    def callbacks(*extra):
+        pair = [keras.callbacks.BackupAndRestore(backup),
+                keras_chex.ChannelExploration()]
+        return (pair if backup_first else pair[::-1]) + list(extra)
+
     fit = dict(batch_size=8, epochs=6, verbose=0, shuffle=False)
 
     reference = _fresh_run_model()
@@ -885,22 +892,17 @@ def test_backup_and_restore_resumes_exactly(tmp_path):
     backup = str(tmp_path / "backup")
     crashed = _fresh_run_model()
     with pytest.raises(RuntimeError, match="simulated crash"):
-        crashed.fit(x, y, callbacks=[
-            keras.callbacks.BackupAndRestore(backup),
-            keras_chex.ChannelExploration(),
+        crashed.fit(x, y, callbacks=callbacks(
             _Interrupt(3),  # After the explorations at steps 4, 8 and 12.
-        ], **fit)
-    assert crashed.chex_state.last_stats.numpy()[3] == 3
+        ), **fit)
+    assert crashed.pruning_state.last_stats.numpy()[3] == 3
     resumed = _fresh_run_model()
-    assert resumed.chex_state.last_stats.numpy()[3] == 0
-    history = resumed.fit(x, y, callbacks=[
-        keras.callbacks.BackupAndRestore(backup),
-        keras_chex.ChannelExploration(),
-    ], **fit)
+    assert resumed.pruning_state.last_stats.numpy()[3] == 0
+    history = resumed.fit(x, y, callbacks=callbacks(), **fit)
     assert len(history.history["loss"]) == 3  # Epochs 3, 4 and 5 only.
     np.testing.assert_array_equal(full_mask(resumed), full_mask(reference))
-    assert resumed.chex_state.last_stats.numpy()[3] == (
-        reference.chex_state.last_stats.numpy()[3])
+    assert resumed.pruning_state.last_stats.numpy()[3] == (
+        reference.pruning_state.last_stats.numpy()[3])
     expected, actual = _state(reference), _state(resumed)
     assert expected.keys() == actual.keys()
     assert any("backup" in k for k in expected)
@@ -931,21 +933,21 @@ def test_keras_file_saved_mid_training_loads_and_continues(tmp_path):
     # No custom_objects: registration by `import keras_chex` is enough.
     loaded = keras.saving.load_model(path)
     assert isinstance(loaded, keras_chex.PrunableModel)
-    assert loaded.chex_config == model.chex_config
+    assert loaded.pruning_config == model.pruning_config
     state = _state(loaded)
     assert state.keys() == saver.saved.keys()
     for key, value in saver.saved.items():
         np.testing.assert_array_equal(state[key], value, err_msg=key)
-    backups = [np.asarray(b.numpy()) for b in loaded.chex_state.backups]
-    assert len(backups) == len(model.chex_state.backups) > 0
+    backups = [np.asarray(b.numpy()) for b in loaded.pruning_state.backups]
+    assert len(backups) == len(model.pruning_state.backups) > 0
     assert any(np.any(b) for b in backups)
     assert int(loaded.optimizer.iterations.numpy()) == 12
 
     # Continuing the loaded model ends where the uninterrupted run ended.
     loaded.fit(x, y, initial_epoch=3,
                callbacks=[keras_chex.ChannelExploration()], **fit)
-    assert loaded.chex_state.last_stats.numpy()[3] == (
-        model.chex_state.last_stats.numpy()[3])
+    assert loaded.pruning_state.last_stats.numpy()[3] == (
+        model.pruning_state.last_stats.numpy()[3])
     np.testing.assert_array_equal(full_mask(loaded), full_mask(model))
     expected, actual = _state(model), _state(loaded)
     for key in expected:
@@ -972,11 +974,11 @@ def test_exploration_is_cheap_next_to_training():
         cifar_resnet(20), flops=0.5, seed=0))
     x, y = data(32, 32)
     model.train_on_batch(x, y)
-    model.chex_state.explore(0.3, 0)  # Warm-up: traces the step.
+    model.pruning_state.explore(0.3, 0)  # Warm-up: traces the step.
     explore, step = [], []
     for t in range(5):
         start = time.perf_counter()
-        stats = model.chex_state.explore(0.2, t + 1)
+        stats = model.pruning_state.explore(0.2, t + 1)
         np.asarray(stats)
         explore.append(time.perf_counter() - start)
         start = time.perf_counter()

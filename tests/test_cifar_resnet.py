@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_chex.cifar_resnet import cifar_resnet
+from keras_chex.cifar.resnet import cifar_resnet
 
 
 def _expected_parameters(depth, widths=(16, 32, 64), num_classes=10):

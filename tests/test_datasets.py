@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_chex import datasets
+from keras_chex.cifar import data as datasets
 
 CLASSES = datasets.CLASS_NAMES
 # Deliberately not in sorted order: the split must follow sorted file names,

@@ -16,9 +16,9 @@ import pytest
 import tensorflow as tf
 
 import keras_chex
-from keras_chex import _graph
-from keras_chex import cifar_resnet
-from keras_chex import export
+from keras_chex.core import _graph
+from keras_chex.cifar import resnet as cifar_resnet
+from keras_chex.deploy import export
 
 from conftest import random_masks
 from conftest import randomize_weights
@@ -312,7 +312,7 @@ def _load_benchmark_tool():
 
 def test_benchmark_interleaves_rounds_and_pairs_ratios():
     tool = _load_benchmark_tool()
-    from keras_chex.latency import LatencyReport
+    from keras_chex.deploy.latency import LatencyReport
 
     calls = []
     # Round r slows everything down by (r + 1): paired ratios stay exact.

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_chex import export
+from keras_chex.deploy import export
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -423,17 +423,17 @@ def test_negative_tolerance(small_cnn, tmp_path):
 
 
 def _fake_stripping(monkeypatch, wrapped, strip):
-    """Installs a stand-in for keras_chex.stripping.
+    """Installs a stand-in for keras_chex.core.stripping.
 
     The real module needs pruning wrappers; here `wrapped` is simply declared
     wrapped, and `strip` decides what stripping returns.
     """
-    fake = types.ModuleType("keras_chex.stripping")
+    fake = types.ModuleType("keras_chex.core.stripping")
     fake.is_wrapped = lambda model: model is wrapped
     fake.strip = strip
-    monkeypatch.setitem(sys.modules, "keras_chex.stripping", fake)
+    monkeypatch.setitem(sys.modules, "keras_chex.core.stripping", fake)
     monkeypatch.setattr(
-        sys.modules["keras_chex"], "stripping", fake, raising=False
+        sys.modules["keras_chex.core"], "stripping", fake, raising=False
     )
 
 

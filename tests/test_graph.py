@@ -4,7 +4,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from keras_chex import _graph
+from keras_chex.core import _graph
 
 
 def _model():
@@ -66,3 +66,14 @@ def test_clone_layer_handles_lambdas_from_this_process():
     config = dense.get_config()
     config["units"] = 2
     assert _graph.clone_layer(dense, config).units == 2
+
+
+def test_op_classes_are_the_classes_keras_ops_calls_leave_in_a_graph():
+    x = keras.Input((4, 4, 3))
+    model = keras.Model(x, keras.ops.add(keras.ops.relu(x), x))
+    classes = {type(n.operation) for n in _graph.nodes(model)}
+    relu = _graph.op_classes(["Relu", "NoSuchOp"])
+    assert set(relu) == {"Relu"}
+    assert classes & set(relu["Relu"])
+    assert _graph.numpy_op_class("Add") in classes
+    assert _graph.numpy_op_class("NoSuchOp") is None

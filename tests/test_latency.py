@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_chex import export
-from keras_chex import latency
+from keras_chex.deploy import export
+from keras_chex.deploy import latency
 
 
 def _mlp(batch_size=None):

@@ -7,8 +7,8 @@ import tensorflow as tf
 from keras import layers
 
 import keras_chex
-from keras_chex import _graph
-from keras_chex.cifar_resnet import cifar_resnet
+from keras_chex.core import _graph
+from keras_chex.cifar.resnet import cifar_resnet
 from conftest import assert_strips_exactly
 from conftest import randomize_weights
 
@@ -137,7 +137,7 @@ def test_straight_through_and_renorm_keep_activation_masks(rng):
         net, rng.normal(size=(4, 8, 8, 3)).astype("float32"), rng)
     # Renorm keeps Keras' own maths: its mask stays on the activation.
     kinds = {l.name: type(l) for l in _layers_of(wrapped, MASK_LAYERS)}
-    assert kinds == {"relu1_chex_mask": keras_chex.ChannelMask,
+    assert kinds == {"relu1_channel_mask": keras_chex.ChannelMask,
                      "bn2": keras_chex.MaskedBatchNormalization}
 
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_chex import regrowth
-from keras_chex.regrowth import projection_residuals
-from keras_chex.regrowth import sample_without_replacement
+from keras_chex.methods.chex import regrowth
+from keras_chex.methods.chex.regrowth import projection_residuals
+from keras_chex.methods.chex.regrowth import sample_without_replacement
 
 # ---------------------------------------------------------------------------
 # NumPy reference: the formula from the paper, literally.

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_chex import schedules
-from keras_chex.schedules import ExplorationSchedule
-from keras_chex.schedules import regrow_fraction
+from keras_chex.methods.chex import schedules
+from keras_chex.methods.chex.schedules import ExplorationSchedule
+from keras_chex.methods.chex.schedules import regrow_fraction
 
 # ---------------------------------------------------------------------------
 # regrow_fraction

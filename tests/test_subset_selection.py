@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_chex import subset_selection
-from keras_chex.subset_selection import css_keep_mask
-from keras_chex.subset_selection import leverage_scores
-from keras_chex.subset_selection import select_top_k
+from keras_chex.methods.chex import subset_selection
+from keras_chex.methods.chex.subset_selection import css_keep_mask
+from keras_chex.methods.chex.subset_selection import leverage_scores
+from keras_chex.methods.chex.subset_selection import select_top_k
 
 # ---------------------------------------------------------------------------
 # NumPy references.

@@ -182,8 +182,8 @@ def test_save_and_load_keras_file_keeps_masks(rng, data, tmp_path):
     wrapped.save(path)
     loaded = keras.saving.load_model(path)  # No custom_objects needed.
     assert keras_chex.is_wrapped(loaded)
-    assert loaded.chex_config["exclude"] == ["c3"]
-    assert loaded.chex_config["mask_mode"] == "straight_through"
+    assert loaded.pruning_config["exclude"] == ["c3"]
+    assert loaded.pruning_config["mask_mode"] == "straight_through"
     old = keras_chex.channel_groups(wrapped)
     new = keras_chex.channel_groups(loaded)
     assert [g.name for g in old] == [g.name for g in new]

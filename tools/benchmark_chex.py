@@ -32,8 +32,8 @@ from absl import flags  # noqa: E402
 
 import bench_report  # noqa: E402
 import keras_chex  # noqa: E402
-from keras_chex import cifar_resnet  # noqa: E402
-from keras_chex import datasets  # noqa: E402
+from keras_chex.cifar import resnet as cifar_resnet  # noqa: E402
+from keras_chex.cifar import data as datasets  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", None, "CIFAR-10 train.zip (default: sample).")
@@ -106,8 +106,8 @@ def run_variant(name, train, val, steps):
         if name == "noregrow":
             # Ablation only: same start as CHEX, but the callback's schedule
             # regrows nothing (the initial masks are already set).
-            config = dict(model.chex_config, regrow=0.0)
-            model._chex_config_json = json.dumps(config)
+            config = dict(model.pruning_config, regrow=0.0)
+            model._pruning_config_json = json.dumps(config)
         if name != "fixed":
             callbacks = [keras_chex.ChannelExploration(verbose=1)]
     lr = keras.optimizers.schedules.CosineDecay(0.1, steps * FLAGS.epochs)

@@ -30,8 +30,8 @@ from absl import flags  # noqa: E402
 
 import bench_report  # noqa: E402
 import keras_chex  # noqa: E402
-from keras_chex import cifar_resnet  # noqa: E402
-from keras_chex import datasets  # noqa: E402
+from keras_chex.cifar import resnet as cifar_resnet  # noqa: E402
+from keras_chex.cifar import data as datasets  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", None, "CIFAR-10 train.zip (default: the sample).")
@@ -73,7 +73,7 @@ def timed_fit(train, chex):
         model = keras_chex.prune_and_regrow(
             model, flops=FLAGS.flops, interval=FLAGS.interval, seed=0)
         callbacks.append(keras_chex.ChannelExploration())
-        state = model.chex_state
+        state = model.pruning_state
         explore = state.explore
 
         def timed_explore(delta, index):
@@ -82,7 +82,7 @@ def timed_fit(train, chex):
             timer.explore_seconds.append(time.perf_counter() - start)
             return stats
 
-        # The callback calls `model.chex_state.explore`: time each call
+        # The callback calls `model.pruning_state.explore`: time each call
         # (the first includes tracing the tf.function).
         object.__setattr__(state, "explore", timed_explore)
     model.compile(

@@ -163,7 +163,7 @@ def time_core(model_fn, repeats, keep=0.5, seed=0, name=None):
     """
     import numpy as np  # pylint: disable=g-import-not-at-top
     import keras_chex  # pylint: disable=g-import-not-at-top
-    from keras_chex import _graph  # pylint: disable=g-import-not-at-top
+    from keras_chex.core import _graph  # pylint: disable=g-import-not-at-top
 
     model = model_fn()
     rng = np.random.default_rng(seed)
@@ -253,7 +253,7 @@ def make_batches(batch_size, num_batches, data="sample", path=None, seed=0):
     """
     import numpy as np  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    from keras_chex import datasets  # pylint: disable=g-import-not-at-top
+    from keras_chex.cifar import data as datasets  # pylint: disable=g-import-not-at-top
 
     if data == "synthetic":
         rng = np.random.default_rng(seed)
@@ -533,7 +533,7 @@ def report(
 
     if train:
         if train_model_fn is None:
-            from keras_chex import cifar_resnet  # pylint: disable=g-import-not-at-top
+            from keras_chex.cifar import resnet as cifar_resnet  # pylint: disable=g-import-not-at-top
 
             train_model_fn = lambda: cifar_resnet.cifar_resnet(depth)
             model_name = f"ResNet-{depth}"

@@ -238,7 +238,7 @@ def make_variants(name, fraction, round_tos, seed):
 
 def export_variants(name, variants, directory, saved_model):
     """Exports every variant to float32 TFLite (and optionally SavedModel)."""
-    from keras_chex import export  # pylint: disable=g-import-not-at-top
+    from keras_chex.deploy import export  # pylint: disable=g-import-not-at-top
 
     for v in variants:
         slug = v.label.replace(" ", "_").replace("=", "")
@@ -304,7 +304,7 @@ def measure_interleaved(paths, threads, rounds, runs, warmup, measure=None):
         dict (label, threads) -> list of `LatencyReport`, one per round.
     """
     if measure is None:
-        from keras_chex import latency  # pylint: disable=g-import-not-at-top
+        from keras_chex.deploy import latency  # pylint: disable=g-import-not-at-top
 
         measure = latency.measure_tflite_latency
     labels = list(paths)
@@ -497,7 +497,7 @@ def profile_model(name, variants, threads, rounds, runs, warmup, directory,
         A dict with, per variant label and thread count, the per-layer-group
         times and metadata (see `profile_tables`).
     """
-    from keras_chex import export  # pylint: disable=g-import-not-at-top
+    from keras_chex.deploy import export  # pylint: disable=g-import-not-at-top
     import keras_chex  # pylint: disable=g-import-not-at-top
 
     layers = {v.label: profiled_layers(v.model) for v in variants}

@@ -72,7 +72,7 @@ def count_model(model, dense=False):
     ```
     """
     try:
-        from keras_chex.counting import count_macs
+        from keras_chex.core.counting import count_macs
     except ImportError as e:
         # Only a missing counting module (or name) means "not available"; an
         # ImportError from inside it is a real bug.
@@ -80,10 +80,10 @@ def count_model(model, dense=False):
             raise
         return None, None
     mask = None
-    if dense and getattr(model, "chex_analysis", None) is not None:
+    if dense and getattr(model, "analysis", None) is not None:
         import numpy as np
 
-        mask = np.ones(model.chex_analysis.num_channels, bool)
+        mask = np.ones(model.analysis.num_channels, bool)
     counts = count_macs(model, class_mask=mask)
     return counts.macs, counts.params
 
@@ -147,7 +147,7 @@ def main(argv):
     # pruning layers that load_model needs for a wrapped model.
     import keras
     import keras_chex  # noqa: F401
-    from keras_chex import export
+    from keras_chex.deploy import export
 
     model = keras.saving.load_model(_MODEL.value)
     # "before" is the unpruned network: for a pruning model, all masks at 1.

@@ -18,7 +18,7 @@ import zipfile
 from absl import app
 from absl import flags
 
-from keras_chex import datasets
+from keras_chex.cifar import data as datasets
 
 _SOURCE = flags.DEFINE_string(
     "source",

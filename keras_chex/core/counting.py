@@ -10,8 +10,8 @@ import dataclasses
 
 import numpy as np
 
-from keras_chex import channel_analysis as cg
-from keras_chex import layer_rules
+from keras_chex.core import analysis as cg
+from keras_chex.core import layer_rules
 
 
 @dataclasses.dataclass(frozen=True)

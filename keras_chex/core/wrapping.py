@@ -4,64 +4,85 @@ import json
 
 import keras
 
-from keras_chex import _graph
-from keras_chex import channel_analysis as cg
-from keras_chex import masking
-
-# method name -> class of the state object a wrapped model carries for it.
-_METHOD_STATES = {}
-
-
-def register_method(name, state_class):
-    """Lets `PrunableModel`s whose config names `name` carry its state."""
-    _METHOD_STATES[name] = state_class
-
+from keras_chex.core import _graph
+from keras_chex.core import analysis as cg
+from keras_chex.core import _trainer
+from keras_chex.core import masking
+from keras_chex.core import method as pruning_method
 
 @keras.saving.register_keras_serializable(package="keras_chex")
 class PrunableModel(keras.Model):
     """A Functional model with channel masks and a pruning configuration.
 
-    Returned by `keras_chex.wrap` and `keras_chex.prune_and_regrow`; do not
-    build it directly. It trains, saves (`.keras`) and loads like any
-    Functional model (only `import keras_chex` is needed to load it); its
-    `chex_config` (method, target, schedule, ...) travels with it.
+    Returned by `keras_chex.wrap` and by the methods' entry points
+    (`keras_chex.prune_and_regrow`, ...); do not build it directly. It
+    trains, saves (`.keras`) and loads like any Functional model (only
+    `import keras_chex` is needed to load it); its `pruning_config`
+    (method, target, schedule, ...) travels with it, and the method's state
+    (`pruning_state`) lives in variables saved with the weights.
+
+    Args:
+        pruning: the pruning configuration (a JSON-serialisable dict); its
+            "method" key, if any, names the registered method whose state
+            the model carries.
+        chex: the same, under the key keras-chex 0.1.0 saved it with (read
+            so that files saved by that version still load).
     """
 
-    def __init__(self, *args, chex=None, **kwargs):
+    def __init__(self, *args, pruning=None, chex=None, **kwargs):
         super().__init__(*args, **kwargs)
         # Kept as JSON: Keras would wrap a dict attribute in a tracked
         # container that drags the model along when copied.
-        self._chex_config_json = json.dumps(chex or {})
-        self._chex_analysis_cache = None
-        method = self.chex_config.get("method")
+        self._pruning_config_json = json.dumps(pruning or chex or {})
+        self._analysis_cache = None
+        # keras-chex 0.1.0 saved the state's variables under the attribute
+        # path `chex_state`. Keras finds variables by attribute path, so
+        # while such a file loads the state answers to that name too; once
+        # loaded (see `PruningState.load_own_variables`) it saves the new way.
+        self._legacy_state_path = pruning is None and chex is not None
+        method = self.pruning_config.get("method")
         if method is not None:
-            if method not in _METHOD_STATES:
-                raise ValueError(
-                    f"Model '{self.name}' was made for pruning method "
-                    f"'{method}', which this keras-chex does not know."
-                )
-            # An attribute, so Keras saves its variables with the model.
-            self.chex_state = _METHOD_STATES[method](self)
+            # Tracked, so Keras saves its variables with the model.
+            self._pruning_state = pruning_method.state_class(
+                method, self.name)(self)
 
     @property
-    def chex_config(self):
+    def pruning_state(self):
+        """The method's state (a `PruningState`), or None for `wrap()`."""
+        return getattr(self, "_pruning_state", None)
+
+    @property
+    def chex_state(self):
+        # Public names are visited before private ones, and this one sorts
+        # before `pruning_state`: see `_legacy_state_path`.
+        return self.pruning_state if self._legacy_state_path else None
+
+    @property
+    def pruning_config(self):
         """The pruning configuration (a fresh dict; edit has no effect)."""
-        return json.loads(self._chex_config_json)
+        return json.loads(self._pruning_config_json)
 
     @property
-    def chex_analysis(self):
+    def analysis(self):
         """The `ModelAnalysis` of this model (computed once)."""
-        if self._chex_analysis_cache is None:
-            self._chex_analysis_cache = cg.ModelAnalysis(
+        if self._analysis_cache is None:
+            self._analysis_cache = cg.ModelAnalysis(
                 self,
-                exclude=self.chex_config.get("exclude", ()),
+                exclude=self.pruning_config.get("exclude", ()),
                 warn=False,
             )
-        return self._chex_analysis_cache
+        return self._analysis_cache
+
+    def train_step(self, data):
+        hook = getattr(getattr(self, "pruning_state", None),
+                       "transform_gradients", None)
+        if hook is None:
+            return super().train_step(data)
+        return _trainer.train_step_with_gradient_hook(self, data, hook)
 
     def get_config(self):
         config = super().get_config()
-        config["chex"] = self.chex_config
+        config["pruning"] = self.pruning_config
         return config
 
 
@@ -70,7 +91,8 @@ def is_wrapped(model):
     return isinstance(model, PrunableModel)
 
 
-def wrap(model, *, mode="hard", exclude=(), chex=None, fold_batchnorm=True):
+def wrap(model, *, mode="hard", exclude=(), pruning=None,
+         fold_batchnorm=True):
     """Returns a copy of `model` whose prunable channels carry masks.
 
     The copy has the same layers (fresh objects holding copies of the
@@ -85,7 +107,8 @@ def wrap(model, *, mode="hard", exclude=(), chex=None, fold_batchnorm=True):
         mode: mask gradient mode, see `ChannelMask` ("hard",
             "straight_through" or "permanent").
         exclude: names of layers whose channels must never be pruned.
-        chex: optional dict of method configuration stored on the model.
+        pruning: optional dict of method configuration stored on the model
+            (the methods' entry points fill it).
         fold_batchnorm: fold masks into BatchNorms where possible (modes
             "hard" and "permanent"). Folding changes neither the outputs
             nor the gradients, only the cost of a training step.
@@ -119,7 +142,7 @@ def wrap(model, *, mode="hard", exclude=(), chex=None, fold_batchnorm=True):
     mask_names = set()
 
     def mask_name(tensor):
-        base = f"{_graph.producer_of(tensor).name}_chex_mask"
+        base = f"{_graph.producer_of(tensor).name}_channel_mask"
         name, i = base, 1
         while name in mask_names:
             i += 1
@@ -134,7 +157,7 @@ def wrap(model, *, mode="hard", exclude=(), chex=None, fold_batchnorm=True):
                                     name=mask_name(old))
         return layer(new)
 
-    config = dict(chex or {})
+    config = dict(pruning or {})
     config.setdefault("exclude", list(exclude))
     config["mask_mode"] = mode
 
@@ -165,6 +188,6 @@ def wrap(model, *, mode="hard", exclude=(), chex=None, fold_batchnorm=True):
                               model_fn=model_fn)
 
     def top_model(inputs, outputs, name):
-        return PrunableModel(inputs, outputs, name=name, chex=config)
+        return PrunableModel(inputs, outputs, name=name, pruning=config)
 
     return copy_graph(model, top_model)

@@ -16,7 +16,7 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-from keras_chex import subset_selection
+from keras_chex.methods.chex import subset_selection
 
 
 def _check_sparsity(sparsity):

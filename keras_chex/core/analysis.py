@@ -15,8 +15,8 @@ import warnings
 
 import numpy as np
 
-from keras_chex import _graph
-from keras_chex import layer_rules
+from keras_chex.core import _graph
+from keras_chex.core import layer_rules
 
 
 class _UnionFind:
@@ -381,7 +381,7 @@ class ModelAnalysis:
 
     @staticmethod
     def rule_for(op):
-        from keras_chex import masking  # Mask layers know their own rule.
+        from keras_chex.core import masking  # Mask layers know their own rule.
 
         if isinstance(op, masking.ChannelMask):
             return masking.MASK_RULE
@@ -520,7 +520,7 @@ class ModelAnalysis:
 
         Masks are not parameters (see `masking.parameter_weights`).
         """
-        from keras_chex import masking
+        from keras_chex.core import masking
 
         return [(layer, masking.parameter_weights(layer))
                 for layer in _graph.all_layers(self.model)]
@@ -596,7 +596,7 @@ def keep_mask(classes, class_mask):
 
 def analyze(model, exclude=(), warn=True):
     """Runs the channel analysis; see `ModelAnalysis`."""
-    cached = getattr(model, "chex_analysis", None)
+    cached = getattr(model, "analysis", None)
     if cached is not None and not exclude:
         return cached
     return ModelAnalysis(model, exclude=exclude, warn=warn)

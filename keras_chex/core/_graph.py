@@ -1,8 +1,10 @@
 """Walking and rebuilding Keras 3 Functional graphs.
 
-This is the only module of keras-chex that touches private Keras internals
+This is, with `_trainer.py` (a train step with a gradient hook), the only
+module of keras-chex that touches private Keras internals
 (`Functional._nodes_by_depth`, `Node.arguments`, `Sequential._functional`,
-`Functional._inputs_struct`/`_outputs_struct`). Keras has no public API to
+`Functional._inputs_struct`/`_outputs_struct`, the `keras.ops` operation
+classes under `keras.src.ops`). Keras has no public API to
 enumerate the call sites (nodes) of a graph network with their arguments, and
 channel analysis needs exactly that. Everything else in the package goes
 through the small surface below, so a Keras upgrade breaks one file, and
@@ -242,3 +244,35 @@ def set_layer_weights(layer, values):
     finalize = getattr(layer, "finalize_state", None)
     if finalize is not None:
         finalize()
+
+
+def op_classes(names):
+    """The `keras.ops` operation classes called `names` (the classes of the
+    nodes a `keras.ops.relu(x)` call leaves in a Functional graph).
+
+    Keras exports the functions, not the classes, so they are looked up in
+    `keras.src.ops`; names a Keras version lacks are skipped.
+
+    Returns:
+        dict name -> list of classes (one per `keras.src.ops` module that
+        defines it).
+    """
+    from keras.src.ops import nn as ops_nn
+    from keras.src.ops import numpy as ops_np
+
+    found = {}
+    for name in names:
+        for module in (ops_nn, ops_np):
+            cls = getattr(module, name, None)
+            if isinstance(cls, type):
+                found.setdefault(name, []).append(cls)
+    return found
+
+
+def numpy_op_class(name):
+    """The `keras.ops` NumPy-namespace operation class `name`, or None."""
+    from keras.src.ops import numpy as ops_np
+
+    cls = getattr(ops_np, name, None)
+    return cls if isinstance(cls, type) else None
+

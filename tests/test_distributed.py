@@ -72,7 +72,7 @@ SCRIPT = textwrap.dedent(
     for name, v in mask_vars().items():
         out["masks"][name] = [r.tolist() for r in per_replica(v)]
         out["initial"][name] = initial[name].tolist()
-    for v in model.chex_state.weights:
+    for v in model.pruning_state.weights:
         out["state"][v.path] = [r.tolist() for r in per_replica(v)]
     for v in model.weights:
         values = per_replica(v)
@@ -81,7 +81,7 @@ SCRIPT = textwrap.dedent(
             out.setdefault("unequal", []).append(v.path)
     out["history"] = {k: [float(x) for x in history.history[k]]
                       for k in ("chex_macs", "chex_pruned", "chex_regrown")}
-    out["explorations"] = float(model.chex_state.last_stats.numpy()[3])
+    out["explorations"] = float(model.pruning_state.last_stats.numpy()[3])
     dense = keras_chex.count_macs(base).macs
     out["macs"] = keras_chex.count_macs(keras_chex.strip(model)).macs / dense
     print("RESULT " + json.dumps(out))

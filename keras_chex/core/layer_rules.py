@@ -19,6 +19,8 @@ import math
 import numpy as np
 from keras import layers
 
+from keras_chex.core import _graph
+
 # How a layer treats a channel that is exactly zero at its input.
 PRODUCER = "producer"  # Writes new channels (bias, BN beta): output may be non-zero.
 PASS = "pass"  # Zero in, zero out, no per-channel constants.
@@ -436,9 +438,6 @@ def _build_registry():
     add([L.Multiply], MergeRule(ALL_DIRTY))
     add([L.Concatenate], ConcatenateRule())
 
-    from keras.src.ops import nn as ops_nn
-    from keras.src.ops import numpy as ops_np
-
     unary = [
         "Relu", "Relu6", "Sigmoid", "HardSigmoid", "Silu", "Swish",
         "HardSilu", "HardSwish", "Gelu", "Elu", "Selu", "Softplus",
@@ -446,17 +445,15 @@ def _build_registry():
         "Negative", "Abs", "Absolute", "Square", "Sqrt", "Clip",
         "TrueDivide", "Divide", "Power", "Cast",
     ]
-    for name in unary:
-        for mod in (ops_nn, ops_np):
-            cls = getattr(mod, name, None)
-            if isinstance(cls, type):
-                reg.setdefault(cls, OpRule())
+    for classes in _graph.op_classes(unary).values():
+        for cls in classes:
+            reg.setdefault(cls, OpRule())
     for name, kind in (
         ("Add", ANY_DIRTY), ("Subtract", ANY_DIRTY), ("Maximum", ANY_DIRTY),
         ("Minimum", ANY_DIRTY), ("Multiply", ALL_DIRTY),
     ):
-        cls = getattr(ops_np, name, None)
-        if isinstance(cls, type):
+        cls = _graph.numpy_op_class(name)
+        if cls is not None:
             reg[cls] = OpRule(merge_kind=kind)
     return reg
 

@@ -3,11 +3,11 @@
 import keras
 import numpy as np
 
-from keras_chex import _graph
-from keras_chex import channel_analysis as cg
-from keras_chex import masking
-from keras_chex import wrapping
-from keras_chex.layer_rules import weight_leaf_name
+from keras_chex.core import _graph
+from keras_chex.core import analysis as cg
+from keras_chex.core import masking
+from keras_chex.core import wrapping
+from keras_chex.core.layer_rules import weight_leaf_name
 
 is_wrapped = wrapping.is_wrapped
 
@@ -53,7 +53,7 @@ def strip(model):
             "wrapped model, so there is nothing to strip. Pass the model "
             "returned by `keras_chex.prune_and_regrow()` / `keras_chex.wrap()`."
         )
-    analysis = model.chex_analysis
+    analysis = model.analysis
     class_mask = analysis.class_mask()
     memo = {}
 

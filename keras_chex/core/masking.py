@@ -18,8 +18,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_chex import _graph
-from keras_chex import layer_rules
+from keras_chex.core import _graph
+from keras_chex.core import layer_rules
 
 MASK_MODES = ("hard", "straight_through", "permanent")
 # Modes whose masks can fold into a BatchNorm. A straight-through mask must

@@ -39,7 +39,8 @@ CLASS_NAMES = (
 )
 IMAGE_SHAPE = (32, 32, 3)
 
-SAMPLE_PATH = Path(__file__).resolve().parent / "data" / "cifar10_sample.zip"
+SAMPLE_PATH = (Path(__file__).resolve().parent.parent / "data"
+               / "cifar10_sample.zip")
 DEFAULT_VALIDATION_PER_CLASS = 500
 # The sample holds 500 images per class, so the full data set's default
 # would leave nothing to train on.

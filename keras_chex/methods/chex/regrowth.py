@@ -14,7 +14,7 @@ tensor.
 import numpy as np
 import tensorflow as tf
 
-from keras_chex import subset_selection
+from keras_chex.methods.chex import subset_selection
 
 
 def projection_residuals(matrix, kept):

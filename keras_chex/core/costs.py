@@ -12,7 +12,7 @@ methods can price thousands of candidate masks, in NumPy or inside a
 import numpy as np
 import tensorflow as tf
 
-from keras_chex import layer_rules
+from keras_chex.core import layer_rules
 
 
 class CostModel:
@@ -29,7 +29,7 @@ class CostModel:
     Example:
 
     ```python
-    cost = CostModel(model.chex_analysis)
+    cost = CostModel(model.analysis)
     half = np.random.rand(cost.num_channels) < 0.5
     cost.macs(half) / cost.dense_macs
     ```
@@ -122,6 +122,119 @@ class CostModel:
             )
 
         return cost
+
+    def group_cost(self, analysis, resource="macs"):
+        """The same cost as a function of per-group keep counts.
+
+        Exact when every channel of a group appears equally often along
+        each pruned axis (true for every graph the rules build: Flatten
+        repeats each channel H*W times); which channels are kept does not
+        matter to a count, only how many.
+
+        Args:
+            analysis: the `ModelAnalysis` this model was built from.
+            resource: "macs" or "params".
+
+        Returns:
+            A `GroupCost`.
+        """
+        coef, idx = self._macs if resource == "macs" else self._params
+        weights = group_weights(self._counts, analysis)
+        return GroupCost(self._fixed, weights, idx[:, 0], idx[:, 1],
+                         lambda a0, a1, terms: coef[terms] * a0 * a1)
+
+
+def group_weights(counts, analysis):
+    """(F, G) matrix: entries of factor f per kept channel of group g."""
+    weights = np.zeros((counts.shape[0], len(analysis.groups)))
+    for g in analysis.groups:
+        block = counts[:, g.start:g.start + g.size]
+        weights[:, g.index] = block.sum(axis=1) / g.size
+    return weights
+
+
+class GroupCost:
+    """A cost as a function of how many channels each group keeps.
+
+    The cost is a sum of terms `f_t(A[i0_t], A[i1_t])` over linear forms
+    `A = fixed + weights @ counts` (the active size of each pruned axis or
+    tensor). MACs and parameters have `f_t = coef_t * a0 * a1`; a measured
+    latency table has one lookup per layer call.
+
+    `linearized(counts)` gives SMCP's knapsack its separable costs: each
+    group's options priced with every other group held at `counts`.
+
+    Args:
+        fixed: (F,) array, the part of each form no group moves.
+        weights: (F, G) array.
+        i0, i1: (T,) int arrays, the two forms of each term.
+        term_fn: `term_fn(a0, a1, terms) -> costs`: the cost of terms
+            `terms` (an int array) at form values `a0`, `a1` (arrays whose
+            last axis runs over `terms`; leading axes broadcast).
+
+    Example:
+
+    ```python
+    cost = CostModel(analysis).group_cost(analysis, "macs")
+    cost.total(np.array([g.size for g in analysis.groups]))  # dense MACs
+    ```
+    """
+
+    def __init__(self, fixed, weights, i0, i1, term_fn):
+        self.fixed = np.asarray(fixed, np.float64)
+        self.weights = np.asarray(weights, np.float64)
+        self.i0 = np.asarray(i0, np.int64)
+        self.i1 = np.asarray(i1, np.int64)
+        self.term_fn = term_fn
+        touches = self.weights != 0
+        # Which groups each term depends on, through either form.
+        self._touch = touches[self.i0] | touches[self.i1]  # (T, G)
+
+    def forms(self, counts):
+        return self.fixed + self.weights @ np.asarray(counts, np.float64)
+
+    def terms(self, counts):
+        """(T,) cost of each term at `counts`."""
+        a = self.forms(counts)
+        return np.asarray(self.term_fn(a[self.i0], a[self.i1],
+                                       np.arange(len(self.i0))), np.float64)
+
+    def total(self, counts):
+        """The cost with group `g` keeping `counts[g]` channels."""
+        return float(np.sum(self.terms(counts)))
+
+    def linearized(self, counts, widths):
+        """Separable costs around `counts`, for a knapsack.
+
+        Args:
+            counts: (G,) the current keep counts.
+            widths: list of G int arrays, the widths each group may take.
+
+        Returns:
+            (costs, offset): `costs[g][j]` is the cost of every term that
+            depends on group `g` when it keeps `widths[g][j]` channels and
+            the others keep `counts`; `sum_g costs[g][j_g] - offset`
+            approximates `total` (exactly at `counts`, and for every term
+            that depends on one group only).
+        """
+        counts = np.asarray(counts, np.float64)
+        a = self.forms(counts)
+        base = self.terms(counts)
+        n_touch = self._touch.sum(axis=1)
+        offset = float(np.sum((n_touch - 1) * base))
+        out = []
+        for g, w in enumerate(widths):
+            mine = np.flatnonzero(self._touch[:, g])
+            if not len(mine):
+                out.append(np.zeros(len(w)))
+                continue
+            delta = np.asarray(w, np.float64)[:, None] - counts[g]
+            i0, i1 = self.i0[mine], self.i1[mine]
+            a0 = a[i0][None, :] + self.weights[i0, g][None, :] * delta
+            a1 = a[i1][None, :] + self.weights[i1, g][None, :] * delta
+            values = np.asarray(self.term_fn(a0, a1, mine), np.float64)
+            out.append(values.sum(axis=1))
+        return out, offset
 
 
 def channel_groups_of(analysis):

@@ -31,35 +31,17 @@ allocation (by the current gamma ranking, with `min_channels` and
 uniform masks use the uniform sparsity meeting the target, minus `regrow`.
 """
 
-import numbers
 import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_chex import allocation
-from keras_chex import cost_model
-from keras_chex import regrowth
-from keras_chex import subset_selection
-from keras_chex import wrapping
+from keras_chex.core import method
+from keras_chex.core import wrapping
+from keras_chex.methods.chex import allocation
+from keras_chex.methods.chex import regrowth
+from keras_chex.methods.chex import subset_selection
 
 METHOD = "chex"
-
-
-def _check_fraction(name, value, low_open=True, high_closed=True):
-    if value is None:
-        return
-    # Type first: comparing a string would raise an unhelpful TypeError, and
-    # `True` would pass as 1. NumPy scalars (np.float32) are numbers.Real.
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and (
-        (value > 0 if low_open else value >= 0)
-        and (value <= 1 if high_closed else value < 1)
-    )
-    if not ok:
-        interval = ("(0" if low_open else "[0") + (
-            ", 1]" if high_closed else ", 1)"
-        )
-        raise ValueError(f"`{name}` must be a number in {interval}, got "
-                         f"{value!r}.")
 
 
 def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
@@ -98,37 +80,27 @@ def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
     compact = keras_chex.strip(model)
     ```
     """
-    targets = {"flops": flops, "params": params, "sparsity": sparsity}
-    given = [k for k, v in targets.items() if v is not None]
-    if len(given) != 1:
-        raise ValueError(
-            "Give exactly one target: `flops` (fraction of MACs to keep), "
-            "`params` (fraction of parameters to keep) or `sparsity` "
-            f"(fraction of channels to remove); got {given or 'none'}."
-        )
-    _check_fraction("flops", flops)
-    _check_fraction("params", params)
-    _check_fraction("sparsity", sparsity, low_open=False, high_closed=False)
-    _check_fraction("regrow", regrow, low_open=False, high_closed=False)
-    _check_fraction("until", until)
-    if not isinstance(interval, (int, float)) or interval <= 0:
-        raise ValueError(f"`interval` must be > 0 epochs, got {interval!r}.")
-    if not isinstance(round_to, int) or round_to < 1:
-        raise ValueError(f"`round_to` must be an int >= 1, got {round_to!r}.")
-    if isinstance(min_channels, bool) or not (
-        (isinstance(min_channels, int) and min_channels >= 1)
-        or (isinstance(min_channels, float) and 0 < min_channels < 1)
-    ):
-        raise ValueError(
-            "`min_channels` must be an int >= 1 or a fraction in (0, 1), "
-            f"got {min_channels!r}."
-        )
-    if seed is None:
-        seed = int(np.random.default_rng().integers(2**31 - 1))
+    target, value = method.one_target(
+        {"flops": flops, "params": params, "sparsity": sparsity},
+        {"flops": "fraction of MACs to keep",
+         "params": "fraction of parameters to keep",
+         "sparsity": "fraction of channels to remove"},
+    )
+    method.check_fraction("flops", flops)
+    method.check_fraction("params", params)
+    method.check_fraction("sparsity", sparsity, low_open=False,
+                          high_closed=False)
+    method.check_fraction("regrow", regrow, low_open=False,
+                          high_closed=False)
+    method.check_fraction("until", until)
+    method.check_positive("interval", interval, "epochs")
+    round_to = method.check_round_to(round_to)
+    method.check_min_channels(min_channels)
+    seed = method.resolve_seed(seed)
     config = {
         "method": METHOD,
-        "target": given[0],
-        "target_value": float(targets[given[0]]),
+        "target": target,
+        "target_value": value,
         "regrow": float(regrow),
         "interval": float(interval),
         "until": float(until),
@@ -136,21 +108,13 @@ def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
         "round_to": round_to,
         "seed": int(seed),
     }
-    wrapped = wrapping.wrap(model, mode="hard", exclude=exclude, chex=config)
-    wrapped.chex_state.initialize()
+    wrapped = wrapping.wrap(model, mode="hard", exclude=exclude,
+                            pruning=config)
+    wrapped.pruning_state.initialize()
     return wrapped
 
 
-def _min_counts(config, sizes):
-    m = config["min_channels"]
-    if isinstance(m, float):
-        counts = np.maximum(1, np.ceil(m * sizes))
-    else:
-        counts = np.full(len(sizes), m)
-    return np.minimum(counts, sizes).astype(np.int32)
-
-
-class ChexState(keras.layers.Layer):
+class ChexState(method.PruningState):
     """CHEX's state and exploration step for one wrapped model.
 
     Created by `PrunableModel` for models from `prune_and_regrow`; users do
@@ -163,19 +127,8 @@ class ChexState(keras.layers.Layer):
     """
 
     def __init__(self, model, **kwargs):
-        super().__init__(name="chex_state", **kwargs)
-        # References to the model's own variables and plain bookkeeping:
-        # kept out of Keras' tracking so they are not counted as this
-        # layer's weights (only the backups and statistics are).
-        object.__setattr__(self, "_plain", {})
-        analysis = model.chex_analysis
-        self._analysis = analysis
-        self._plain["config"] = dict(model.chex_config)
-        self.cost = cost_model.CostModel(analysis)
-        self.num_channels = analysis.num_channels
-        self.group_sizes = np.array([g.size for g in analysis.groups])
-        self.group_ids = cost_model.channel_groups_of(analysis)
-        self.min_counts = _min_counts(self.config, self.group_sizes)
+        super().__init__(model, name="chex_state", **kwargs)
+        analysis = self.analysis
         self._plain["_by_var"] = {}
         for s in analysis.weight_slices:
             v = s.variable()
@@ -193,13 +146,10 @@ class ChexState(keras.layers.Layer):
             trainable=False,
         )  # macs fraction, pruned, regrown, explorations done.
         self._plan_groups(analysis)
-        self._cost_fn = self.cost.tf_cost(
-            "params" if self.config["target"] == "params" else "macs"
-        )
+        self._cost_fn = self.cost.tf_cost(self.resource())
         self._explore_fn = None
         self.built = True
 
-    config = property(lambda self: self._plain["config"])
     _by_var = property(lambda self: self._plain["_by_var"])
     _vars = property(lambda self: self._plain["_vars"])
     _read_plan = property(lambda self: self._plain["_read_plan"])
@@ -257,7 +207,7 @@ class ChexState(keras.layers.Layer):
         )
 
     def _write_mask(self, mask):
-        for site in self._analysis.mask_sites:
+        for site in self.analysis.mask_sites:
             classes = site.classes
             values = tf.where(classes >= 0,
                               tf.gather(mask, np.maximum(classes, 0)), 1.0)
@@ -324,14 +274,10 @@ class ChexState(keras.layers.Layer):
             scores, self.group_ids, len(self.group_sizes), sparsity,
             self.min_counts,
         )
-        if rounded and self.config["round_to"] > 1:
-            r = self.config["round_to"]
-            down = (counts // r) * r
-            # Below one multiple: r channels (groups smaller than r are
-            # left unrounded).
-            up = tf.where(self.group_sizes >= r, r, counts)
-            counts = tf.maximum(tf.where(down > 0, down, up),
-                                self.min_counts)
+        if rounded:
+            counts = method.round_counts(counts, self.group_sizes,
+                                         self.config["round_to"],
+                                         self.min_counts, ops=tf)
         return counts
 
     def _mask_from_counts(self, scores, counts):
@@ -437,13 +383,6 @@ class ChexState(keras.layers.Layer):
         seed = seed[0] * 1000003 + seed[1]
         return self._explore_fn(tf.constant(delta, tf.float32), seed)
 
-    def kept_fraction(self):
-        """Current MACs (or params, for a params target) over dense."""
-        resource = "params" if self.config["target"] == "params" else "macs"
-        mask = self._analysis.class_mask()
-        dense = self.cost.cost(np.ones(self.num_channels), resource)
-        return self.cost.cost(mask, resource) / dense
-
     # -- initial masks (NumPy, once) -------------------------------------------
     def initialize(self):
         """Uniform masks at sparsity `S - regrow`, chosen by filter L1 norm."""
@@ -452,15 +391,14 @@ class ChexState(keras.layers.Layer):
         sizes = self.group_sizes
         cost = self.cost
         target = self.config["target"]
+        resource = self.resource()
 
         def uniform_counts(s):
-            counts = np.maximum(np.floor((1 - s) * sizes + 0.5), self.min_counts)
-            r = self.config["round_to"]
-            if r > 1:
-                down = (counts // r) * r
-                up = np.where(sizes >= r, r, counts)
-                counts = np.maximum(np.where(down > 0, down, up),
-                                    self.min_counts)
+            counts = np.maximum(np.floor((1 - s) * sizes + 0.5),
+                                self.min_counts)
+            counts = method.round_counts(counts, sizes,
+                                         self.config["round_to"],
+                                         self.min_counts)
             return np.minimum(counts, sizes).astype(int)
 
         l1 = [np.abs(np.asarray(self._filter_matrix(g))).sum(0)
@@ -479,27 +417,16 @@ class ChexState(keras.layers.Layer):
             s = self.config["target_value"]
         else:
             budget = self.config["target_value"] * cost.cost(
-                np.ones(self.num_channels), target.replace("flops", "macs")
-            )
+                np.ones(self.num_channels), resource)
             lo, hi = 0.0, 1.0 - 1e-9
             for _ in range(40):
                 mid = (lo + hi) / 2
-                c = cost.cost(mask_for(uniform_counts(mid)),
-                              target.replace("flops", "macs"))
+                c = cost.cost(mask_for(uniform_counts(mid)), resource)
                 lo, hi = (lo, mid) if c <= budget else (mid, hi)
             s = hi
         start = s - min(self.config["regrow"], s / 2)
         if self.num_channels:
-            self._analysis.set_class_mask(mask_for(uniform_counts(start)))
-
-    def get_config(self):
-        return {"name": self.name}
-
-
-def is_chex(model):
-    return wrapping.is_wrapped(model) and model.chex_config.get(
-        "method") == METHOD
-
+            self.analysis.set_class_mask(mask_for(uniform_counts(start)))
 
 # Registered with the wrapper so models loaded from `.keras` get their state.
-wrapping.register_method(METHOD, ChexState)
+method.register_method(METHOD, ChexState)

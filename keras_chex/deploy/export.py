@@ -27,7 +27,7 @@ module writes runs on a stock LiteRT runtime.
 Example:
 
 ```python
-report = keras_chex.export.export_tflite(model, "model.tflite")
+report = keras_chex.export_tflite(model, "model.tflite")
 print(report)  # size, inputs/outputs, max difference to Keras
 ```
 """
@@ -174,7 +174,7 @@ def strip_if_wrapped(model):
 
     Returns:
         A tuple `(plain_model, stripped)` where `stripped` tells whether
-        `keras_chex.stripping.strip()` was applied.
+        `keras_chex.strip()` was applied.
 
     Example:
 
@@ -183,11 +183,11 @@ def strip_if_wrapped(model):
     ```
     """
     try:
-        from keras_chex import stripping
+        from keras_chex.core import stripping
     except ModuleNotFoundError as e:
         # Without the stripping module no wrapped model can exist. Any other
         # missing module is a real error inside `stripping` and must surface.
-        if e.name != "keras_chex.stripping":
+        if e.name != "keras_chex.core.stripping":
             raise
         return model, False
     if not stripping.is_wrapped(model):

@@ -1,0 +1,1 @@
+"""CIFAR-10 helpers for examples, tests and benchmarks: data and ResNets."""

@@ -1,0 +1,58 @@
+"""A train step with a gradient hook: Keras' TensorFlow step, one line added.
+
+Methods that learn from gradients (SMCP's Taylor importance, its extra
+decay on pruned weights) must see every step's gradients inside the
+compiled train step, not in an extra pass over the data. Keras has no
+public hook between `tape.gradient` and `optimizer.apply_gradients`, so
+this module mirrors `keras.src.backend.tensorflow.trainer.TensorFlowTrainer
+.train_step` (Keras 3.3 to 3.15) and calls the hook there. It is, with
+`_graph.py`, the only module that uses private Keras internals; its test
+checks that with an identity hook the step trains exactly like Keras' own.
+"""
+
+import warnings
+
+import keras
+import tensorflow as tf
+from keras.src.losses import loss as loss_module
+from keras.src.trainers.data_adapters import data_adapter_utils
+
+
+def train_step_with_gradient_hook(model, data, hook):
+    """One training step of `model` whose gradients pass through `hook`.
+
+    Args:
+        model: a compiled Keras model (TensorFlow backend).
+        data: one batch, as `train_step` receives it.
+        hook: `hook(gradients, variables) -> gradients`, run inside the
+            compiled step before the optimizer applies the gradients.
+
+    Returns:
+        The metrics dict `train_step` returns.
+    """
+    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    with tf.GradientTape() as tape:
+        if model._call_has_training_arg:
+            y_pred = model(x, training=True)
+        else:
+            y_pred = model(x)
+        loss = model._compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+            training=True,
+        )
+        model._loss_tracker.update_state(
+            loss_module.unscale_loss_for_distribution(loss),
+            sample_weight=tf.shape(
+                next(i for i in keras.tree.flatten(x) if i is not None)
+            )[0],
+        )
+        if model.optimizer is not None:
+            loss = model.optimizer.scale_loss(loss)
+    if model.trainable_weights:
+        variables = model.trainable_weights
+        gradients = tape.gradient(loss, variables)
+        gradients = hook(gradients, variables)
+        model.optimizer.apply_gradients(zip(gradients, variables))
+    else:
+        warnings.warn("The model does not have any trainable weights.")
+    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

@@ -1,0 +1,265 @@
+"""What a pruning method plugs into: its state base, registry and checks.
+
+A method is three things: an entry point that validates its arguments and
+wraps a model (`keras_chex.prune_and_regrow`, `keras_chex.soft_mask_prune`,
+...), a `PruningState` subclass that holds everything the method needs
+between steps in Keras variables (so `.keras` files, `BackupAndRestore`
+and `MirroredStrategy` keep it for free), and a `callback.PruningCallback`
+subclass that runs its steps during `fit`. The wrapped model names its
+method in `pruning_config["method"]`; `register_method` maps that name to
+the state class, so a loaded model gets its state back.
+
+The argument checks every method shares (a fraction of the dense cost, a
+minimum width, a multiple to round widths to, a seed) live here once, with
+the width arithmetic they imply.
+"""
+
+import numbers
+import weakref
+
+import keras
+import numpy as np
+
+from keras_chex.core import costs
+
+# method name -> class of the state object a wrapped model carries for it.
+_METHOD_STATES = {}
+
+
+def register_method(name, state_class):
+    """Lets `PrunableModel`s whose config names `name` carry its state.
+
+    Args:
+        name: the method's name, as stored in `pruning_config["method"]`.
+        state_class: a `PruningState` subclass, built as
+            `state_class(model)`.
+    """
+    _METHOD_STATES[name] = state_class
+
+
+def state_class(name, model_name):
+    """The state class registered for method `name`.
+
+    Raises:
+        ValueError: no method of that name is registered.
+    """
+    if name not in _METHOD_STATES:
+        raise ValueError(
+            f"Model '{model_name}' was made for pruning method '{name}', "
+            "which this keras-chex does not know (known: "
+            f"{sorted(_METHOD_STATES)}). Upgrade keras-chex, or load the "
+            "model with the version that saved it."
+        )
+    return _METHOD_STATES[name]
+
+
+class PruningState(keras.layers.Layer):
+    """Base of a pruning method's state: one per wrapped model.
+
+    Built by `PrunableModel` from the model's `pruning_config`; users do
+    not build it. Subclasses add their variables with `add_weight` (saved
+    with the model) and keep references to the model's own objects in
+    `self._plain`, out of Keras' tracking, so that the model's variables
+    are not counted twice as this layer's weights.
+
+    A subclass may define `transform_gradients(grads, variables)`: the
+    wrapped model's train step then calls it inside the compiled step with
+    the gradients of the trainable variables, and applies what it returns
+    (importance accumulation and extra decay live there).
+
+    Args:
+        model: the `PrunableModel`.
+        name: the layer name of the state.
+
+    Attributes:
+        config: the model's pruning configuration (a dict).
+        analysis: the model's `ModelAnalysis`.
+        cost: the `costs.CostModel` of the analysis.
+        group_sizes: int array, channels per group.
+        group_ids: int array, the group of every channel.
+        min_counts: int array, fewest channels each group keeps.
+    """
+
+    def __init__(self, model, name, **kwargs):
+        super().__init__(name=name, **kwargs)
+        object.__setattr__(self, "_plain", {})
+        # A weak reference: Keras walks `_plain` when saving, and the model
+        # inside it would lead the walk round in a circle.
+        self._plain["model"] = weakref.ref(model)
+        analysis = model.analysis
+        self._plain["config"] = dict(model.pruning_config)
+        self._plain["analysis"] = analysis
+        self.cost = costs.CostModel(analysis)
+        self.num_channels = analysis.num_channels
+        self.group_sizes = np.array([g.size for g in analysis.groups],
+                                    dtype=np.int64)
+        self.group_ids = costs.channel_groups_of(analysis)
+        self.min_counts = min_counts(self.config.get("min_channels", 1),
+                                     self.group_sizes)
+
+    config = property(lambda self: self._plain["config"])
+    analysis = property(lambda self: self._plain["analysis"])
+
+    def resource(self):
+        """'macs' or 'params': what the method's target counts."""
+        return "params" if self.config.get("target") == "params" else "macs"
+
+    def kept_fraction(self):
+        """Current MACs (or params, for a params target) over dense."""
+        resource = self.resource()
+        mask = self.analysis.class_mask()
+        dense = self.cost.cost(np.ones(self.num_channels), resource)
+        return self.cost.cost(mask, resource) / dense if dense else 1.0
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        # A file of keras-chex 0.1.0 has been read: save the new way now.
+        model = self._plain["model"]()
+        if model is not None:
+            model._legacy_state_path = False
+
+    def get_config(self):
+        return {"name": self.name}
+
+
+def is_method(model, name):
+    """True if `model` is wrapped for pruning method `name`."""
+    from keras_chex.core import wrapping  # wrapping imports this module.
+
+    return (wrapping.is_wrapped(model)
+            and model.pruning_config.get("method") == name)
+
+
+# -- argument checks ----------------------------------------------------------
+def is_number(value):
+    """A real Python or NumPy number, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_fraction(name, value, low_open=True, high_closed=True):
+    """Raises a ValueError naming `name` unless `value` is in the interval.
+
+    `None` passes (an argument not given). The default interval is (0, 1].
+    """
+    if value is None:
+        return
+    # Type first: comparing a string would raise an unhelpful TypeError, and
+    # `True` would pass as 1. NumPy scalars (np.float32) are numbers.Real.
+    ok = is_number(value) and (
+        (value > 0 if low_open else value >= 0)
+        and (value <= 1 if high_closed else value < 1)
+    )
+    if not ok:
+        interval = ("(0" if low_open else "[0") + (
+            ", 1]" if high_closed else ", 1)"
+        )
+        raise ValueError(f"`{name}` must be a number in {interval}, got "
+                         f"{value!r}.")
+
+
+def one_target(targets, descriptions):
+    """The single target given: (name, value as float).
+
+    Args:
+        targets: dict name -> value or None.
+        descriptions: dict name -> what the value means, for the error.
+
+    Raises:
+        ValueError: none or several targets are given.
+    """
+    given = [k for k, v in targets.items() if v is not None]
+    if len(given) != 1:
+        listing = ", ".join(f"`{k}` ({descriptions[k]})" for k in targets)
+        raise ValueError(
+            f"Give exactly one target: {listing}; got "
+            f"{', '.join(given) if given else 'none'}."
+        )
+    return given[0], float(targets[given[0]])
+
+
+def check_positive(name, value, unit):
+    """Raises unless `value` is a number > 0."""
+    if not is_number(value) or value <= 0:
+        raise ValueError(f"`{name}` must be a number > 0 ({unit}), got "
+                         f"{value!r}.")
+
+
+def check_round_to(round_to):
+    if isinstance(round_to, bool) or not isinstance(
+            round_to, numbers.Integral) or round_to < 1:
+        raise ValueError(f"`round_to` must be an int >= 1, got {round_to!r}.")
+    return int(round_to)
+
+
+def check_min_channels(min_channels):
+    if isinstance(min_channels, bool) or not (
+        (isinstance(min_channels, numbers.Integral) and min_channels >= 1)
+        or (isinstance(min_channels, float) and 0 < min_channels < 1)
+    ):
+        raise ValueError(
+            "`min_channels` must be an int >= 1 or a fraction in (0, 1), "
+            f"got {min_channels!r}."
+        )
+    return min_channels
+
+
+def resolve_seed(seed):
+    """`seed` as an int; a random one when None (stored with the model, so
+    a loaded model continues with the same draws)."""
+    if seed is None:
+        return int(np.random.default_rng().integers(2**31 - 1))
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"`seed` must be an int or None, got {seed!r}.")
+    return int(seed)
+
+
+# -- widths -------------------------------------------------------------------
+def min_counts(min_channels, sizes):
+    """Fewest channels each group keeps (at least 1, at most its size).
+
+    Args:
+        min_channels: an int, or a float in (0, 1) for a fraction of each
+            group's size (rounded up).
+        sizes: int array of group sizes.
+    """
+    sizes = np.asarray(sizes)
+    if isinstance(min_channels, float):
+        counts = np.maximum(1, np.ceil(min_channels * sizes))
+    else:
+        counts = np.full(len(sizes), min_channels)
+    return np.minimum(counts, sizes).astype(np.int32)
+
+
+def round_counts(counts, sizes, round_to, minimums, ops=np):
+    """Rounds keep counts down to multiples of `round_to`.
+
+    A count below one multiple becomes `round_to` (groups smaller than
+    `round_to` keep their count); the result is never below `minimums`.
+    `ops` is `numpy` or `tensorflow.experimental.numpy`-like (`tf` works:
+    it needs `where` and `maximum`), so CHEX's compiled step and the NumPy
+    planners round the same way.
+    """
+    if round_to <= 1:
+        return counts
+    down = (counts // round_to) * round_to
+    up = ops.where(sizes >= round_to, round_to, counts)
+    return ops.maximum(ops.where(down > 0, down, up), minimums)
+
+
+def width_options(size, minimum, round_to):
+    """The widths a group may take: multiples of `round_to` and the full
+    size, none below `minimum` (a group smaller than `round_to` may take
+    any width from `minimum` up; a minimum between two multiples rounds up
+    to the next).
+
+    Returns:
+        A sorted int array, never empty.
+    """
+    size, minimum = int(size), int(min(minimum, size))
+    if round_to <= 1 or size < round_to:
+        return np.arange(max(minimum, 1), size + 1)
+    widths = np.arange(round_to, size + 1, round_to)
+    widths = widths[widths >= minimum]
+    if not len(widths) or widths[-1] != size:
+        widths = np.append(widths, size)
+    return widths.astype(np.int64)

@@ -1,0 +1,1 @@
+"""Shipping a compact model: TFLite / SavedModel export and LiteRT latency."""

@@ -1,0 +1,1 @@
+"""Channel pruning methods, one subpackage each."""

@@ -1,0 +1,79 @@
+"""The callback that drives CHEX's channel exploration during `model.fit`."""
+
+import keras
+import numpy as np
+
+from keras_chex.core import callback
+from keras_chex.methods.chex import schedules
+
+
+@keras.saving.register_keras_serializable(package="keras_chex")
+class ChannelExploration(callback.PruningCallback):
+    """Runs CHEX's exploration steps during `model.fit`.
+
+    Everything it needs (target, schedule, seed) travels with the model
+    returned by `keras_chex.prune_and_regrow`, so it takes no required
+    arguments. Each epoch's logs get `chex_macs` (fraction of the dense MACs
+    kept, or of the parameters for a `params` target), `chex_pruned` and
+    `chex_regrown` (channels changed by the explorations in that epoch), so
+    they show in the progress bar, `History` and TensorBoard.
+
+    The schedule is laid over the planned length of the `fit` call
+    (`epochs` x steps per epoch), so the number of steps per epoch must be
+    known: arrays, datasets of known cardinality, or `steps_per_epoch`.
+    It may be listed before or after a `BackupAndRestore` callback.
+
+    Args:
+        verbose: 1 prints one line per exploration step.
+
+    Example:
+
+    ```python
+    model.fit(ds, epochs=30, callbacks=[keras_chex.ChannelExploration()])
+    ```
+    """
+
+    method = "chex"
+    entry_point = "keras_chex.prune_and_regrow(model, ...)"
+
+    def __init__(self, verbose=0):
+        super().__init__(verbose=verbose)
+        self._changed = np.zeros(2)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._changed = np.zeros(2)
+
+    def plan(self, steps_per_epoch, epochs):
+        config = self.model.pruning_config
+        schedule = schedules.ExplorationSchedule(
+            interval=config["interval"], until=config["until"]
+        )
+        t_max = schedule.t_max(steps_per_epoch, epochs)
+        plan = []
+        for step in schedule.exploration_steps(steps_per_epoch, epochs):
+            t = schedule.exploration_index(step, steps_per_epoch, epochs)
+            delta = schedules.regrow_fraction(t, t_max, config["regrow"])
+            plan.append((step, (step, t, delta)))
+        return plan
+
+    def run_step(self, step, payload):
+        planned, t, delta = payload
+        stats = np.asarray(self.state.explore(delta, t))
+        self._changed += stats[1:3]
+        if self.verbose:
+            print(
+                f"\nCHEX exploration {t} at step {step} (planned "
+                f"{planned}): regrow {delta:.3f}, kept {stats[0]:.3f} of "
+                f"dense cost, pruned {int(stats[1])}, regrown "
+                f"{int(stats[2])}"
+            )
+
+    def epoch_logs(self):
+        logs = {
+            "chex_macs": float(self.state.kept_fraction()),
+            "chex_pruned": float(self._changed[0]),
+            "chex_regrown": float(self._changed[1]),
+        }
+        self._changed = np.zeros(2)
+        return logs
