@@ -1,0 +1,1 @@
+"""SMCP: soft-masking channel pruning under a cost budget."""
