@@ -19,8 +19,12 @@ from keras_chex.core.wrapping import is_wrapped
 from keras_chex.core.wrapping import wrap
 from keras_chex.deploy.export import export_saved_model
 from keras_chex.deploy.export import export_tflite
+from keras_chex.deploy.latency_table import LatencyTable
+from keras_chex.deploy.latency_table import build_latency_table
 from keras_chex.methods.chex.callback import ChannelExploration
 from keras_chex.methods.chex.method import prune_and_regrow
+from keras_chex.methods.smcp.callback import SoftMaskPruning
+from keras_chex.methods.smcp.method import soft_mask_prune
 
 __version__ = "0.2.0"
 
@@ -28,14 +32,18 @@ __all__ = [
     "ChannelExploration",
     "ChannelGroup",
     "ChannelMask",
+    "LatencyTable",
     "MaskedBatchNormalization",
     "PrunableModel",
+    "SoftMaskPruning",
+    "build_latency_table",
     "channel_groups",
     "count_macs",
     "export_saved_model",
     "export_tflite",
     "is_wrapped",
     "prune_and_regrow",
+    "soft_mask_prune",
     "strip",
     "wrap",
 ]

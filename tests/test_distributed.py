@@ -1,4 +1,4 @@
-"""CHEX under `tf.distribute.MirroredStrategy` on two logical CPU devices.
+"""Every method under `tf.distribute.MirroredStrategy` on two logical CPUs.
 
 Logical devices must be configured before TensorFlow initialises, which the
 test process has long done, so the body runs in a fresh interpreter and
@@ -11,11 +11,15 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent(
     """
     import json
     import os
+    import sys
 
+    METHOD = sys.argv[1]
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 
     import tensorflow as tf
@@ -42,8 +46,16 @@ SCRIPT = textwrap.dedent(
             x = layers.ReLU()(x)
         x = layers.GlobalAveragePooling2D()(x)
         base = keras.Model(inp, layers.Dense(10, name="head")(x))
-        model = keras_chex.prune_and_regrow(
-            base, flops=0.5, interval=1, until=0.8, seed=0)
+        if METHOD == "chex":
+            model = keras_chex.prune_and_regrow(
+                base, flops=0.5, interval=1, until=0.8, seed=0)
+            callback, prefix = keras_chex.ChannelExploration(), "chex"
+            logged = ("chex_macs", "chex_pruned", "chex_regrown")
+        else:
+            model = keras_chex.soft_mask_prune(
+                base, flops=0.5, interval_steps=2, seed=0)
+            callback, prefix = keras_chex.SoftMaskPruning(), "smcp"
+            logged = ("smcp_cost", "smcp_pruned", "smcp_regrown")
         model.compile(
             optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -64,8 +76,7 @@ SCRIPT = textwrap.dedent(
     xs = rng.normal(size=(64, 8, 8, 3)).astype("float32")
     ys = rng.integers(0, 10, 64)
     ds = tf.data.Dataset.from_tensor_slices((xs, ys)).batch(16)
-    history = model.fit(ds, epochs=4, verbose=0,
-                        callbacks=[keras_chex.ChannelExploration()])
+    history = model.fit(ds, epochs=4, verbose=0, callbacks=[callback])
 
     out = {"replicas": strategy.num_replicas_in_sync, "masks": {},
            "initial": {}, "state": {}, "weights_equal": True}
@@ -79,8 +90,9 @@ SCRIPT = textwrap.dedent(
         if len(values) != 2 or not np.array_equal(values[0], values[1]):
             out["weights_equal"] = False
             out.setdefault("unequal", []).append(v.path)
-    out["history"] = {k: [float(x) for x in history.history[k]]
-                      for k in ("chex_macs", "chex_pruned", "chex_regrown")}
+    out["history"] = {k[len(prefix) + 1:]: [float(x) for x in
+                                            history.history[k]]
+                      for k in logged}
     out["explorations"] = float(model.pruning_state.last_stats.numpy()[3])
     dense = keras_chex.count_macs(base).macs
     out["macs"] = keras_chex.count_macs(keras_chex.strip(model)).macs / dense
@@ -89,12 +101,13 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_mirrored_strategy_keeps_replicas_in_sync(tmp_path):
-    script = tmp_path / "mirrored_chex.py"
+@pytest.mark.parametrize("method", ["chex", "smcp"])
+def test_mirrored_strategy_keeps_replicas_in_sync(tmp_path, method):
+    script = tmp_path / "mirrored.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True,
+        [sys.executable, str(script), method], capture_output=True, text=True,
         timeout=600, env=env,
     )
     lines = [line for line in proc.stdout.splitlines()
@@ -114,13 +127,18 @@ def test_mirrored_strategy_keeps_replicas_in_sync(tmp_path):
         assert len(replicas) == 2 and replicas[0] == replicas[1], path
     # Keras 3 updates BatchNorm moving statistics per replica (aggregation
     # "none"; a plain model without CHEX shows the same), so only those may
-    # differ. Every other variable, trainable or CHEX's, must agree.
+    # differ. Every other variable, trainable or the method's, must agree.
     unequal = out.get("unequal", [])
     assert all(p.endswith(("moving_mean", "moving_variance"))
                for p in unequal), unequal
-    # Steps 4, 8, 12 and the freeze step round(0.8 * 16) = 13.
-    assert out["explorations"] == 4
     history = out["history"]
-    assert sum(history["chex_pruned"]) > 0
-    assert sum(history["chex_regrown"]) > 0
-    assert history["chex_macs"][-1] == out["macs"] <= 0.5
+    assert sum(history["pruned"]) > 0
+    if method == "chex":
+        # Steps 4, 8, 12 and the freeze step round(0.8 * 16) = 13.
+        assert out["explorations"] == 4
+        assert sum(history["regrown"]) > 0
+        assert history["macs"][-1] == out["macs"] <= 0.5
+    else:
+        # Every 2 steps from the warm-up end (2) to the freeze step (12).
+        assert out["explorations"] == 5
+        assert history["cost"][-1] == out["macs"] <= 0.5

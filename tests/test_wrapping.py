@@ -229,5 +229,6 @@ def test_public_api_is_complete():
     for name in ("prune_and_regrow", "ChannelExploration", "channel_groups",
                  "count_macs", "strip", "wrap", "export_tflite",
                  "export_saved_model", "ChannelGroup", "ChannelMask",
-                 "MaskedBatchNormalization"):
+                 "MaskedBatchNormalization", "soft_mask_prune",
+                 "SoftMaskPruning", "build_latency_table", "LatencyTable"):
         assert name in keras_chex.__all__ and hasattr(keras_chex, name)

@@ -1,0 +1,396 @@
+"""A measured latency table: how long each layer takes at each width.
+
+`build_latency_table(model)` times, through LiteRT on the machine it runs
+on, every convolution and dense call of `model` on its own, over the input
+and output channel counts that pruning can give it (multiples of
+`round_to`), and caches the times in a JSON file. Calls that would compile
+to the same TFLite op (same layer type and config, same input size) are
+timed once. The rest of the network (additions, pooling, the ops a TFLite
+file always has) is timed as the whole dense model minus its table layers,
+and counted as a constant.
+
+A table prices a pruned model without exporting it: `predict(compact)`
+for a stripped model, and `group_cost(analysis)` as the cost model of SMCP's
+knapsack. Unlike MACs it sees what the kernels do: XNNPACK computes
+convolutions in blocks of output channels, so a width just above a block
+boundary costs nearly a whole extra block.
+"""
+
+import datetime
+import json
+import os
+import platform
+import tempfile
+
+import keras
+import numpy as np
+
+from keras_chex.core import _graph
+from keras_chex.core import analysis as analysis_lib
+from keras_chex.core import costs
+from keras_chex.core import layer_rules
+
+FORMAT = "keras-chex-latency-table"
+VERSION = 1
+TIMED = (layer_rules.ConvRule, layer_rules.DepthwiseRule,
+         layer_rules.DenseRule)
+# Grid points per axis at most; widths in between are interpolated.
+DEFAULT_MAX_POINTS = 16
+
+
+class LatencyTable:
+    """Measured per-layer latencies of one model on one machine.
+
+    Build with `keras_chex.build_latency_table`; load a cached one with
+    `LatencyTable.load(path)`.
+
+    Attributes:
+        threads: LiteRT threads the times were measured with.
+        machine: a description of the machine.
+        layers: dict "layer name#call" -> entry key.
+        entries: dict key -> {"cin": [...], "cout": [...], "ms": [[...]]}.
+        other_ms: the dense model's time outside the table's layers.
+    """
+
+    def __init__(self, layers, entries, other_ms, threads, machine,
+                 round_to, created=None):
+        self.layers = dict(layers)
+        self.entries = dict(entries)
+        self.other_ms = float(other_ms)
+        self.threads = int(threads)
+        self.machine = machine
+        self.round_to = int(round_to)
+        self.created = created
+
+    # -- lookups -------------------------------------------------------------
+    def layer_ms(self, key, cin, cout):
+        """Interpolated time of entry `key` at (cin, cout) channels."""
+        entry = self.entries[key]
+        return float(_bilinear(entry, np.asarray([cin], float),
+                               np.asarray([cout], float))[0])
+
+    def predict(self, model):
+        """Predicted LiteRT latency (ms) of a plain (stripped) model.
+
+        Args:
+            model: a model with the same layer names as the one the table
+                was built from (a `keras_chex.strip` result, say).
+
+        Returns:
+            Milliseconds, for `threads` threads.
+        """
+        total = self.other_ms
+        for name, node in _timed_nodes(model):
+            key = self._key_for(name)
+            cin, cout = _channels(node)
+            total += self.layer_ms(key, cin, cout)
+        return total
+
+    def _key_for(self, name):
+        if name not in self.layers:
+            raise ValueError(
+                f"The latency table has no entry for layer call '{name}'. "
+                "Build the table from the model you prune "
+                "(`keras_chex.build_latency_table(model)`).")
+        return self.layers[name]
+
+    def group_cost(self, analysis):
+        """The predicted latency as a `costs.GroupCost` of group widths.
+
+        Args:
+            analysis: the `ModelAnalysis` of the (wrapped) model to price.
+        """
+        fixed, weights, forms = [1.0], [np.zeros(len(analysis.groups))], {}
+
+        def form(tensor):
+            classes = analysis.classes_of(tensor)
+            key = tuple(classes.tolist())
+            if key not in forms:
+                counts = np.zeros((1, analysis.num_channels))
+                sel = classes >= 0
+                np.add.at(counts[0], classes[sel], 1.0)
+                forms[key] = len(fixed)
+                fixed.append(float(np.sum(~sel)))
+                weights.append(costs.group_weights(counts, analysis)[0])
+            return forms[key]
+
+        keys, i0, i1 = [], [], []
+        for name, node in _timed_nodes(analysis.model):
+            keys.append(self._key_for(name))
+            i0.append(form(node.inputs[0]))
+            i1.append(form(node.outputs[0]))
+        # The constant rest: one more term on the constant form.
+        keys.append(None)
+        i0.append(0)
+        i1.append(0)
+
+        def term_fn(a0, a1, terms):
+            a0, a1 = np.broadcast_arrays(np.asarray(a0, float),
+                                         np.asarray(a1, float))
+            out = np.empty(a0.shape)
+            for j, t in enumerate(np.asarray(terms)):
+                key = keys[t]
+                if key is None:
+                    out[..., j] = self.other_ms
+                else:
+                    flat = _bilinear(self.entries[key],
+                                     a0[..., j].ravel(), a1[..., j].ravel())
+                    out[..., j] = flat.reshape(a0[..., j].shape)
+            return out
+
+        return costs.GroupCost(np.array(fixed), np.stack(weights), i0, i1,
+                               term_fn)
+
+    # -- files ---------------------------------------------------------------
+    def to_json(self):
+        return {
+            "format": FORMAT, "version": VERSION, "threads": self.threads,
+            "machine": self.machine, "round_to": self.round_to,
+            "created": self.created, "other_ms": self.other_ms,
+            "layers": self.layers, "entries": self.entries,
+        }
+
+    @classmethod
+    def from_json(cls, data):
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(
+                "Not a keras-chex latency table (its 'format' is not "
+                f"{FORMAT!r}). Build one with `keras_chex.build_latency_table`."
+            )
+        if data.get("version", 0) > VERSION:
+            raise ValueError(
+                f"This latency table has format version {data['version']}, "
+                f"newer than this keras-chex reads ({VERSION}). Upgrade "
+                "keras-chex or rebuild the table.")
+        return cls(data["layers"], data["entries"], data["other_ms"],
+                   data["threads"], data["machine"], data["round_to"],
+                   data.get("created"))
+
+    def save(self, path):
+        directory = os.path.dirname(os.path.abspath(path))
+        with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp",
+                                         delete=False) as f:
+            json.dump(self.to_json(), f, indent=1)
+        os.replace(f.name, path)
+
+    @classmethod
+    def load(cls, path):
+        """Reads a table cached by `build_latency_table`."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No latency table at {path!r}.")
+        with open(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{path!r} is not a keras-chex latency table (not JSON: "
+                    f"{e}).") from None
+        return cls.from_json(data)
+
+    def __repr__(self):
+        return (f"<LatencyTable {len(self.layers)} layer calls, "
+                f"{len(self.entries)} entries, {self.threads} thread(s)>")
+
+
+def build_latency_table(model, path=None, threads=1, *, round_to=8,
+                        max_points=DEFAULT_MAX_POINTS, runs=30, warmup=5,
+                        verbose=0):
+    """Measures the per-layer LiteRT latency of `model` over its widths.
+
+    Every convolution, depthwise convolution and dense call is exported on
+    its own and timed with the LiteRT interpreter (XNNPACK, `threads`
+    threads, batch 1, the fastest of `runs`) at every input and output
+    channel count pruning can give it: multiples of `round_to` up to the
+    full width (`max_points` of them at most per axis; widths in between
+    are interpolated). Equal calls are timed once. With `path`, entries
+    already in that file (same threads and `round_to`) are reused and the
+    file is updated, so a second call costs nothing.
+
+    Args:
+        model: a plain Functional or Sequential model with fixed input
+            shapes (the dense model you will prune).
+        path: optional JSON cache file.
+        threads: LiteRT threads (measure what the device will use).
+        round_to: channel step of the grid; use the `round_to` you prune
+            with.
+        max_points: grid points per axis at most.
+        runs: timed runs per point.
+        warmup: untimed runs first.
+        verbose: 1 prints progress.
+
+    Returns:
+        A `LatencyTable`.
+
+    Example:
+
+    ```python
+    table = keras_chex.build_latency_table(model, "latency.json")
+    print(table.predict(model))  # ms, dense
+    ```
+    """
+    from keras_chex.deploy import export
+    from keras_chex.deploy import latency
+
+    if keras_chex_wrapped(model):
+        raise ValueError(
+            f"Model '{model.name}' is a keras-chex wrapped model; build the "
+            "latency table from the plain model you are about to prune.")
+    for name, value, low in (("threads", threads, 1),
+                             ("round_to", round_to, 1),
+                             ("max_points", max_points, 2),
+                             ("runs", runs, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or (
+                value < low):
+            raise ValueError(f"`{name}` must be an int >= {low}, got "
+                             f"{value!r}.")
+    cached = {}
+    if path is not None and os.path.exists(path):
+        old = LatencyTable.load(path)
+        if old.threads == threads and old.round_to == round_to:
+            cached = old.entries
+    analysis = analysis_lib.ModelAnalysis(model, warn=False)
+    options = _width_options(analysis, round_to, max_points)
+    layers, entries, todo = {}, {}, {}
+    for name, node in _timed_nodes(model):
+        key = _entry_key(node)
+        layers[name] = key
+        if key in cached:
+            entries[key] = cached[key]
+        elif key not in todo:
+            todo[key] = (node, options(node))
+    with tempfile.TemporaryDirectory() as tmp:
+        def time_model(m, label):
+            file = os.path.join(tmp, f"{label}.tflite")
+            export.export_tflite(m, file, verify=False, overwrite=True)
+            return latency.measure_tflite_latency(
+                file, num_threads=threads, warmup=warmup, runs=runs).min_ms
+
+        for i, (key, (node, (cins, couts))) in enumerate(todo.items()):
+            if verbose:
+                print(f"latency table: {i + 1}/{len(todo)} "
+                      f"{node.operation.name}: {len(cins)} x {len(couts)}")
+            ms = [[time_model(_variant(node, cin, cout), "layer")
+                   for cout in couts] for cin in cins]
+            entries[key] = {"cin": [int(c) for c in cins],
+                            "cout": [None if c is None else int(c)
+                                     for c in couts], "ms": ms}
+        dense_ms = time_model(model, "dense")
+    table = LatencyTable(layers, entries, 0.0, threads, _machine(), round_to,
+                         datetime.datetime.now().isoformat(timespec="seconds"))
+    table.other_ms = max(0.0, dense_ms - table.predict(model))
+    if path is not None:
+        table.save(path)
+    return table
+
+
+def keras_chex_wrapped(model):
+    from keras_chex.core import wrapping
+
+    return wrapping.is_wrapped(model)
+
+
+# -- graph side ---------------------------------------------------------------
+def _timed_nodes(model):
+    """(name#call, node) of every timed call, nested models included."""
+    seen = {}
+    out = []
+
+    def visit(graph):
+        for node in _graph.nodes(graph):
+            op = node.operation
+            if _graph.is_graph_model(op):
+                visit(op)
+                continue
+            if isinstance(layer_rules.rule_for(op), TIMED) and (
+                    len(node.inputs) == 1):
+                call = seen.get(op.name, 0)
+                seen[op.name] = call + 1
+                out.append((f"{op.name}#{call}", node))
+
+    visit(model)
+    return out
+
+
+def _channels(node):
+    return int(node.inputs[0].shape[-1]), int(node.outputs[0].shape[-1])
+
+
+def _entry_key(node):
+    op = node.operation
+    config = dict(op.get_config())
+    for k in ("name", "filters", "units", "trainable", "dtype",
+              "kernel_initializer", "bias_initializer", "kernel_regularizer",
+              "bias_regularizer", "activity_regularizer", "kernel_constraint",
+              "bias_constraint", "depthwise_initializer",
+              "depthwise_regularizer", "depthwise_constraint"):
+        config.pop(k, None)
+    shape = tuple(node.inputs[0].shape[1:-1])
+    return json.dumps([type(op).__name__, shape, config,
+                       _channels(node)], sort_keys=True, default=str)
+
+
+def _width_options(analysis, round_to, max_points):
+    """options(node) -> (cin grid, cout grid) of a timed call."""
+
+    def grid(tensor):
+        classes = analysis.classes_of(tensor)
+        full = len(classes)
+        fixed = int(np.sum(classes < 0))
+        if fixed == full:
+            return [full]
+        low = max(1, fixed + 1)
+        points = list(range(fixed + round_to, full, round_to))
+        points = sorted({max(low, min(p, full)) for p in points}
+                        | {low, full})
+        if len(points) > max_points:
+            pick = np.linspace(0, len(points) - 1, max_points).round()
+            points = [points[int(i)] for i in np.unique(pick)]
+        return points
+
+    def options(node):
+        cins = grid(node.inputs[0])
+        if isinstance(layer_rules.rule_for(node.operation),
+                      layer_rules.DepthwiseRule):
+            # Output channels follow the input: a diagonal, kept 2-D.
+            return cins, [None]
+        return cins, grid(node.outputs[0])
+
+    return options
+
+
+def _variant(node, cin, cout):
+    """A one-layer model of `node`'s layer at `cin` -> `cout` channels."""
+    op = node.operation
+    rule = layer_rules.rule_for(op)
+    kept = {id(node.inputs[0]): cin,
+            id(node.outputs[0]): cin if cout is None else cout}
+    config = rule.stripped_config(op.get_config(), node,
+                                  lambda t: kept[id(t)])
+    layer = _graph.clone_layer(op, config)
+    shape = tuple(node.inputs[0].shape[1:-1]) + (int(cin),)
+    inputs = keras.Input(shape, batch_size=1)
+    return keras.Model(inputs, layer(inputs))
+
+
+def _bilinear(entry, cin, cout):
+    """Times at (cin, cout) points, linear between grid points."""
+    xs = np.asarray(entry["cin"], float)
+    ms = np.asarray(entry["ms"], float)
+    if entry["cout"] == [None]:
+        return np.interp(cin, xs, ms[:, 0])
+    ys = np.asarray(entry["cout"], float)
+    cin = np.clip(cin, xs[0], xs[-1])
+    cout = np.clip(cout, ys[0], ys[-1])
+    # Interpolate along cout for every cin row, then along cin.
+    rows = np.stack([np.interp(cout, ys, ms[i]) for i in range(len(xs))])
+    out = np.empty(len(cin))
+    for j in range(len(cin)):
+        out[j] = np.interp(cin[j], xs, rows[:, j])
+    return out
+
+
+def _machine():
+    return {"platform": platform.platform(), "processor":
+            platform.processor() or platform.machine(),
+            "cpus": os.cpu_count()}

@@ -1,0 +1,76 @@
+"""The callback that recomputes SMCP's masks during `model.fit`."""
+
+import keras
+
+from keras_chex.core import callback
+from keras_chex.methods.smcp import schedule as schedule_lib
+
+
+@keras.saving.register_keras_serializable(package="keras_chex")
+class SoftMaskPruning(callback.PruningCallback):
+    """Recomputes SMCP's soft masks on schedule during `model.fit`.
+
+    Everything it needs travels with the model returned by
+    `keras_chex.soft_mask_prune`. Each epoch's logs get `smcp_cost` (the
+    fraction of the dense cost the masks keep now, under the model's cost:
+    latency, MACs or parameters) and `smcp_pruned` (channels newly pruned
+    by the recomputations in that epoch); regrown channels are logged as
+    `smcp_regrown`. The schedule is laid over the planned length of the
+    `fit` call, so its steps per epoch must be known. It may be listed
+    before or after a `BackupAndRestore` callback.
+
+    Args:
+        verbose: 1 prints one line per recomputation.
+
+    Example:
+
+    ```python
+    model.fit(ds, epochs=30, callbacks=[keras_chex.SoftMaskPruning()])
+    ```
+    """
+
+    method = "smcp"
+    entry_point = "keras_chex.soft_mask_prune(model, ...)"
+
+    def __init__(self, verbose=0):
+        super().__init__(verbose=verbose)
+        self._pruned = 0.0
+        self._regrown = 0.0
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._pruned = self._regrown = 0.0
+
+    def plan(self, steps_per_epoch, epochs):
+        config = self.model.pruning_config
+        schedule = schedule_lib.SoftMaskSchedule(
+            warmup=config["warmup"], ramp=config["ramp"],
+            freeze=config["freeze"],
+            interval_steps=config["interval_steps"])
+        total = steps_per_epoch * epochs
+        return [
+            (step, (step, schedule.kept_fraction(step, total,
+                                                 config["target_value"])))
+            for step in schedule.recompute_steps(total)
+        ]
+
+    def run_step(self, step, payload):
+        planned, budget = payload
+        stats = self.state.recompute(budget)
+        self._pruned += float(stats[1])
+        self._regrown += float(stats[2])
+        if self.verbose:
+            print(
+                f"\nSMCP recomputation at step {step} (planned {planned}): "
+                f"budget {budget:.3f}, kept {stats[0]:.3f} of dense cost, "
+                f"pruned {int(stats[1])}, regrown {int(stats[2])}"
+            )
+
+    def epoch_logs(self):
+        logs = {
+            "smcp_cost": float(self.state.kept_fraction()),
+            "smcp_pruned": self._pruned,
+            "smcp_regrown": self._regrown,
+        }
+        self._pruned = self._regrown = 0.0
+        return logs

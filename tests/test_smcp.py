@@ -1,0 +1,401 @@
+"""SMCP: soft masks, Taylor importance, knapsack allocation under a budget."""
+
+import itertools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import layers
+
+import keras_chex
+from keras_chex.core import costs
+from keras_chex.deploy import latency_table
+from keras_chex.methods.smcp import allocation
+from keras_chex.methods.smcp import importance as importance_lib
+from keras_chex.methods.smcp import schedule as schedule_lib
+from keras_chex.cifar.resnet import cifar_resnet
+
+from conftest import randomize_weights
+
+
+def _resnet(seed=0):
+    keras.utils.set_random_seed(seed)
+    return cifar_resnet(8, num_classes=4, widths=(8, 16, 16),
+                        input_shape=(8, 8, 3))
+
+
+def _data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8, 8, 3)).astype("float32")
+    # Learnable labels, so gradients are not noise alone.
+    y = (x[:, :4, :4, 0].mean(axis=(1, 2)) > 0).astype("int64") + 2 * (
+        x[:, 4:, 4:, 1].mean(axis=(1, 2)) > 0).astype("int64")
+    return x, y
+
+
+def _compile(model, lr=0.05):
+    model.compile(
+        optimizer=keras.optimizers.SGD(lr, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def _smcp(model=None, **kwargs):
+    kwargs.setdefault("flops", 0.5)
+    kwargs.setdefault("seed", 0)
+    kwargs.setdefault("round_to", 4)
+    kwargs.setdefault("interval_steps", 2)
+    return keras_chex.soft_mask_prune(model or _resnet(), **kwargs)
+
+
+def _fit(model, epochs=3, callbacks=(), **kwargs):
+    x, y = _data()
+    return model.fit(x, y, batch_size=16, epochs=epochs, verbose=0,
+                     shuffle=False,
+                     callbacks=[keras_chex.SoftMaskPruning(), *callbacks],
+                     **kwargs)
+
+
+# -- schedule -------------------------------------------------------------------
+def test_schedule_ramps_to_the_target_and_freezes():
+    s = schedule_lib.SoftMaskSchedule(warmup=0.1, ramp=0.6, freeze=0.25,
+                                      interval_steps=5)
+    steps = s.recompute_steps(200)
+    assert steps[0] == 25 and steps[-1] == 150
+    assert all(b > a for a, b in zip(steps, steps[1:]))
+    kept = [s.kept_fraction(t, 200, 0.4) for t in steps]
+    assert all(b <= a + 1e-12 for a, b in zip(kept, kept[1:]))
+    assert kept[0] < 1.0 and kept[-1] == pytest.approx(0.4)
+    # Exponential ramp: more than half the way after half the ramp.
+    assert s.kept_fraction(20 + 60, 200, 0.4) < 0.7
+    assert s.kept_fraction(140, 200, 0.4) == pytest.approx(0.4)
+
+
+def test_schedule_rejects_a_ramp_past_the_freeze():
+    with pytest.raises(ValueError, match="freeze"):
+        schedule_lib.SoftMaskSchedule(warmup=0.3, ramp=0.6, freeze=0.25)
+    with pytest.raises(ValueError, match="interval_steps"):
+        schedule_lib.SoftMaskSchedule(interval_steps=0)
+
+
+# -- importance -----------------------------------------------------------------
+def test_taylor_importance_matches_numpy():
+    keras.utils.set_random_seed(1)
+    x_in = keras.Input((4, 4, 2))
+    h = layers.Conv2D(3, 3, padding="same", name="c1")(x_in)
+    h = layers.BatchNormalization(name="bn1")(h)
+    h = layers.ReLU()(h)
+    h = layers.Conv2D(5, 1, use_bias=False, name="c2")(h)
+    h = layers.GlobalAveragePooling2D()(h)
+    out = layers.Dense(2, name="head")(h)
+    wrapped = keras_chex.wrap(keras.Model(x_in, out), mode="straight_through")
+    randomize_weights(wrapped, np.random.default_rng(0))
+    x = np.random.default_rng(1).normal(size=(6, 4, 4, 2)).astype("float32")
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(wrapped(x, training=True) ** 2)
+    variables = wrapped.trainable_weights
+    grads = tape.gradient(loss, variables)
+    plan = importance_lib.ImportancePlan(wrapped.analysis)
+    got = np.asarray(plan.taylor(grads, variables))
+
+    by_path = {v.path: (np.asarray(v.numpy()), np.asarray(g))
+               for v, g in zip(variables, grads)}
+    groups = {g.name: g for g in keras_chex.channel_groups(wrapped)}
+    c1 = groups["c1"]
+    expected = np.zeros(wrapped.analysis.num_channels)
+    for path, axes in (("c1/kernel", (0, 1, 2)), ("c1/bias", ()),
+                       ("bn1/gamma", ()), ("bn1/beta", ())):
+        w, g = by_path[path]
+        expected[c1.start:c1.start + 3] += (-w * g).sum(axis=axes)
+    c2 = groups["c2"]
+    w, g = by_path["c2/kernel"]
+    expected[c2.start:c2.start + 5] += (-w * g).sum(axis=(0, 1, 2))
+    np.testing.assert_allclose(got, np.abs(expected), rtol=1e-4, atol=1e-6)
+    # The consumer's input slice (c2/kernel axis 2) is not part of it: a
+    # random kernel there would change the c1 scores if it were.
+    assert got[c1.start:c1.start + 3].sum() > 0
+
+
+def test_straight_through_gradient_reaches_masked_weights_hard_does_not():
+    def grads_of(mode):
+        keras.utils.set_random_seed(2)
+        x_in = keras.Input((4, 4, 2))
+        h = layers.Conv2D(4, 1, name="c1")(x_in)
+        h = layers.ReLU()(h)
+        h = layers.Conv2D(3, 1, name="c2")(h)
+        out = layers.GlobalAveragePooling2D()(h)
+        wrapped = keras_chex.wrap(keras.Model(x_in, out), mode=mode)
+        group = {g.name: g for g in keras_chex.channel_groups(wrapped)}["c1"]
+        group.set_mask([True, False, True, True])
+        x = np.random.default_rng(0).normal(size=(3, 4, 4, 2)) + 1.0
+        with tf.GradientTape() as tape:
+            out = wrapped(x.astype("float32"), training=True)
+            loss = tf.reduce_sum(out)
+        kernel = wrapped.get_layer("c1").kernel
+        return np.asarray(out), np.asarray(tape.gradient(loss, kernel))
+
+    out_st, g_st = grads_of("straight_through")
+    out_hard, g_hard = grads_of("hard")
+    np.testing.assert_allclose(out_st, out_hard, rtol=1e-6)  # Same forward.
+    assert np.abs(g_st[..., 1]).sum() > 0
+    np.testing.assert_array_equal(g_hard[..., 1], 0.0)
+
+
+# -- allocation -----------------------------------------------------------------
+def test_group_cost_matches_the_cost_model_for_macs_and_params(rng):
+    wrapped = keras_chex.wrap(_resnet())
+    analysis = wrapped.analysis
+    cost = costs.CostModel(analysis)
+    for resource in ("macs", "params"):
+        group_cost = cost.group_cost(analysis, resource)
+        for _ in range(5):
+            counts = np.array([rng.integers(1, g.size + 1)
+                               for g in analysis.groups])
+            mask = np.concatenate([np.arange(g.size) < k for g, k in
+                                   zip(analysis.groups, counts)])
+            assert group_cost.total(counts) == pytest.approx(
+                cost.cost(mask, resource), rel=1e-9)
+
+
+def test_linearized_costs_are_exact_at_the_expansion_point_and_per_group():
+    analysis = keras_chex.wrap(_resnet()).analysis
+    group_cost = costs.CostModel(analysis).group_cost(analysis, "macs")
+    sizes = np.array([g.size for g in analysis.groups])
+    counts = sizes // 2
+    widths = [np.arange(1, s + 1) for s in sizes]
+    option_costs, offset = group_cost.linearized(counts, widths)
+    at_counts = sum(c[k - 1] for c, k in zip(option_costs, counts)) - offset
+    assert at_counts == pytest.approx(group_cost.total(counts), rel=1e-9)
+    for g in range(len(sizes)):  # One group moved: still exact.
+        moved = counts.copy()
+        moved[g] = sizes[g]
+        approx = sum(c[k - 1] for c, k in zip(option_costs, moved)) - offset
+        assert approx == pytest.approx(group_cost.total(moved), rel=1e-9)
+
+
+def test_allocation_is_the_best_within_budget_on_a_small_problem():
+    # Two groups; the cost couples them (a conv between them).
+    fixed = np.array([1.0, 0.0, 0.0])
+    weights = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    coef = np.array([3.0, 1.0, 2.0])
+    group_cost = costs.GroupCost(fixed, weights, [1, 1, 2], [0, 2, 0],
+                                 lambda a0, a1, t: coef[t] * a0 * a1)
+    rng = np.random.default_rng(0)
+    importance = rng.random(12)
+    sizes = np.array([6, 6])
+    widths = [np.arange(1, 7), np.arange(1, 7)]
+    values, _ = allocation.option_values(importance, sizes, widths)
+    for budget in (10.0, 25.0, 40.0, 60.0):
+        got = allocation.allocate(values, widths, group_cost, budget,
+                                  np.array([6, 6]))
+        best = max(
+            (values[0][i] + values[1][j], (i + 1, j + 1))
+            for i, j in itertools.product(range(6), range(6))
+            if group_cost.total(np.array([i + 1, j + 1])) <= budget
+        )
+        assert got.cost <= budget
+        assert values[0][got.counts[0] - 1] + values[1][got.counts[1] - 1] == (
+            pytest.approx(best[0]))
+
+
+# -- the method during fit ---------------------------------------------------------
+@pytest.mark.parametrize("target", ["flops", "params"])
+def test_fit_meets_the_budget(target):
+    model = _compile(_smcp(**{"flops": None, target: 0.5}))
+    history = _fit(model)
+    resource = "macs" if target == "flops" else "params"
+    dense = keras_chex.count_macs(_resnet())
+    now = keras_chex.count_macs(model)
+    kept = getattr(now, resource) / getattr(dense, resource)
+    assert kept <= 0.5 + 1e-9
+    assert kept > 0.3  # Not pruned far past the budget.
+    assert history.history["smcp_cost"][-1] == pytest.approx(kept, rel=1e-6)
+    assert sum(history.history["smcp_pruned"]) > 0
+
+
+def _synthetic_table(model, round_to=4):
+    """A latency table from a formula, with a step at 8 channels (like
+    XNNPACK's blocking), so no LiteRT timing is needed."""
+    layers_, entries = {}, {}
+    for name, node in latency_table._timed_nodes(model):
+        key = latency_table._entry_key(node)
+        layers_[name] = key
+        cin, cout = latency_table._channels(node)
+        cins = sorted({1, *range(round_to, cin, round_to), cin})
+        couts = sorted({1, *range(round_to, cout, round_to), cout})
+        spatial = float(np.prod(node.inputs[0].shape[1:-1]))
+        entries[key] = {
+            "cin": cins, "cout": couts,
+            "ms": [[1e-4 * spatial * a * 8 * np.ceil(b / 8) for b in couts]
+                   for a in cins]}
+    return latency_table.LatencyTable(layers_, entries, 0.05, 1, {}, round_to)
+
+
+def test_fit_meets_a_latency_budget_and_the_table_predicts_the_compact():
+    base = _resnet()
+    table = _synthetic_table(base)
+    model = _compile(_smcp(base, flops=None, latency=0.6, cost_table=table))
+    history = _fit(model)
+    compact = keras_chex.strip(model)
+    predicted = table.predict(compact)
+    dense = table.predict(base)
+    assert predicted <= 0.6 * dense * (1 + 1e-9)
+    assert history.history["smcp_cost"][-1] == pytest.approx(
+        predicted / dense, rel=1e-6)
+
+
+def test_a_pruned_channel_comes_back_when_it_ranks_high_again():
+    model = _smcp()
+    state = model.pruning_state
+    n = state.num_channels
+    first = {g.name: g for g in model.analysis.groups}["stage1_block1_conv1"]
+    importance = np.linspace(1.0, 2.0, n).astype("float32")
+    importance[first.start] = 0.0  # Least important: pruned.
+    state.importance.assign(importance)
+    state.recompute(0.5)
+    assert not model.analysis.class_mask()[first.start]
+    importance[first.start] = 100.0  # Now the most important.
+    state.importance.assign(importance)
+    stats = state.recompute(0.5)
+    assert model.analysis.class_mask()[first.start]
+    assert stats[2] >= 1  # Counted as regrown.
+
+
+def test_pruned_channels_keep_learning_and_decay():
+    model = _compile(_smcp(pruned_decay=0.5))
+    state = model.pruning_state
+    state.importance.assign(np.linspace(1.0, 2.0, state.num_channels)
+                            .astype("float32"))
+    state.recompute(0.5)
+    mask = model.analysis.class_mask()
+    conv = model.get_layer("stage1_block1_conv1")
+    group = {g.name: g for g in model.analysis.groups}["stage1_block1_conv1"]
+    pruned = np.flatnonzero(~mask[group.start:group.start + group.size])
+    assert len(pruned)
+    before = np.asarray(conv.kernel.numpy())[..., pruned]
+    x, y = _data()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # No callback.
+    after = np.asarray(conv.kernel.numpy())[..., pruned]
+    assert not np.allclose(before, after)  # Straight-through: they learn.
+    # The importance of the pruned channels was accumulated too.
+    imp = np.asarray(state.importance.numpy())
+    assert np.all(imp[group.start + pruned] > 0)
+
+
+def test_strip_is_exact_after_smcp():
+    model = _compile(_smcp())
+    _fit(model)
+    compact = keras_chex.strip(model)
+    x, _ = _data(8, seed=3)
+    np.testing.assert_allclose(np.asarray(compact(x, training=False)),
+                               np.asarray(model(x, training=False)),
+                               rtol=1e-4, atol=1e-5)
+    assert keras_chex.count_macs(compact).macs == (
+        keras_chex.count_macs(model).macs)
+
+
+def test_keras_file_mid_training_continues_identically(tmp_path):
+    x, y = _data()
+    model = _compile(_smcp())
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False,
+              callbacks=[keras_chex.SoftMaskPruning()])
+    path = str(tmp_path / "mid.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.pruning_config == model.pruning_config
+    np.testing.assert_array_equal(loaded.analysis.class_mask(),
+                                  model.analysis.class_mask())
+    for a, b in zip(loaded.pruning_state.weights, model.pruning_state.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for m in (model, loaded):
+        m.fit(x, y, batch_size=16, epochs=3, initial_epoch=1, verbose=0,
+              shuffle=False, callbacks=[keras_chex.SoftMaskPruning()])
+    np.testing.assert_array_equal(loaded.analysis.class_mask(),
+                                  model.analysis.class_mask())
+    for a, b in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+class _Crash(keras.callbacks.Callback):
+    def __init__(self, at_epoch):
+        super().__init__()
+        self.at_epoch = at_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.at_epoch:
+            raise RuntimeError("simulated crash")
+
+
+@pytest.mark.parametrize("backup_first", [True, False])
+def test_backup_and_restore_resumes_identically_in_either_order(
+        tmp_path, backup_first):
+    x, y = _data()
+
+    def callbacks(directory, crash=None):
+        backup = keras.callbacks.BackupAndRestore(str(directory))
+        pruning = keras_chex.SoftMaskPruning()
+        order = [backup, pruning] if backup_first else [pruning, backup]
+        return order + ([crash] if crash else [])
+
+    def run(model, cbs):
+        model.fit(x, y, batch_size=16, epochs=4, verbose=0, shuffle=False,
+                  callbacks=cbs)
+
+    keras.utils.set_random_seed(5)
+    reference = _compile(_smcp(_resnet(1)))
+    run(reference, callbacks(tmp_path / "ref"))
+    keras.utils.set_random_seed(5)
+    crashed = _compile(_smcp(_resnet(1)))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(crashed, callbacks(tmp_path / "b", _Crash(1)))
+    keras.utils.set_random_seed(5)
+    resumed = _compile(_smcp(_resnet(1)))
+    run(resumed, callbacks(tmp_path / "b"))
+    np.testing.assert_array_equal(resumed.analysis.class_mask(),
+                                  reference.analysis.class_mask())
+    np.testing.assert_array_equal(
+        resumed.pruning_state.last_stats.numpy(),
+        reference.pruning_state.last_stats.numpy())
+    for a, b in zip(resumed.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# -- errors ------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(flops=None), "exactly one target"),
+    (dict(params=0.5), "exactly one target"),
+    (dict(flops=1.5), "`flops`"),
+    (dict(flops=None, latency=0.5), "cost_table"),
+    (dict(cost_table="x.json"), "latency"),
+    (dict(importance="random"), "importance"),
+    (dict(round_to=0), "round_to"),
+    (dict(pruned_decay=-1.0), "pruned_decay"),
+    (dict(warmup=0.5, ramp=0.5), "freeze"),
+    (dict(bn_rescale="yes"), "bn_rescale"),
+])
+def test_bad_arguments_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _smcp(**kwargs)
+
+
+def test_a_latency_table_of_another_model_is_refused():
+    other = keras.Sequential([keras.Input((8, 8, 3)),
+                              layers.Conv2D(4, 3, name="elsewhere")])
+    table = _synthetic_table(other)
+    with pytest.raises(ValueError, match="no entry for layer call"):
+        _smcp(flops=None, latency=0.5, cost_table=table)
+
+
+def test_callbacks_refuse_the_other_methods_model():
+    model = _compile(keras_chex.prune_and_regrow(_resnet(), flops=0.5))
+    x, y = _data()
+    with pytest.raises(ValueError, match="soft_mask_prune"):
+        model.fit(x, y, epochs=1, verbose=0,
+                  callbacks=[keras_chex.SoftMaskPruning()])
+    smcp = _compile(_smcp())
+    with pytest.raises(ValueError, match="prune_and_regrow"):
+        smcp.fit(x, y, epochs=1, verbose=0,
+                 callbacks=[keras_chex.ChannelExploration()])
