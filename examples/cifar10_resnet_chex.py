@@ -1,4 +1,4 @@
-"""Prune-train a CIFAR-10 ResNet-56 with CHEX, strip it, export TFLite.
+"""Prune-train a CIFAR-10 ResNet-56 with CHEX (or SMCP), strip, export TFLite.
 
 The README's main job. With no flags it runs in a few minutes on a laptop
 CPU: ResNet-56 for a few epochs on the small real CIFAR-10 sample shipped
@@ -7,7 +7,10 @@ with keras-chex. For a real run point `--data` at the full training archive:
     python examples/cifar10_resnet_chex.py --epochs=160 \
         --data=../shared/data/cifar10/train.zip --target=0.5
 
-`--depth` picks another CIFAR ResNet (20, 32, 44, 110).
+`--depth` picks another CIFAR ResNet (20, 32, 44, 110). `--method=smcp`
+prunes with SMCP instead, to `--target` of the MACs, or with `--latency=0.5`
+to half the LiteRT latency predicted by a table measured on this machine
+first (cached in the output directory).
 
 It prints the MACs, parameters and held-out accuracy of the dense-shaped
 pruning model and of the compact one, the TFLite file sizes and the
@@ -40,6 +43,10 @@ flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_float("target", 0.5, "Fraction of the dense MACs to keep.",
                    lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_alias("flops", "target")
+flags.DEFINE_enum("method", "chex", ["chex", "smcp"], "Pruning method.")
+flags.DEFINE_float("latency", None, "SMCP only: fraction of the dense LiteRT "
+                   "latency to keep (replaces --target).", lower_bound=0.0,
+                   upper_bound=1.0)
 flags.DEFINE_float("learning_rate", 0.1, "Peak SGD learning rate.")
 flags.DEFINE_float("weight_decay", 5e-4, "L2 weight decay.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
@@ -69,8 +76,24 @@ def main(argv):
 
     dense = cifar_resnet.cifar_resnet(FLAGS.depth,
                                       weight_decay=FLAGS.weight_decay)
-    model = keras_chex.prune_and_regrow(dense, flops=FLAGS.target,
-                                        seed=FLAGS.seed)
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    if FLAGS.latency is not None and FLAGS.method != "smcp":
+        raise app.UsageError("--latency needs --method=smcp.")
+    if FLAGS.method == "chex":
+        model = keras_chex.prune_and_regrow(dense, flops=FLAGS.target,
+                                            seed=FLAGS.seed)
+        callback = keras_chex.ChannelExploration(verbose=1)
+    elif FLAGS.latency is not None:
+        table_path = os.path.join(FLAGS.output_dir, "latency_table.json")
+        print(f"measuring the latency table ({table_path}) ...")
+        table = keras_chex.build_latency_table(dense, table_path)
+        model = keras_chex.soft_mask_prune(dense, latency=FLAGS.latency,
+                                           cost_table=table, seed=FLAGS.seed)
+        callback = keras_chex.SoftMaskPruning()
+    else:
+        model = keras_chex.soft_mask_prune(dense, flops=FLAGS.target,
+                                           seed=FLAGS.seed)
+        callback = keras_chex.SoftMaskPruning()
     steps = len(train) * FLAGS.epochs
     # One epoch of linear warm-up: ResNet-56 at 0.1 from the first step
     # often stalls near chance for several epochs.
@@ -85,10 +108,9 @@ def main(argv):
         metrics=["accuracy"],
     )
     model.fit(train, epochs=FLAGS.epochs, validation_data=val, verbose=2,
-              callbacks=[keras_chex.ChannelExploration(verbose=1)])
+              callbacks=[callback])
 
     compact = keras_chex.strip(model)
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
     model.save(os.path.join(FLAGS.output_dir, "pruning_model.keras"))
     compact.save(os.path.join(FLAGS.output_dir, "compact.keras"))
 
@@ -108,8 +130,10 @@ def main(argv):
         for name, r in reports.items()
     }
 
-    print("\n== keras-chex CIFAR-10 ResNet-%d, target %.0f%% of MACs ==" % (
-        FLAGS.depth, 100 * FLAGS.target))
+    goal = (f"{100 * FLAGS.latency:.0f}% of latency" if FLAGS.latency
+            is not None else f"{100 * FLAGS.target:.0f}% of MACs")
+    print(f"\n== keras-chex CIFAR-10 ResNet-{FLAGS.depth}, "
+          f"{FLAGS.method.upper()}, target {goal} ==")
     print(f"{'':10} {'MACs':>12} {'params':>10} {'tflite KB':>10} "
           f"{'latency ms':>11}")
     for name, count in (("dense", dense_count), ("compact", compact_count)):
@@ -120,6 +144,8 @@ def main(argv):
           f"held-out accuracy: {acc_compact:.4f} (compact) = "
           f"{acc_wrapped:.4f} (pruning model); TFLite max diff vs Keras: "
           f"{reports['compact'].max_abs_diff:.2e}")
+    print(f"latency kept: {times['compact'].median_ms / times['dense'].median_ms:.3f}"
+          " (LiteRT, 1 thread, median)")
     print(f"total time {time.time() - t0:.0f} s; files in {FLAGS.output_dir}")
 
 

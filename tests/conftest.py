@@ -85,6 +85,19 @@ def assert_strips_exactly(model, inputs, rng, keep=0.5, rtol=1e-4):
     return wrapped, compact
 
 
+class CrashAtEpoch(keras.callbacks.Callback):
+    """Raises "simulated crash" when epoch `epoch` begins (0-based), after
+    the epochs before it ended and were backed up."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -80,3 +80,40 @@ def test_chex_results_pairs_seeds(tmp_path):
     assert rows["fixed"][5:] == ["+7.50", "2 of 2", "+3.00"]
     assert rows["narrow"][1] == "72.00"
     assert rows["narrow"][5:] == ["-2.00", "0 of 1", "-"]
+
+
+def test_benchmark_chex_runs_the_smcp_variants_and_times_them(tmp_path):
+    output = tmp_path / "bench.jsonl"
+    table = tmp_path / "table.json"
+    _run("benchmark_chex.py", "--depth=8", "--epochs=2",
+         "--train_per_class=20", "--val_per_class=5", "--threads=1",
+         "--variants=smcp,smcp_flops,chex16", "--latency=0.6",
+         f"--latency_table={table}", "--measure_latency",
+         f"--output={output}")
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    results = {r["variant"]: r for r in lines[1:]}
+    assert set(results) == {"smcp", "smcp_flops", "chex16"}
+    assert table.exists()
+    for r in results.values():
+        assert r["latency_ms"] > 0 and r["dense_latency_ms"] > 0
+        assert r["predicted_ms"] > 0
+    assert results["smcp_flops"]["macs_fraction"] <= 0.5
+    # ResNet-8's 16-channel stage cannot shrink at round_to=16: CHEX warns
+    # and keeps the narrowest widths it may (0.537 of the MACs).
+    assert results["chex16"]["macs_fraction"] < 0.6
+    # The latency budget holds as the table predicts it.
+    dense_predicted = keras_predicted_dense(table)
+    assert results["smcp"]["predicted_ms"] <= 0.6 * dense_predicted + 1e-9
+    # Widths of CHEX with round_to=16: multiples of 16 (or the full width).
+    assert all(w % 16 == 0 for w in results["chex16"]["conv_filters"])
+
+
+def keras_predicted_dense(table_path):
+    import keras
+
+    import keras_chex
+    from keras_chex.cifar.resnet import cifar_resnet
+
+    keras.utils.set_random_seed(0)
+    table = keras_chex.LatencyTable.load(str(table_path))
+    return table.predict(cifar_resnet(8))

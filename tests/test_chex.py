@@ -20,6 +20,8 @@ import keras_chex
 from keras_chex.methods.chex import schedules
 from keras_chex.cifar.resnet import cifar_resnet
 
+from conftest import CrashAtEpoch
+
 # ---------------------------------------------------------------------------
 # Tiny models and helpers
 # ---------------------------------------------------------------------------
@@ -863,16 +865,6 @@ def _state(model):
     return {v.path: np.asarray(v.numpy()) for v in model.weights}
 
 
-class _Interrupt(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise RuntimeError("simulated crash")
-
-
 @pytest.mark.parametrize("backup_first", [True, False])
 def test_backup_and_restore_resumes_exactly(tmp_path, backup_first):
     x, y = data(32, 8)
@@ -893,7 +885,7 @@ def test_backup_and_restore_resumes_exactly(tmp_path, backup_first):
     crashed = _fresh_run_model()
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashed.fit(x, y, callbacks=callbacks(
-            _Interrupt(3),  # After the explorations at steps 4, 8 and 12.
+            CrashAtEpoch(3),  # After the explorations at steps 4, 8 and 12.
         ), **fit)
     assert crashed.pruning_state.last_stats.numpy()[3] == 3
     resumed = _fresh_run_model()

@@ -45,3 +45,35 @@ def test_cifar10_example_rejects_a_bad_target(tmp_path):
     assert result.returncode != 0
     assert "target" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cifar10_example_with_smcp_meets_the_macs_target(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples",
+                                      "cifar10_resnet_chex.py"),
+         "--depth=8", "--epochs=1", "--target=0.5", "--method=smcp",
+         f"--output_dir={out}"],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = result.stdout
+    assert "SMCP" in text
+    kept = float(re.search(r"MACs kept: ([0-9.]+)", text).group(1))
+    assert 0.3 <= kept <= 0.5
+    # What the user sees: no TensorFlow INFO pages.
+    assert "Assets written" not in result.stdout + result.stderr
+    assert (out / "compact.tflite").stat().st_size > 0
+
+
+def test_cifar10_example_refuses_latency_without_smcp(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples",
+                                      "cifar10_resnet_chex.py"),
+         "--latency=0.5", f"--output_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "--method=smcp" in result.stderr
+    assert "Traceback" not in result.stderr

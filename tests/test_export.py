@@ -574,3 +574,35 @@ def test_tool_rejects_int8_without_data(tmp_path):
     )
     assert result.returncode != 0
     assert "--representative_data" in result.stderr
+
+
+def test_export_hides_tensorflow_info_lines_but_not_warnings(
+        small_cnn, tmp_path):
+    import logging as std_logging
+
+    from absl import logging as absl_logging
+
+    records = []
+
+    class Catch(std_logging.Handler):
+        def emit(self, record):
+            records.append((record.levelno, record.getMessage()))
+
+    handler = Catch(level=std_logging.DEBUG)
+    tf_logger = std_logging.getLogger("tensorflow")
+    tf_logger.addHandler(handler)
+    before = absl_logging.get_verbosity(), tf_logger.level
+    absl_logging.set_verbosity(absl_logging.INFO)  # As absl.app.run does.
+    tf_logger.setLevel(std_logging.INFO)
+    try:
+        export.export_tflite(small_cnn, tmp_path / "m.tflite")
+        export.export_saved_model(small_cnn, tmp_path / "sm")
+        with export.quiet_tensorflow_info():
+            tf_logger.warning("a real warning")
+    finally:
+        tf_logger.removeHandler(handler)
+        absl_logging.set_verbosity(before[0])
+        tf_logger.setLevel(before[1])
+    assert not any("Assets written" in m for _, m in records), records
+    assert (std_logging.WARNING, "a real warning") in records
+    assert tf_logger.level == before[1]

@@ -16,6 +16,7 @@ from keras_chex.methods.smcp import importance as importance_lib
 from keras_chex.methods.smcp import schedule as schedule_lib
 from keras_chex.cifar.resnet import cifar_resnet
 
+from conftest import CrashAtEpoch
 from conftest import randomize_weights
 
 
@@ -319,16 +320,6 @@ def test_keras_file_mid_training_continues_identically(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-class _Crash(keras.callbacks.Callback):
-    def __init__(self, at_epoch):
-        super().__init__()
-        self.at_epoch = at_epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.at_epoch:
-            raise RuntimeError("simulated crash")
-
-
 @pytest.mark.parametrize("backup_first", [True, False])
 def test_backup_and_restore_resumes_identically_in_either_order(
         tmp_path, backup_first):
@@ -350,7 +341,7 @@ def test_backup_and_restore_resumes_identically_in_either_order(
     keras.utils.set_random_seed(5)
     crashed = _compile(_smcp(_resnet(1)))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(crashed, callbacks(tmp_path / "b", _Crash(1)))
+        run(crashed, callbacks(tmp_path / "b", CrashAtEpoch(2)))
     keras.utils.set_random_seed(5)
     resumed = _compile(_smcp(_resnet(1)))
     run(resumed, callbacks(tmp_path / "b"))
@@ -381,6 +372,17 @@ def test_bad_arguments_name_the_argument(kwargs, match):
         _smcp(**kwargs)
 
 
+def test_an_unreachable_target_warns_and_takes_the_narrowest_widths():
+    model = _smcp(round_to=16, min_channels=16)
+    with pytest.warns(UserWarning, match="cannot be met"):
+        model.pruning_state.recompute(0.1)
+    counts = model.pruning_state.current_counts()
+    assert np.all(counts == np.minimum(16, model.pruning_state.group_sizes))
+    with pytest.warns(UserWarning, match="flops=0.1 cannot be met"):
+        keras_chex.prune_and_regrow(_resnet(), flops=0.1, round_to=16,
+                                    min_channels=16)
+
+
 def test_a_latency_table_of_another_model_is_refused():
     other = keras.Sequential([keras.Input((8, 8, 3)),
                               layers.Conv2D(4, 3, name="elsewhere")])
@@ -399,3 +401,29 @@ def test_callbacks_refuse_the_other_methods_model():
     with pytest.raises(ValueError, match="prune_and_regrow"):
         smcp.fit(x, y, epochs=1, verbose=0,
                  callbacks=[keras_chex.ChannelExploration()])
+
+
+def test_bn_rescale_keeps_each_batchnorms_summed_gamma():
+    for rescale in (False, True):
+        model = _smcp(bn_rescale=rescale)
+        randomize_weights(model, np.random.default_rng(0))
+        state = model.pruning_state
+        slices = [s for s in model.analysis.weight_slices
+                  if s.name == "gamma"]
+        before = [np.abs(np.asarray(s.variable().numpy())) for s in slices]
+        state.importance.assign(np.linspace(1.0, 2.0, state.num_channels)
+                                .astype("float32"))
+        state.recompute(0.5)
+        mask = model.analysis.class_mask()
+        lost_somewhere = False
+        for s, old in zip(slices, before):
+            new = np.abs(np.asarray(s.variable().numpy()))
+            kept = np.ones(len(new), bool)
+            kept[s.classes >= 0] = mask[s.classes[s.classes >= 0]]
+            lost_somewhere |= not kept.all()
+            if rescale:
+                # What it kept carries the |gamma| it had before.
+                assert new[kept].sum() == pytest.approx(old.sum(), rel=1e-5)
+            else:
+                np.testing.assert_array_equal(new, old)
+        assert lost_somewhere

@@ -1,4 +1,4 @@
-"""CHEX vs. baselines on real CIFAR-10, same epochs, seed and data.
+"""Pruning methods vs. baselines on real CIFAR-10, same epochs, seed and data.
 
 Variants (all ResNet-`depth`, SGD + momentum, cosine learning rate):
   dense     the unpruned model;
@@ -9,7 +9,15 @@ Variants (all ResNet-`depth`, SGD + momentum, cosine learning rate):
   noregrow  CHEX's initial masks (at S - delta0) and exploration steps with
             regrowth 0: one global re-allocation and prune to the target,
             nothing comes back;
-  chex      CHEX.
+  chex      CHEX;
+  chex16    CHEX with widths in multiples of 16 (XNNPACK's blocking);
+  smcp      SMCP at `--latency` of the dense LiteRT latency, priced by a
+            latency table measured on this machine (`--latency_table`,
+            built there if missing);
+  smcp_flops  SMCP at `--flops` of the dense MACs.
+With `--measure_latency`, every final model is exported to TFLite and timed
+with LiteRT (1 thread, fastest of interleaved rounds), next to the table's
+prediction.
 Held-out accuracy is measured on the stripped (compact) model for the pruned
 variants, on the last `--val_per_class` images of each class.
 
@@ -20,6 +28,7 @@ variants, on the last `--val_per_class` images of each class.
 import json
 import os
 import platform
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -47,6 +56,16 @@ flags.DEFINE_float("flops", 0.5, "Fraction of dense MACs to keep.")
 flags.DEFINE_float("interval", 2.0, "CHEX exploration interval (epochs).")
 flags.DEFINE_list("variants", ["dense", "narrow", "fixed", "noregrow", "chex"],
                   "Which variants to run, in order.")
+flags.DEFINE_float("latency", 0.5, "SMCP: fraction of dense latency to keep.")
+flags.DEFINE_string("latency_table", None,
+                    "SMCP latency table JSON (default: "
+                    "runs/resnet<depth>_latency.json).")
+flags.DEFINE_boolean("measure_latency", False,
+                     "Export each final model and time it with LiteRT.")
+flags.DEFINE_string("save_dir", None,
+                    "Save each final (compact) model here as "
+                    "<variant>_seed<seed>.keras, to time them all later in "
+                    "one quiet pass (tools/time_models.py).")
 flags.DEFINE_integer("seed", 0, "Seed shared by all variants.")
 flags.DEFINE_string("output", None, "Append one JSON line per variant here.")
 flags.DEFINE_integer("threads", 0,
@@ -97,11 +116,16 @@ def run_variant(name, train, val, steps):
         widths = narrow_widths(FLAGS.flops * dense_macs, FLAGS.depth)
         model = cifar_resnet.cifar_resnet(FLAGS.depth, widths=widths,
                                           weight_decay=5e-4)
+    elif name in ("smcp", "smcp_flops"):
+        target = ({"latency": FLAGS.latency, "cost_table": latency_table()}
+                  if name == "smcp" else {"flops": FLAGS.flops})
+        model = keras_chex.soft_mask_prune(dense, seed=FLAGS.seed, **target)
+        callbacks = [keras_chex.SoftMaskPruning()]
     else:
         regrow = 0.0 if name == "fixed" else 0.3
         model = keras_chex.prune_and_regrow(
             dense, flops=FLAGS.flops, regrow=regrow, seed=FLAGS.seed,
-            interval=FLAGS.interval,
+            interval=FLAGS.interval, round_to=16 if name == "chex16" else 1,
         )
         if name == "noregrow":
             # Ablation only: same start as CHEX, but the callback's schedule
@@ -120,7 +144,13 @@ def run_variant(name, train, val, steps):
     model.fit(train, epochs=FLAGS.epochs, verbose=2, callbacks=callbacks)
     fit_seconds = time.time() - start
     final = keras_chex.strip(model) if keras_chex.is_wrapped(model) else model
+    timing = measure_latency(final, dense) if FLAGS.measure_latency else {}
+    if FLAGS.save_dir:
+        os.makedirs(FLAGS.save_dir, exist_ok=True)
+        final.save(os.path.join(FLAGS.save_dir,
+                                f"{name}_seed{FLAGS.seed}.keras"))
     return {
+        **timing,
         "variant": name,
         "val_accuracy": accuracy(final, val),
         "macs": keras_chex.count_macs(final).macs,
@@ -132,6 +162,39 @@ def run_variant(name, train, val, steps):
         "conv_filters": [layer.filters for layer in final.layers
                          if isinstance(layer, keras.layers.Conv2D)],
     }
+
+
+def latency_table():
+    path = FLAGS.latency_table or os.path.join(
+        "runs", f"resnet{FLAGS.depth}_latency.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    keras.utils.set_random_seed(FLAGS.seed)
+    return keras_chex.build_latency_table(
+        cifar_resnet.cifar_resnet(FLAGS.depth), path, threads=1)
+
+
+def measure_latency(final, dense, rounds=5):
+    """LiteRT 1-thread latency of `final` and of the dense model (ms)."""
+    from keras_chex.deploy import latency
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for label, m in (("final", final), ("dense", dense)):
+            paths.append(os.path.join(tmp, f"{label}.tflite"))
+            keras_chex.export_tflite(m, paths[-1], verify=False)
+        best = [float("inf")] * 2
+        for _ in range(rounds):
+            for i, p in enumerate(paths):
+                best[i] = min(best[i], latency.measure_tflite_latency(
+                    p, num_threads=1, runs=100, warmup=10).min_ms)
+    out = {"latency_ms": best[0], "dense_latency_ms": best[1],
+           "latency_fraction": best[0] / best[1]}
+    table_path = FLAGS.latency_table or os.path.join(
+        "runs", f"resnet{FLAGS.depth}_latency.json")
+    if os.path.exists(table_path):
+        table = keras_chex.LatencyTable.load(table_path)
+        out["predicted_ms"] = table.predict(final)
+    return out
 
 
 def main(argv):
@@ -148,7 +211,7 @@ def main(argv):
         "command": "python tools/benchmark_chex.py " + " ".join(
             f"--{k}={getattr(FLAGS, k)}" for k in (
                 "data", "train_per_class", "depth", "epochs", "flops",
-                "interval", "seed", "threads")),
+                "latency", "interval", "seed", "threads")),
         "machine": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "tensorflow": tf.__version__,

@@ -15,6 +15,7 @@ the width arithmetic they imply.
 """
 
 import numbers
+import warnings
 import weakref
 
 import keras
@@ -120,6 +121,16 @@ class PruningState(keras.layers.Layer):
 
     def get_config(self):
         return {"name": self.name}
+
+
+def warn_unreachable(target, value, reachable):
+    """Warns that no allowed widths meet the target; names what does."""
+    warnings.warn(
+        f"The target {target}={value:g} cannot be met: even the narrowest "
+        f"widths allowed keep {reachable:.3f} of the dense cost (the "
+        "`min_channels` and `round_to` floors). The model is pruned to "
+        "those widths. Lower `min_channels` or `round_to`, or raise the "
+        "target.", stacklevel=3)
 
 
 def is_method(model, name):

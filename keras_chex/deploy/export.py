@@ -34,6 +34,7 @@ print(report)  # size, inputs/outputs, max difference to Keras
 
 import contextlib
 import dataclasses
+import logging as std_logging
 import os
 import re
 import shutil
@@ -374,8 +375,32 @@ def export_saved_model(model, directory, *, overwrite=False):
     model, _ = strip_if_wrapped(_check_model(model))
     # Cleared only now, so a failure above leaves an old export in place.
     _check_directory_destination(directory, overwrite)
-    model.export(directory, format="tf_saved_model", verbose=False)
+    with quiet_tensorflow_info():
+        model.export(directory, format="tf_saved_model", verbose=False)
     return directory
+
+
+@contextlib.contextmanager
+def quiet_tensorflow_info():
+    """Hides TensorFlow's INFO lines ("Assets written to", signature
+    renames, fingerprints) while we convert; warnings and errors still show.
+
+    TensorFlow logs them through its Python logger `tensorflow` and through
+    absl, which `absl.app.run` sets to INFO. A user who asked for debug
+    output (absl `--verbosity=1`) still gets them.
+    """
+    if logging.get_verbosity() > logging.INFO:  # DEBUG = 1 > INFO = 0.
+        yield
+        return
+    tf_logger = std_logging.getLogger("tensorflow")
+    before = logging.get_verbosity(), tf_logger.level
+    logging.set_verbosity(min(before[0], logging.WARNING))
+    tf_logger.setLevel(max(before[1], std_logging.WARNING))
+    try:
+        yield
+    finally:
+        logging.set_verbosity(before[0])
+        tf_logger.setLevel(before[1])
 
 
 @contextlib.contextmanager
@@ -536,7 +561,8 @@ def _signature_input_names(model):
 
 def _convert(model, names, quantization, calibration, int8_io):
     """Converts `model` to TFLite flatbuffer bytes."""
-    with tempfile.TemporaryDirectory() as saved_model_dir:
+    with tempfile.TemporaryDirectory() as saved_model_dir, \
+            quiet_tensorflow_info():
         _write_inference_saved_model(model, names, saved_model_dir)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]

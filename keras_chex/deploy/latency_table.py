@@ -5,9 +5,11 @@ on, every convolution and dense call of `model` on its own, over the input
 and output channel counts that pruning can give it (multiples of
 `round_to`), and caches the times in a JSON file. Calls that would compile
 to the same TFLite op (same layer type and config, same input size) are
-timed once. The rest of the network (additions, pooling, the ops a TFLite
-file always has) is timed as the whole dense model minus its table layers,
-and counted as a constant.
+timed once. Each point is the fastest of its runs over interleaved rounds,
+less the cost of an `invoke()` that computes (nearly) nothing: every
+isolated layer pays that, the whole model only once. The rest of the
+network (additions, pooling, the ops a TFLite file always has) is timed as
+the whole dense model minus its table layers, and counted as a constant.
 
 A table prices a pruned model without exporting it: `predict(compact)`
 for a stripped model, and `group_cost(analysis)` as the cost model of SMCP's
@@ -49,14 +51,17 @@ class LatencyTable:
         machine: a description of the machine.
         layers: dict "layer name#call" -> entry key.
         entries: dict key -> {"cin": [...], "cout": [...], "ms": [[...]]}.
-        other_ms: the dense model's time outside the table's layers.
+        other_ms: the time outside the table's layers (a constant).
+        scale: what a layer's isolated time is worth inside the whole
+            model (fitted; see `build_latency_table`).
     """
 
     def __init__(self, layers, entries, other_ms, threads, machine,
-                 round_to, created=None):
+                 round_to, created=None, scale=1.0):
         self.layers = dict(layers)
         self.entries = dict(entries)
         self.other_ms = float(other_ms)
+        self.scale = float(scale)
         self.threads = int(threads)
         self.machine = machine
         self.round_to = int(round_to)
@@ -79,7 +84,10 @@ class LatencyTable:
         Returns:
             Milliseconds, for `threads` threads.
         """
-        total = self.other_ms
+        return self.other_ms + self.scale * self._layers_ms(model)
+
+    def _layers_ms(self, model):
+        total = 0.0
         for name, node in _timed_nodes(model):
             key = self._key_for(name)
             cin, cout = _channels(node)
@@ -135,7 +143,8 @@ class LatencyTable:
                 else:
                     flat = _bilinear(self.entries[key],
                                      a0[..., j].ravel(), a1[..., j].ravel())
-                    out[..., j] = flat.reshape(a0[..., j].shape)
+                    out[..., j] = self.scale * flat.reshape(
+                        a0[..., j].shape)
             return out
 
         return costs.GroupCost(np.array(fixed), np.stack(weights), i0, i1,
@@ -147,6 +156,7 @@ class LatencyTable:
             "format": FORMAT, "version": VERSION, "threads": self.threads,
             "machine": self.machine, "round_to": self.round_to,
             "created": self.created, "other_ms": self.other_ms,
+            "scale": self.scale,
             "layers": self.layers, "entries": self.entries,
         }
 
@@ -164,7 +174,7 @@ class LatencyTable:
                 "keras-chex or rebuild the table.")
         return cls(data["layers"], data["entries"], data["other_ms"],
                    data["threads"], data["machine"], data["round_to"],
-                   data.get("created"))
+                   data.get("created"), data.get("scale", 1.0))
 
     def save(self, path):
         directory = os.path.dirname(os.path.abspath(path))
@@ -194,8 +204,8 @@ class LatencyTable:
 
 
 def build_latency_table(model, path=None, threads=1, *, round_to=8,
-                        max_points=DEFAULT_MAX_POINTS, runs=30, warmup=5,
-                        verbose=0):
+                        max_points=DEFAULT_MAX_POINTS, runs=20, rounds=2,
+                        warmup=3, verbose=0):
     """Measures the per-layer LiteRT latency of `model` over its widths.
 
     Every convolution, depthwise convolution and dense call is exported on
@@ -204,8 +214,9 @@ def build_latency_table(model, path=None, threads=1, *, round_to=8,
     channel count pruning can give it: multiples of `round_to` up to the
     full width (`max_points` of them at most per axis; widths in between
     are interpolated). Equal calls are timed once. With `path`, entries
-    already in that file (same threads and `round_to`) are reused and the
-    file is updated, so a second call costs nothing.
+    already in that file are reused and the file is updated, so a second
+    call measures only the whole model again; a file measured with other
+    `threads` or `round_to` is refused, never replaced.
 
     Args:
         model: a plain Functional or Sequential model with fixed input
@@ -215,7 +226,9 @@ def build_latency_table(model, path=None, threads=1, *, round_to=8,
         round_to: channel step of the grid; use the `round_to` you prune
             with.
         max_points: grid points per axis at most.
-        runs: timed runs per point.
+        runs: timed runs per point and round.
+        rounds: interleaved passes over an entry's points; each point keeps
+            its fastest run.
         warmup: untimed runs first.
         verbose: 1 prints progress.
 
@@ -239,7 +252,8 @@ def build_latency_table(model, path=None, threads=1, *, round_to=8,
     for name, value, low in (("threads", threads, 1),
                              ("round_to", round_to, 1),
                              ("max_points", max_points, 2),
-                             ("runs", runs, 1), ("warmup", warmup, 0)):
+                             ("runs", runs, 1), ("rounds", rounds, 1),
+                             ("warmup", warmup, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or (
                 value < low):
             raise ValueError(f"`{name}` must be an int >= {low}, got "
@@ -247,8 +261,13 @@ def build_latency_table(model, path=None, threads=1, *, round_to=8,
     cached = {}
     if path is not None and os.path.exists(path):
         old = LatencyTable.load(path)
-        if old.threads == threads and old.round_to == round_to:
-            cached = old.entries
+        if (old.threads, old.round_to) != (threads, round_to):
+            raise ValueError(
+                f"The latency table at {os.fspath(path)!r} was measured with "
+                f"threads={old.threads}, round_to={old.round_to}, not "
+                f"threads={threads}, round_to={round_to}. Pass another "
+                "`path` (or delete that file) to measure a new table.")
+        cached = old.entries
     analysis = analysis_lib.ModelAnalysis(model, warn=False)
     options = _width_options(analysis, round_to, max_points)
     layers, entries, todo = {}, {}, {}
@@ -260,28 +279,94 @@ def build_latency_table(model, path=None, threads=1, *, round_to=8,
         elif key not in todo:
             todo[key] = (node, options(node))
     with tempfile.TemporaryDirectory() as tmp:
-        def time_model(m, label):
-            file = os.path.join(tmp, f"{label}.tflite")
-            export.export_tflite(m, file, verify=False, overwrite=True)
-            return latency.measure_tflite_latency(
-                file, num_threads=threads, warmup=warmup, runs=runs).min_ms
+        def time_files(files, runs=runs, rounds=rounds):
+            # Interleaved rounds, the fastest run of each: on a shared
+            # machine a slow moment then costs one round, not one point.
+            best = [float("inf")] * len(files)
+            for _ in range(rounds):
+                for j, file in enumerate(files):
+                    best[j] = min(best[j], latency.measure_tflite_latency(
+                        file, num_threads=threads, warmup=warmup,
+                        runs=runs).min_ms)
+            return best
 
+        def layer_file(layer, shape, j):
+            file = os.path.join(tmp, f"layer_{j}.tflite")
+            with open(file, "wb") as f:
+                f.write(layer_tflite(layer, shape))
+            return file
+
+        # What one `invoke()` costs with (nearly) nothing to compute: every
+        # isolated layer pays it, the whole model only once.
+        invoke_ms = time_files([layer_file(
+            *_built(keras.layers.ReLU(), (1, 1, 1, 1)), "invoke")])[0] if (
+                todo) else 0.0
         for i, (key, (node, (cins, couts))) in enumerate(todo.items()):
             if verbose:
                 print(f"latency table: {i + 1}/{len(todo)} "
                       f"{node.operation.name}: {len(cins)} x {len(couts)}")
-            ms = [[time_model(_variant(node, cin, cout), "layer")
-                   for cout in couts] for cin in cins]
+            points = [(cin, cout) for cin in cins for cout in couts]
+            files = [layer_file(*_variant(node, cin, cout), j)
+                     for j, (cin, cout) in enumerate(points)]
+            times = np.maximum(np.asarray(time_files(files)) - invoke_ms,
+                               0.0).reshape(len(cins), len(couts))
             entries[key] = {"cin": [int(c) for c in cins],
                             "cout": [None if c is None else int(c)
-                                     for c in couts], "ms": ms}
-        dense_ms = time_model(model, "dense")
+                                     for c in couts],
+                            "ms": times.tolist()}
+        # Calibration: two whole models, dense and uniformly half as wide,
+        # measured as the device runs them. Isolated layers do not sum to a
+        # whole model (each pays its own invoke and cold caches; fused ops
+        # and the rest of the graph add their share), so the prediction is
+        # `other + scale * sum(layers)`, fitted through both points.
+        half = _uniform_compact(model, analysis, 0.5, round_to)
+        whole = []
+        for label, m in (("dense", model), ("half", half)):
+            file = os.path.join(tmp, f"{label}.tflite")
+            export.export_tflite(m, file, verify=False, overwrite=True)
+            whole.append(file)
+        # Timed longer than a layer point: the calibration scales them all.
+        dense_ms, half_ms = time_files(whole, runs=max(runs, 100),
+                                       rounds=max(rounds, 5))
     table = LatencyTable(layers, entries, 0.0, threads, _machine(), round_to,
                          datetime.datetime.now().isoformat(timespec="seconds"))
-    table.other_ms = max(0.0, dense_ms - table.predict(model))
+    table.scale, table.other_ms = _calibrate(
+        dense_ms, table._layers_ms(model), half_ms, table._layers_ms(half))
     if path is not None:
         table.save(path)
     return table
+
+
+def _calibrate(dense_ms, dense_sum, half_ms, half_sum):
+    """(scale, other): `other + scale * sum` through both points; where that
+    needs a negative rest, the proportional least-squares fit (`other` 0);
+    a constant rest (scale 1) when the half model was not faster."""
+    if dense_sum - half_sum > 1e-9 and dense_ms > half_ms:
+        scale = (dense_ms - half_ms) / (dense_sum - half_sum)
+        other = dense_ms - scale * dense_sum
+        if other >= 0:
+            return float(scale), float(other)
+        scale = (dense_ms * dense_sum + half_ms * half_sum) / (
+            dense_sum ** 2 + half_sum ** 2)
+        return float(scale), 0.0
+    return 1.0, max(0.0, dense_ms - dense_sum)
+
+
+def _uniform_compact(model, analysis, keep, round_to):
+    """`model` stripped to about `keep` of every group's channels."""
+    from keras_chex.core import stripping
+    from keras_chex.core import wrapping
+    from keras_chex.core import method
+
+    wrapped = wrapping.wrap(model)
+    mask = []
+    for g in wrapped.analysis.groups:
+        widths = method.width_options(g.size, 1, round_to)
+        k = widths[np.argmin(np.abs(widths - keep * g.size))]
+        mask.append(np.arange(g.size) < k)
+    if mask:
+        wrapped.analysis.set_class_mask(np.concatenate(mask))
+    return stripping.strip(wrapped)
 
 
 def keras_chex_wrapped(model):
@@ -360,17 +445,46 @@ def _width_options(analysis, round_to, max_points):
 
 
 def _variant(node, cin, cout):
-    """A one-layer model of `node`'s layer at `cin` -> `cout` channels."""
+    """`node`'s layer rebuilt at `cin` -> `cout` channels, and its input
+    shape (batch 1)."""
     op = node.operation
     rule = layer_rules.rule_for(op)
     kept = {id(node.inputs[0]): cin,
             id(node.outputs[0]): cin if cout is None else cout}
     config = rule.stripped_config(op.get_config(), node,
                                   lambda t: kept[id(t)])
-    layer = _graph.clone_layer(op, config)
-    shape = tuple(node.inputs[0].shape[1:-1]) + (int(cin),)
-    inputs = keras.Input(shape, batch_size=1)
-    return keras.Model(inputs, layer(inputs))
+    shape = (1,) + tuple(node.inputs[0].shape[1:-1]) + (int(cin),)
+    return _built(_graph.clone_layer(op, config), shape)
+
+
+def _built(layer, shape):
+    layer.build(shape)
+    return layer, shape
+
+
+def layer_tflite(layer, shape):
+    """A TFLite file (bytes) computing one built layer, weights constant.
+
+    The layer runs as a `stateless_call` on constant weights, so the
+    converter sees a frozen graph: ~0.06 s per file instead of the ~0.5 s of
+    a SavedModel round trip, and the same builtin op (CONV_2D, ...).
+    """
+    import tensorflow as tf
+
+    from keras_chex.deploy import export
+
+    trainable = [tf.constant(v.numpy()) for v in layer.trainable_variables]
+    fixed = [tf.constant(v.numpy()) for v in layer.non_trainable_variables]
+
+    @tf.function(input_signature=[tf.TensorSpec(shape, layer.compute_dtype)])
+    def call(x):
+        return layer.stateless_call(trainable, fixed, x)[0]
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [call.get_concrete_function()], call)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    with export.quiet_tensorflow_info():
+        return converter.convert()
 
 
 def _bilinear(entry, cin, cout):

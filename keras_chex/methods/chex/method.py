@@ -424,6 +424,12 @@ class ChexState(method.PruningState):
                 c = cost.cost(mask_for(uniform_counts(mid)), resource)
                 lo, hi = (lo, mid) if c <= budget else (mid, hi)
             s = hi
+            narrowest = cost.cost(mask_for(uniform_counts(hi)), resource)
+            if narrowest > budget * (1 + 1e-9):
+                method.warn_unreachable(
+                    target, self.config["target_value"],
+                    narrowest / cost.cost(np.ones(self.num_channels),
+                                          resource))
         start = s - min(self.config["regrow"], s / 2)
         if self.num_channels:
             self.analysis.set_class_mask(mask_for(uniform_counts(start)))

@@ -288,6 +288,10 @@ class SmcpState(method.PruningState):
         chosen = allocation.allocate(values, widths, cost,
                                      kept_fraction * dense,
                                      self.current_counts())
+        if not chosen.feasible and not self._plain.get("warned"):
+            self._plain["warned"] = True
+            method.warn_unreachable(self.config["target"], kept_fraction,
+                                    chosen.cost / dense)
         old = self.analysis.class_mask()
         new = allocation.mask_from_counts(orders, self.group_sizes,
                                           chosen.counts)
