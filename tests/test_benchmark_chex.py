@@ -55,6 +55,16 @@ def test_benchmark_chex_overhead_reports_interleaved_rounds():
     assert re.search(r"median ratio: fit [0-9.]+, steady-state epoch", text)
 
 
+def test_benchmark_chex_overhead_times_smcp_too():
+    text = _run("benchmark_chex_overhead.py", "--depth=8", "--epochs=4",
+                "--rounds=1", "--threads=1", "--method=smcp")
+    rows = [line for line in text.splitlines()
+            if re.match(r"\| 1 +\|", line)]
+    assert len(rows) == 1 and "SMCP fit s" in text
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert int(cells[7]) > 1  # Recomputations ran and were timed.
+
+
 def test_chex_results_pairs_seeds(tmp_path):
     records = [
         {"command": "header line, skipped"},

@@ -1,4 +1,9 @@
-"""Wall-clock of a CHEX `fit` against a plain `fit` of the same model.
+"""Wall-clock of a pruning `fit` (CHEX or SMCP) against a plain `fit`.
+
+`--method=smcp` times SMCP instead: its train step accumulates Taylor
+importance and decays pruned weights (the gradient hook), and its
+recomputations are timed like CHEX's explorations.
+
 
 Both fits train the same CIFAR ResNet on the same data with the same
 optimizer; the CHEX fit trains the wrapped model (masks in the graph) with
@@ -38,6 +43,7 @@ flags.DEFINE_string("data", None, "CIFAR-10 train.zip (default: the sample).")
 flags.DEFINE_integer("depth", 20, "CIFAR ResNet depth.")
 flags.DEFINE_integer("epochs", 8, "Epochs per fit.")
 flags.DEFINE_integer("rounds", 3, "Interleaved plain/CHEX rounds.")
+flags.DEFINE_enum("method", "chex", ["chex", "smcp"], "Pruning method.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_float("interval", 2.0, "CHEX exploration interval (epochs).")
 flags.DEFINE_float("flops", 0.5, "CHEX MACs target.")
@@ -69,22 +75,28 @@ def timed_fit(train, chex):
     model = cifar_resnet.cifar_resnet(FLAGS.depth, weight_decay=5e-4)
     timer = EpochTimer()
     callbacks = [timer]
-    if chex:
+    if chex and FLAGS.method == "chex":
         model = keras_chex.prune_and_regrow(
             model, flops=FLAGS.flops, interval=FLAGS.interval, seed=0)
         callbacks.append(keras_chex.ChannelExploration())
+        step_name = "explore"
+    elif chex:
+        model = keras_chex.soft_mask_prune(model, flops=FLAGS.flops, seed=0)
+        callbacks.append(keras_chex.SoftMaskPruning())
+        step_name = "recompute"
+    if chex:
         state = model.pruning_state
-        explore = state.explore
+        step = getattr(state, step_name)
 
-        def timed_explore(delta, index):
+        def timed_step(*args):
             start = time.perf_counter()
-            stats = np.asarray(explore(delta, index))
+            stats = np.asarray(step(*args))
             timer.explore_seconds.append(time.perf_counter() - start)
             return stats
 
-        # The callback calls `model.pruning_state.explore`: time each call
-        # (the first includes tracing the tf.function).
-        object.__setattr__(state, "explore", timed_explore)
+        # The callback calls the state's step: time each call (CHEX's first
+        # includes tracing its tf.function).
+        object.__setattr__(state, step_name, timed_step)
     model.compile(
         optimizer=keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -134,10 +146,11 @@ def main(argv):
     for k, v in info.items():
         print(f"- {k}: {v}")
     print()
+    name = FLAGS.method.upper()
     print(bench_report.markdown_table(
-        ["round", "plain fit s", "CHEX fit s", "fit ratio", "plain epoch s",
-         "CHEX epoch s", "epoch ratio", "explorations",
-         "1st exploration s (with tracing)", "later explorations ms"], rows))
+        ["round", "plain fit s", f"{name} fit s", "fit ratio",
+         "plain epoch s", f"{name} epoch s", "epoch ratio", "pruning steps",
+         "1st step s", "later steps ms"], rows))
     print()
     print(f"median ratio: fit {statistics.median(totals):.3f}, "
           f"steady-state epoch {statistics.median(epochs):.3f}")
