@@ -1,4 +1,4 @@
-"""Tests for keras_chex.cifar_resnet."""
+"""Tests for keras_chex.cifar.resnet."""
 
 import keras
 import numpy as np

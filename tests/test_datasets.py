@@ -1,4 +1,4 @@
-"""Tests for keras_chex.datasets."""
+"""Tests for keras_chex.cifar.data."""
 
 import os
 import zipfile

@@ -1,4 +1,4 @@
-"""Tests for keras_chex.export and tools/export_model.py."""
+"""Tests for keras_chex.deploy.export and tools/export_model.py."""
 
 import os
 import subprocess
@@ -91,7 +91,7 @@ def mobilenet_float32(mobilenet, tmp_path_factory):
 
 
 def _tflite_outputs(path, feed):
-    """Runs a file with LiteRT directly, independent of keras_chex.export."""
+    """Runs a file with LiteRT directly, independent of keras_chex.deploy.export."""
     runner = Interpreter(model_path=str(path)).get_signature_runner()
     results = runner(**feed)
     names = sorted(results, key=lambda n: int(n.rsplit("_", 1)[1]))

@@ -1,4 +1,4 @@
-"""Tests for keras_chex.latency."""
+"""Tests for keras_chex.deploy.latency."""
 
 import keras
 import numpy as np

@@ -1,4 +1,4 @@
-"""Tests for keras_chex.schedules."""
+"""Tests for keras_chex.methods.chex.schedules."""
 
 import doctest
 import math

@@ -24,7 +24,7 @@ Prints Markdown tables (ready for `docs/benchmarks.md`) of:
    With `--jit` the unwrapped and wrapped models are also timed compiled
    with XLA (`jit_compile=True`).
 
-The batches are made once by `keras_chex.datasets.make_dataset` (standard
+The batches are made once by `keras_chex.cifar.data.make_dataset` (standard
 augmentation) and then replayed from memory, so the input pipeline does not
 compete with training for the CPU and the ratio measures the models alone.
 
@@ -239,7 +239,7 @@ def application(name):
 def make_batches(batch_size, num_batches, data="sample", path=None, seed=0):
     """A repeating `tf.data.Dataset` of `num_batches` fixed training batches.
 
-    The batches come from `keras_chex.datasets.make_dataset` (shuffled,
+    The batches come from `keras_chex.cifar.data.make_dataset` (shuffled,
     augmented, scaled) and are materialised once, so that replaying them
     costs next to no CPU and every model sees the same batches.
 

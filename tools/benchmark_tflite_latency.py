@@ -10,8 +10,8 @@ For each `keras.applications` model (`weights=None`, 224x224x3,
   kept counts rounded to multiples of `r`), then `keras_chex.strip()`;
 
 exports each to a verified float32 `.tflite` file with
-`keras_chex.export.export_tflite()` and measures its latency with
-`keras_chex.latency.measure_tflite_latency()` (LiteRT interpreter, XNNPACK,
+`keras_chex.export_tflite()` and measures its latency with
+`keras_chex.deploy.latency.measure_tflite_latency()` (LiteRT interpreter, XNNPACK,
 batch 1, `invoke()` only) with 1 thread and with all usable cores.
 
 The machine may be shared and noisy, so the files are measured in interleaved
@@ -298,7 +298,7 @@ def measure_interleaved(paths, threads, rounds, runs, warmup, measure=None):
         runs: timed runs per file per round.
         warmup: untimed runs per file per round.
         measure: the measuring function (default
-            `keras_chex.latency.measure_tflite_latency`).
+            `keras_chex.deploy.latency.measure_tflite_latency`).
 
     Returns:
         dict (label, threads) -> list of `LatencyReport`, one per round.
