@@ -214,9 +214,10 @@ def build_latency_table(model, path=None, threads=1, *, round_to=8,
     channel count pruning can give it: multiples of `round_to` up to the
     full width (`max_points` of them at most per axis; widths in between
     are interpolated). Equal calls are timed once. With `path`, entries
-    already in that file are reused and the file is updated, so a second
-    call measures only the whole model again; a file measured with other
-    `threads` or `round_to` is refused, never replaced.
+    already in that file are reused: a second call for the same model
+    returns the cached table without measuring anything, one for another
+    model measures only what is new (and calibrates again); a file measured
+    with other `threads` or `round_to` is refused, never replaced.
 
     Args:
         model: a plain Functional or Sequential model with fixed input
@@ -258,7 +259,7 @@ def build_latency_table(model, path=None, threads=1, *, round_to=8,
                 value < low):
             raise ValueError(f"`{name}` must be an int >= {low}, got "
                              f"{value!r}.")
-    cached = {}
+    cached, old = {}, None
     if path is not None and os.path.exists(path):
         old = LatencyTable.load(path)
         if (old.threads, old.round_to) != (threads, round_to):
@@ -278,6 +279,10 @@ def build_latency_table(model, path=None, threads=1, *, round_to=8,
             entries[key] = cached[key]
         elif key not in todo:
             todo[key] = (node, options(node))
+    if old is not None and not todo and set(layers) == set(old.layers):
+        # Everything is measured, calibration included: measuring the
+        # whole models again would only move it with the machine's load.
+        return old
     with tempfile.TemporaryDirectory() as tmp:
         def time_files(files, runs=runs, rounds=rounds):
             # Interleaved rounds, the fastest run of each: on a shared
