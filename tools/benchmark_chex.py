@@ -141,7 +141,8 @@ def run_variant(name, train, val, steps):
         metrics=["accuracy"],
     )
     start = time.time()
-    model.fit(train, epochs=FLAGS.epochs, verbose=2, callbacks=callbacks)
+    model.fit(train, epochs=FLAGS.epochs, verbose=2, shuffle=False,
+              callbacks=callbacks)
     fit_seconds = time.time() - start
     final = keras_chex.strip(model) if keras_chex.is_wrapped(model) else model
     timing = measure_latency(final, dense) if FLAGS.measure_latency else {}
