@@ -246,7 +246,7 @@ def build_latency_table(model, path=None, threads=1, *, round_to=8,
     from keras_chex.deploy import export
     from keras_chex.deploy import latency
 
-    if keras_chex_wrapped(model):
+    if _is_wrapped(model):
         raise ValueError(
             f"Model '{model.name}' is a keras-chex wrapped model; build the "
             "latency table from the plain model you are about to prune.")
@@ -374,7 +374,7 @@ def _uniform_compact(model, analysis, keep, round_to):
     return stripping.strip(wrapped)
 
 
-def keras_chex_wrapped(model):
+def _is_wrapped(model):
     from keras_chex.core import wrapping
 
     return wrapping.is_wrapped(model)

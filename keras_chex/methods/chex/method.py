@@ -31,7 +31,6 @@ allocation (by the current gamma ranking, with `min_channels` and
 uniform masks use the uniform sparsity meeting the target, minus `regrow`.
 """
 
-import keras
 import numpy as np
 import tensorflow as tf
 

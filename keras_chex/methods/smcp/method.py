@@ -20,7 +20,6 @@ by a measured `LatencyTable` (`keras_chex.build_latency_table`).
 
 import os
 
-import keras
 import numpy as np
 import tensorflow as tf
 
