@@ -6,18 +6,23 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, "examples", "cifar10_resnet_chex.py")
+
+
+def run_example(*flags, timeout=600):
+    """Runs the main job's script on the CPU with `flags`."""
+    return subprocess.run(
+        [sys.executable, EXAMPLE, *flags],
+        capture_output=True, text=True, timeout=timeout,
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
+    )
 
 
 def test_cifar10_example_trains_strips_exports_and_reports(tmp_path):
     out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples",
-                                      "cifar10_resnet_chex.py"),
-         "--depth=8", "--epochs=1", "--target=0.5",
-         f"--output_dir={out}"],
-        capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
-    )
+    result = run_example(
+        "--depth=8", "--epochs=1", "--target=0.5",
+        f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     text = result.stdout
     kept = float(re.search(r"MACs kept: ([0-9.]+)", text).group(1))
@@ -36,12 +41,8 @@ def test_cifar10_example_trains_strips_exports_and_reports(tmp_path):
 
 
 def test_cifar10_example_rejects_a_bad_target(tmp_path):
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples",
-                                      "cifar10_resnet_chex.py"),
-         "--target=1.5", f"--output_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=120,
-    )
+    result = run_example(
+        "--target=1.5", f"--output_dir={tmp_path}", timeout=120)
     assert result.returncode != 0
     assert "target" in result.stderr
     assert "Traceback" not in result.stderr
@@ -49,14 +50,9 @@ def test_cifar10_example_rejects_a_bad_target(tmp_path):
 
 def test_cifar10_example_with_smcp_meets_the_macs_target(tmp_path):
     out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples",
-                                      "cifar10_resnet_chex.py"),
-         "--depth=8", "--epochs=1", "--target=0.5", "--method=smcp",
-         f"--output_dir={out}"],
-        capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
-    )
+    result = run_example(
+        "--depth=8", "--epochs=1", "--target=0.5", "--method=smcp",
+        f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     text = result.stdout
     assert "SMCP" in text
@@ -70,12 +66,8 @@ def test_cifar10_example_with_smcp_meets_the_macs_target(tmp_path):
 
 
 def test_cifar10_example_refuses_latency_without_smcp(tmp_path):
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples",
-                                      "cifar10_resnet_chex.py"),
-         "--latency=0.5", f"--output_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=120,
-    )
+    result = run_example(
+        "--latency=0.5", f"--output_dir={tmp_path}", timeout=120)
     assert result.returncode != 0
     assert "--method=smcp" in result.stderr
     assert "Traceback" not in result.stderr
