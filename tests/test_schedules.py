@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_chex.core import schedule
 from keras_chex.methods.chex import schedules
 from keras_chex.methods.chex.schedules import ExplorationSchedule
 from keras_chex.methods.chex.schedules import regrow_fraction
@@ -238,3 +239,9 @@ def test_docstring_examples():
     result = doctest.testmod(schedules)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_docstring_examples_hold():
+    for module in (schedule, schedules):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

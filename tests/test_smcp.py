@@ -10,9 +10,9 @@ from keras import layers
 
 import keras_chex
 from keras_chex.core import costs
+from keras_chex.core import importance as importance_lib
 from keras_chex.deploy import latency_table
 from keras_chex.methods.smcp import allocation
-from keras_chex.methods.smcp import importance as importance_lib
 from keras_chex.methods.smcp import schedule as schedule_lib
 from keras_chex.cifar.resnet import cifar_resnet
 

@@ -1,4 +1,4 @@
-"""Channel importance for SMCP: first-order Taylor, or plain magnitude.
+"""Channel importance from weights: first-order Taylor, or magnitude.
 
 A channel's Taylor importance is `|sum(-W * g)|` over the weights that
 write it, summed over all layers of its group: the producers' filters and
@@ -11,14 +11,15 @@ channel's activation, so its consumers' weights get no gradient from it,
 and counting them would favour channels that are already kept.
 
 The per-step value (its absolute value) is accumulated inside the compiled
-train step; `magnitude` is `sum |W|` over the same weights, read when the
-masks are recomputed.
+train step (SMCP); `magnitude` is `sum |W|` over the same weights, read
+when the masks are recomputed. Restricted to the producers' filters,
+`magnitude` is the L1-norm criterion of Li et al. (2017), the baseline the
+relevance method is compared with.
 """
 
 import numpy as np
 import tensorflow as tf
 
-IMPORTANCES = ("taylor", "magnitude")
 _PER_CHANNEL = ("gamma", "beta", "bias", "alpha")
 
 
@@ -33,15 +34,19 @@ class ImportancePlan:
 
     Args:
         analysis: the wrapped model's `ModelAnalysis`.
+        filters_only: score by the producers' filters alone (no BatchNorm
+            or bias entries), as L1-norm filter pruning does.
 
     Attributes:
         num_channels: length of the importance vector.
     """
 
-    def __init__(self, analysis):
+    def __init__(self, analysis, filters_only=False):
         self.num_channels = analysis.num_channels
         self._parts = {}  # id(variable) -> (variable, [(axis, classes)])
-        for s in owned_slices(analysis):
+        slices = ([s for s in analysis.weight_slices if s.filters]
+                  if filters_only else owned_slices(analysis))
+        for s in slices:
             variable = s.variable()
             self._parts.setdefault(id(variable), (variable, []))[1].append(
                 (s.axis, s.classes))
@@ -85,11 +90,3 @@ class ImportancePlan:
         values = {key: tf.abs(tf.convert_to_tensor(variable))
                   for key, (variable, _) in self._parts.items()}
         return np.asarray(self._per_channel(values))
-
-
-def check_importance(importance):
-    if importance not in IMPORTANCES:
-        raise ValueError(
-            f"`importance` must be one of {IMPORTANCES}, got {importance!r}."
-        )
-    return importance

@@ -23,6 +23,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from keras_chex.core import importance as weight_importance
 from keras_chex.core import method
 from keras_chex.core import wrapping
 from keras_chex.methods.smcp import allocation
@@ -165,7 +166,7 @@ class SmcpState(method.PruningState):
     def __init__(self, model, **kwargs):
         super().__init__(model, name="smcp_state", **kwargs)
         analysis = self.analysis
-        self._plain["plan"] = importance_lib.ImportancePlan(analysis)
+        self._plain["plan"] = weight_importance.ImportancePlan(analysis)
         n = max(self.num_channels, 1)
         # Mean over replicas: each replica sees its own gradients; the sum
         # they agree on must be the same everywhere.
