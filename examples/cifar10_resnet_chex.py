@@ -1,4 +1,4 @@
-"""Prune-train a CIFAR-10 ResNet-56 with CHEX (or SMCP), strip, export TFLite.
+"""Prune-train a CIFAR-10 ResNet-56 with CHEX (or SMCP, FRS), strip, export.
 
 The README's main job. With no flags it runs in a few minutes on a laptop
 CPU: ResNet-56 for a few epochs on the small real CIFAR-10 sample shipped
@@ -10,7 +10,9 @@ with keras-chex. For a real run point `--data` at the full training archive:
 `--depth` picks another CIFAR ResNet (20, 32, 44, 110). `--method=smcp`
 prunes with SMCP instead, to `--target` of the MACs, or with `--latency=0.5`
 to half the LiteRT latency predicted by a table measured on this machine
-first (cached in the output directory).
+first (cached in the output directory). `--method=frs` prunes gradually by
+feature relevance scores (LRP), scored on the first batches of the training
+data.
 
 It prints the MACs, parameters and held-out accuracy of the dense-shaped
 pruning model and of the compact one, the TFLite file sizes and the
@@ -43,7 +45,8 @@ flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_float("target", 0.5, "Fraction of the dense MACs to keep.",
                    lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_alias("flops", "target")
-flags.DEFINE_enum("method", "chex", ["chex", "smcp"], "Pruning method.")
+flags.DEFINE_enum("method", "chex", ["chex", "smcp", "frs"],
+                  "Pruning method.")
 flags.DEFINE_float("latency", None, "SMCP only: fraction of the dense LiteRT "
                    "latency to keep (replaces --target).", lower_bound=0.0,
                    upper_bound=1.0)
@@ -83,6 +86,10 @@ def main(argv):
         model = keras_chex.prune_and_regrow(dense, flops=FLAGS.target,
                                             seed=FLAGS.seed)
         callback = keras_chex.ChannelExploration(verbose=1)
+    elif FLAGS.method == "frs":
+        model = keras_chex.relevance_prune(dense, flops=FLAGS.target,
+                                           interval=1.0, seed=FLAGS.seed)
+        callback = keras_chex.RelevancePruning(train, verbose=1)
     elif FLAGS.latency is not None:
         table_path = os.path.join(FLAGS.output_dir, "latency_table.json")
         print(f"measuring the latency table ({table_path}) ...")

@@ -23,6 +23,9 @@ from keras_chex.deploy.latency_table import LatencyTable
 from keras_chex.deploy.latency_table import build_latency_table
 from keras_chex.methods.chex.callback import ChannelExploration
 from keras_chex.methods.chex.method import prune_and_regrow
+from keras_chex.methods.frs.callback import RelevancePruning
+from keras_chex.methods.frs.method import relevance_prune
+from keras_chex.methods.frs.scores import relevance_scores
 from keras_chex.methods.smcp.callback import SoftMaskPruning
 from keras_chex.methods.smcp.method import soft_mask_prune
 
@@ -35,6 +38,7 @@ __all__ = [
     "LatencyTable",
     "MaskedBatchNormalization",
     "PrunableModel",
+    "RelevancePruning",
     "SoftMaskPruning",
     "build_latency_table",
     "channel_groups",
@@ -43,6 +47,8 @@ __all__ = [
     "export_tflite",
     "is_wrapped",
     "prune_and_regrow",
+    "relevance_prune",
+    "relevance_scores",
     "soft_mask_prune",
     "strip",
     "wrap",

@@ -98,6 +98,48 @@ class CrashAtEpoch(keras.callbacks.Callback):
             raise RuntimeError("simulated crash")
 
 
+def assert_resumes_exactly(make_model, make_callback, x, y, directory,
+                           backup_first, epochs=4, crash_at=2):
+    """A fit crashed at epoch `crash_at` and resumed by `BackupAndRestore`
+    ends like an uninterrupted one: same masks, method state and weights.
+
+    Args:
+        make_model: `fn() -> compiled wrapped model` (same seed every call).
+        make_callback: `fn() -> the method's pruning callback`.
+        x, y: the training arrays.
+        directory: a fresh `pathlib.Path` for the backups.
+        backup_first: list `BackupAndRestore` before the pruning callback.
+    """
+
+    def callbacks(path, crash=None):
+        backup = keras.callbacks.BackupAndRestore(str(path))
+        pruning = make_callback()
+        order = [backup, pruning] if backup_first else [pruning, backup]
+        return order + ([crash] if crash else [])
+
+    def run(model, cbs):
+        model.fit(x, y, batch_size=16, epochs=epochs, verbose=0,
+                  shuffle=False, callbacks=cbs)
+
+    keras.utils.set_random_seed(5)
+    reference = make_model()
+    run(reference, callbacks(directory / "reference"))
+    keras.utils.set_random_seed(5)
+    crashed = make_model()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(crashed, callbacks(directory / "backup", CrashAtEpoch(crash_at)))
+    keras.utils.set_random_seed(5)
+    resumed = make_model()
+    run(resumed, callbacks(directory / "backup"))
+    np.testing.assert_array_equal(resumed.analysis.class_mask(),
+                                  reference.analysis.class_mask())
+    np.testing.assert_array_equal(
+        resumed.pruning_state.last_stats.numpy(),
+        reference.pruning_state.last_stats.numpy())
+    for a, b in zip(resumed.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -65,6 +65,31 @@ def test_benchmark_chex_overhead_times_smcp_too():
     assert int(cells[7]) > 1  # Recomputations ran and were timed.
 
 
+def test_benchmark_chex_overhead_times_relevance_pruning():
+    text = _run("benchmark_chex_overhead.py", "--depth=8", "--epochs=4",
+                "--rounds=1", "--interval=1", "--threads=1", "--method=frs")
+    rows = [line for line in text.splitlines()
+            if re.match(r"\| 1 +\|", line)]
+    assert len(rows) == 1 and "FRS fit s" in text
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    # Ends of epochs 1 and 2, and the freeze step at 0.75 of the fit.
+    assert int(cells[7]) == 3 and float(cells[8]) > 0
+
+
+def test_benchmark_chex_runs_frs_and_its_l1_ablation(tmp_path):
+    output = tmp_path / "bench.jsonl"
+    _run("benchmark_chex.py", "--depth=8", "--epochs=2",
+         "--train_per_class=20", "--val_per_class=5", "--interval=0.5",
+         "--threads=1", "--variants=frs,l1", f"--output={output}")
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    results = {r["variant"]: r for r in lines[1:]}
+    assert set(results) == {"frs", "l1"}
+    for r in results.values():
+        assert 0.45 <= r["macs_fraction"] <= 0.5
+    # Same schedule and target, another criterion: other widths.
+    assert results["frs"]["conv_filters"] != results["l1"]["conv_filters"]
+
+
 def test_chex_results_pairs_seeds(tmp_path):
     records = [
         {"command": "header line, skipped"},

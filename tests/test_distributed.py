@@ -51,11 +51,16 @@ SCRIPT = textwrap.dedent(
                 base, flops=0.5, interval=1, until=0.8, seed=0)
             callback, prefix = keras_chex.ChannelExploration(), "chex"
             logged = ("chex_macs", "chex_pruned", "chex_regrown")
-        else:
+        elif METHOD == "smcp":
             model = keras_chex.soft_mask_prune(
                 base, flops=0.5, interval_steps=2, seed=0)
             callback, prefix = keras_chex.SoftMaskPruning(), "smcp"
             logged = ("smcp_cost", "smcp_pruned", "smcp_regrown")
+        else:
+            model = keras_chex.relevance_prune(
+                base, flops=0.5, interval=1, until=0.8, seed=0)
+            prefix = "frs"
+            logged = ("frs_macs", "frs_pruned")
         model.compile(
             optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -76,6 +81,8 @@ SCRIPT = textwrap.dedent(
     xs = rng.normal(size=(64, 8, 8, 3)).astype("float32")
     ys = rng.integers(0, 10, 64)
     ds = tf.data.Dataset.from_tensor_slices((xs, ys)).batch(16)
+    if METHOD == "frs":
+        callback = keras_chex.RelevancePruning(ds)
     history = model.fit(ds, epochs=4, verbose=0, callbacks=[callback])
 
     out = {"replicas": strategy.num_replicas_in_sync, "masks": {},
@@ -93,7 +100,8 @@ SCRIPT = textwrap.dedent(
     out["history"] = {k[len(prefix) + 1:]: [float(x) for x in
                                             history.history[k]]
                       for k in logged}
-    out["explorations"] = float(model.pruning_state.last_stats.numpy()[3])
+    stats = model.pruning_state.last_stats.numpy()
+    out["explorations"] = float(stats[2] if METHOD == "frs" else stats[3])
     dense = keras_chex.count_macs(base).macs
     out["macs"] = keras_chex.count_macs(keras_chex.strip(model)).macs / dense
     print("RESULT " + json.dumps(out))
@@ -101,7 +109,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("method", ["chex", "smcp"])
+@pytest.mark.parametrize("method", ["chex", "smcp", "frs"])
 def test_mirrored_strategy_keeps_replicas_in_sync(tmp_path, method):
     script = tmp_path / "mirrored.py"
     script.write_text(SCRIPT)
@@ -138,7 +146,11 @@ def test_mirrored_strategy_keeps_replicas_in_sync(tmp_path, method):
         assert out["explorations"] == 4
         assert sum(history["regrown"]) > 0
         assert history["macs"][-1] == out["macs"] <= 0.5
-    else:
+    elif method == "smcp":
         # Every 2 steps from the warm-up end (2) to the freeze step (12).
         assert out["explorations"] == 5
         assert history["cost"][-1] == out["macs"] <= 0.5
+    else:
+        # Steps 4, 8, 12 and the freeze step 13, as CHEX's.
+        assert out["explorations"] == 4
+        assert history["macs"][-1] == out["macs"] <= 0.5

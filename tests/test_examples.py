@@ -65,6 +65,21 @@ def test_cifar10_example_with_smcp_meets_the_macs_target(tmp_path):
     assert (out / "compact.tflite").stat().st_size > 0
 
 
+def test_cifar10_example_with_relevance_pruning(tmp_path):
+    out = tmp_path / "run"
+    result = run_example("--depth=8", "--epochs=2", "--target=0.5",
+                         "--method=frs", f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = result.stdout
+    assert "FRS pruning step" in text and "FRS, target 50% of MACs" in text
+    kept = float(re.search(r"MACs kept: ([0-9.]+)", text).group(1))
+    assert 0.45 <= kept <= 0.5
+    compact, wrapped = map(float, re.search(
+        r"accuracy: ([0-9.]+) \(compact\) = ([0-9.]+)", text).groups())
+    assert abs(compact - wrapped) < 1e-3
+    assert (out / "compact.tflite").stat().st_size > 0
+
+
 def test_cifar10_example_refuses_latency_without_smcp(tmp_path):
     result = run_example(
         "--latency=0.5", f"--output_dir={tmp_path}", timeout=120)

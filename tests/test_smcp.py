@@ -16,7 +16,7 @@ from keras_chex.methods.smcp import allocation
 from keras_chex.methods.smcp import schedule as schedule_lib
 from keras_chex.cifar.resnet import cifar_resnet
 
-from conftest import CrashAtEpoch
+from conftest import assert_resumes_exactly
 from conftest import randomize_weights
 
 
@@ -324,34 +324,9 @@ def test_keras_file_mid_training_continues_identically(tmp_path):
 def test_backup_and_restore_resumes_identically_in_either_order(
         tmp_path, backup_first):
     x, y = _data()
-
-    def callbacks(directory, crash=None):
-        backup = keras.callbacks.BackupAndRestore(str(directory))
-        pruning = keras_chex.SoftMaskPruning()
-        order = [backup, pruning] if backup_first else [pruning, backup]
-        return order + ([crash] if crash else [])
-
-    def run(model, cbs):
-        model.fit(x, y, batch_size=16, epochs=4, verbose=0, shuffle=False,
-                  callbacks=cbs)
-
-    keras.utils.set_random_seed(5)
-    reference = _compile(_smcp(_resnet(1)))
-    run(reference, callbacks(tmp_path / "ref"))
-    keras.utils.set_random_seed(5)
-    crashed = _compile(_smcp(_resnet(1)))
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(crashed, callbacks(tmp_path / "b", CrashAtEpoch(2)))
-    keras.utils.set_random_seed(5)
-    resumed = _compile(_smcp(_resnet(1)))
-    run(resumed, callbacks(tmp_path / "b"))
-    np.testing.assert_array_equal(resumed.analysis.class_mask(),
-                                  reference.analysis.class_mask())
-    np.testing.assert_array_equal(
-        resumed.pruning_state.last_stats.numpy(),
-        reference.pruning_state.last_stats.numpy())
-    for a, b in zip(resumed.get_weights(), reference.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert_resumes_exactly(lambda: _compile(_smcp(_resnet(1))),
+                           lambda: keras_chex.SoftMaskPruning(), x, y, tmp_path,
+                           backup_first)
 
 
 # -- errors ------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from keras_chex.core import _trainer
@@ -70,3 +71,24 @@ def test_the_hook_sees_every_step_and_its_result_is_applied():
                 if v.path == "last/kernel")
     untrained = _build(keras.Model).get_layer("last").kernel
     assert not np.allclose(last.numpy(), untrained.numpy())
+
+
+@pytest.mark.parametrize("optimizer, slots", [
+    (lambda: keras.optimizers.SGD(0.1, momentum=0.9), 1),
+    (lambda: keras.optimizers.Adam(), 2),
+    (lambda: keras.optimizers.RMSprop(momentum=0.5), 2),
+])
+def test_optimizer_slots_are_found_per_variable(optimizer, slots):
+    # Slot names come from variable paths: layer "d_kernel"'s slots start
+    # like those of layer "d"'s kernel, with the same shape.
+    model = keras.Sequential([keras.Input((3,)),
+                              keras.layers.Dense(3, name="d"),
+                              keras.layers.Dense(3, name="d_kernel")])
+    model.compile(optimizer(), "mse")
+    model.fit(np.ones((4, 3)), np.ones((4, 3)), verbose=0)
+    for variable in model.trainable_variables:
+        found = _trainer.optimizer_slots(model.optimizer, variable,
+                                         model.trainable_variables)
+        assert len(found) == slots, variable.path
+        assert all(tuple(v.shape) == tuple(variable.shape) for v in found)
+    assert _trainer.optimizer_slots(None, model.weights[0]) == []

@@ -121,6 +121,12 @@ def run_variant(name, train, val, steps):
                   if name == "smcp" else {"flops": FLAGS.flops})
         model = keras_chex.soft_mask_prune(dense, seed=FLAGS.seed, **target)
         callbacks = [keras_chex.SoftMaskPruning()]
+    elif name in ("frs", "l1"):
+        model = keras_chex.relevance_prune(
+            dense, flops=FLAGS.flops, interval=FLAGS.interval,
+            seed=FLAGS.seed, criterion="relevance" if name == "frs" else "l1")
+        # Scored on the first batches of the (shuffled) training data.
+        callbacks = [keras_chex.RelevancePruning(train, verbose=1)]
     else:
         regrow = 0.0 if name == "fixed" else 0.3
         model = keras_chex.prune_and_regrow(

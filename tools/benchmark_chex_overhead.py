@@ -1,8 +1,10 @@
-"""Wall-clock of a pruning `fit` (CHEX or SMCP) against a plain `fit`.
+"""Wall-clock of a pruning `fit` (CHEX, SMCP or FRS) against a plain `fit`.
 
 `--method=smcp` times SMCP instead: its train step accumulates Taylor
 importance and decays pruned weights (the gradient hook), and its
-recomputations are timed like CHEX's explorations.
+recomputations are timed like CHEX's explorations. `--method=frs` times the
+relevance method: its pruning steps (LRP scoring on 10 batches, then
+removal) are timed the same way.
 
 
 Both fits train the same CIFAR ResNet on the same data with the same
@@ -43,7 +45,8 @@ flags.DEFINE_string("data", None, "CIFAR-10 train.zip (default: the sample).")
 flags.DEFINE_integer("depth", 20, "CIFAR ResNet depth.")
 flags.DEFINE_integer("epochs", 8, "Epochs per fit.")
 flags.DEFINE_integer("rounds", 3, "Interleaved plain/CHEX rounds.")
-flags.DEFINE_enum("method", "chex", ["chex", "smcp"], "Pruning method.")
+flags.DEFINE_enum("method", "chex", ["chex", "smcp", "frs"],
+                  "Pruning method.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_float("interval", 2.0, "CHEX exploration interval (epochs).")
 flags.DEFINE_float("flops", 0.5, "CHEX MACs target.")
@@ -80,6 +83,12 @@ def timed_fit(train, chex):
             model, flops=FLAGS.flops, interval=FLAGS.interval, seed=0)
         callbacks.append(keras_chex.ChannelExploration())
         step_name = "explore"
+    elif chex and FLAGS.method == "frs":
+        model = keras_chex.relevance_prune(
+            model, flops=FLAGS.flops, interval=FLAGS.interval, seed=0)
+        # Scores on the training data, as a user would.
+        callbacks.append(keras_chex.RelevancePruning(train))
+        step_name = "prune_step"
     elif chex:
         model = keras_chex.soft_mask_prune(model, flops=FLAGS.flops, seed=0)
         callbacks.append(keras_chex.SoftMaskPruning())

@@ -8,6 +8,8 @@ this module mirrors `keras.src.backend.tensorflow.trainer.TensorFlowTrainer
 .train_step` (Keras 3.3 to 3.15) and calls the hook there. It is, with
 `_graph.py`, the only module that uses private Keras internals; its test
 checks that with an identity hook the step trains exactly like Keras' own.
+It also finds an optimizer's state for a variable (by Keras' naming of
+slot variables), which permanent pruning must clear.
 """
 
 import warnings
@@ -56,3 +58,35 @@ def train_step_with_gradient_hook(model, data, hook):
     else:
         warnings.warn("The model does not have any trainable weights.")
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def optimizer_slots(optimizer, variable, others=()):
+    """The optimizer variables holding per-entry state of `variable`.
+
+    Keras' optimizers name the state they keep for a variable (SGD's
+    momentum, Adam's moments, ...) after the variable's path, with the
+    variable's shape (`Optimizer.add_variable_from_reference`); there is no
+    public map from a variable to its slots.
+
+    Args:
+        optimizer: a built Keras optimizer, or None.
+        variable: a model variable.
+        others: the model's other variables: a slot whose name extends
+            one of theirs (layer `d_kernel` beside layer `d`) is theirs.
+
+    Returns:
+        A list of optimizer variables (empty for None or an unbuilt one).
+    """
+    if optimizer is None:
+        return []
+
+    def prefix(v):
+        return v.path.replace("/", "_") + "_"
+
+    own = prefix(variable)
+    longer = [prefix(v) for v in others
+              if prefix(v).startswith(own) and prefix(v) != own]
+    return [v for v in optimizer.variables
+            if v.name.startswith(own)
+            and not any(v.name.startswith(p) for p in longer)
+            and tuple(v.shape) == tuple(variable.shape)]

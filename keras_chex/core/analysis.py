@@ -585,6 +585,33 @@ class ModelAnalysis:
             value[tuple(index)] = 0
             variable.assign(value)
 
+    def clear_optimizer_state(self, optimizer, channels):
+        """Zeroes what `optimizer` keeps (momentum, moments) for `channels`.
+
+        Weights zeroed for good must stay zero: an SGD momentum left from
+        earlier steps would move them again.
+
+        Args:
+            optimizer: the model's optimizer (None or unbuilt: nothing).
+            channels: bool array over all channels, True for the ones to
+                clear.
+        """
+        from keras_chex.core import _trainer
+
+        channels = np.asarray(channels, dtype=bool)
+        others = self.model.trainable_variables
+        for s in self.weight_slices:
+            cleared = ~keep_mask(s.classes, ~channels)
+            if not cleared.any():
+                continue
+            for slot in _trainer.optimizer_slots(optimizer, s.variable(),
+                                                 others):
+                value = np.array(slot.numpy())
+                index = [slice(None)] * value.ndim
+                index[s.axis] = cleared
+                value[tuple(index)] = 0
+                slot.assign(value)
+
 
 def keep_mask(classes, class_mask):
     """Per-position keep flags for positions mapped to channel `classes`."""

@@ -1,0 +1,90 @@
+"""The callback that runs relevance pruning steps during `model.fit`."""
+
+import keras
+import tensorflow as tf
+
+from keras_chex.core import callback
+from keras_chex.core import schedule as schedule_lib
+from keras_chex.methods.frs import scores as scores_lib
+
+
+@keras.saving.register_keras_serializable(package="keras_chex")
+class RelevancePruning(callback.PruningCallback):
+    """Removes the least relevant channels on schedule during `model.fit`.
+
+    Goes with a model from `keras_chex.relevance_prune`, which holds the
+    target and schedule. At each pruning step the feature relevance scores
+    are computed on the first `score_batches` batches of `data` (one
+    compiled pass), and the lowest-scored channels are removed for good.
+    Each epoch's logs get `frs_macs` (fraction of the dense MACs kept, or of
+    the parameters for a `params` target) and `frs_pruned` (channels removed
+    in that epoch). The schedule is laid over the planned length of the
+    `fit` call, so its steps per epoch must be known. It may be listed
+    before or after a `BackupAndRestore` callback.
+
+    Args:
+        data: the images the scores are computed on: a `tf.data.Dataset`
+            of `(x, y)` batches (the training set or a part of it), or an
+            `(x, y)` tuple of arrays. Not saved by `get_config`.
+        verbose: 1 prints one line per pruning step.
+
+    Example:
+
+    ```python
+    model.fit(train, epochs=30,
+              callbacks=[keras_chex.RelevancePruning(train)])
+    ```
+    """
+
+    method = "frs"
+    entry_point = "keras_chex.relevance_prune(model, ...)"
+
+    def __init__(self, data=None, verbose=0):
+        super().__init__(verbose=verbose)
+        # Arrays become a dataset once, not at every pruning step; a bad
+        # `data` fails here, before any training.
+        self.data = None if data is None else scores_lib.as_dataset(
+            data, batches=1 if _endless(data) else None)
+        if isinstance(data, tf.data.Dataset):
+            self.data = data  # Endless is fine: each step takes a few.
+        self._pruned = 0.0
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if (self.data is None
+                and self.model.pruning_config.get("criterion") != "l1"):
+            raise ValueError(
+                "RelevancePruning needs the data to score channels on: "
+                "`keras_chex.RelevancePruning(train_dataset)` (a dataset of "
+                "(x, y) batches or an (x, y) tuple of arrays).")
+        self._pruned = 0.0
+
+    def plan(self, steps_per_epoch, epochs):
+        config = self.model.pruning_config
+        schedule = schedule_lib.PeriodicSchedule(
+            interval=config["interval"], until=config["until"])
+        steps = schedule.steps(steps_per_epoch, epochs)
+        return [(step, (step, i + 1, len(steps)))
+                for i, step in enumerate(steps)]
+
+    def run_step(self, step, payload):
+        planned, index, total = payload
+        stats = self.state.prune_step(self.data, index, total)
+        self._pruned += float(stats[1])
+        if self.verbose:
+            print(
+                f"\nFRS pruning step {index}/{total} at step {step} "
+                f"(planned {planned}): removed {int(stats[1])} channels, "
+                f"kept {stats[0]:.3f} of dense"
+            )
+
+    def epoch_logs(self):
+        logs = {"frs_macs": float(self.state.kept_fraction()),
+                "frs_pruned": self._pruned}
+        self._pruned = 0.0
+        return logs
+
+
+def _endless(data):
+    return (isinstance(data, tf.data.Dataset)
+            and data.cardinality() == tf.data.INFINITE_CARDINALITY)

@@ -1,0 +1,202 @@
+"""Gradual channel pruning by feature relevance scores (Aketi et al., 2020).
+
+`relevance_prune` wraps a model with permanent channel masks. During `fit`,
+the `RelevancePruning` callback runs a pruning step every `interval` epochs
+until a fraction `until` of the training: it scores every channel by its
+feature relevance (LRP from the true class, see `scores.py`) on a few
+batches of data, and removes the globally lowest-scored channels, for good
+(their weights are zeroed and they never come back). There is no separate
+fine-tuning stage: training simply goes on.
+
+The target is a fraction of the dense MACs (`flops`) or parameters
+(`params`) kept, reached in equal steps of cost, or `channels=x`, the
+paper's fixed number of channels removed per step.
+"""
+
+import numbers
+
+import numpy as np
+
+from keras_chex.core import importance as weight_importance
+from keras_chex.core import method
+from keras_chex.core import schedule as schedule_lib
+from keras_chex.core import wrapping
+from keras_chex.methods.frs import scores as scores_lib
+from keras_chex.methods.frs import selection
+
+METHOD = "frs"
+CRITERIA = ("relevance", "l1")
+
+
+def relevance_prune(model, *, flops=None, params=None, channels=None,
+                    interval=2.0, until=0.75, score_batches=10,
+                    min_channels=0.05, round_to=1, exclude=(), seed=None,
+                    criterion="relevance"):
+    """Prepares a model for gradual pruning by feature relevance scores.
+
+    Args:
+        model: a Functional or Sequential classifier (untouched; a wrapped
+            copy is returned) with one `(batch, classes)` output.
+        flops: fraction of the dense MACs to keep at the end.
+        params: fraction of the dense parameter count to keep.
+        channels: channels removed per pruning step (the paper's `x`).
+            Give exactly one of `flops`, `params`, `channels`.
+        interval: epochs between pruning steps (may be fractional).
+        until: fraction of the planned training after which nothing more
+            is pruned; the last step runs there.
+        score_batches: batches of the callback's data each scoring uses.
+        min_channels: fewest channels a group keeps: an int, or a float in
+            (0, 1) for a fraction of its size (never fewer than 1).
+        round_to: keep channel counts at multiples of this, except where a
+            group is smaller.
+        exclude: names of layers never pruned.
+        seed: breaks ties between channels of equal score (drawn at random
+            if None, and stored with the model).
+        criterion: "relevance" (the method), or "l1" (the L1 norm of each
+            channel's filters, on the same schedule: a baseline).
+
+    Returns:
+        A `keras_chex.PrunableModel` (masks in "permanent" mode) to compile
+        and fit with `callbacks=[keras_chex.RelevancePruning(data)]`.
+
+    Example:
+
+    ```python
+    model = keras_chex.relevance_prune(model, flops=0.5)
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.fit(train, epochs=30,
+              callbacks=[keras_chex.RelevancePruning(train)])
+    compact = keras_chex.strip(model)
+    ```
+    """
+    target, value = method.one_target(
+        {"flops": flops, "params": params, "channels": channels},
+        {"flops": "fraction of MACs to keep",
+         "params": "fraction of parameters to keep",
+         "channels": "channels removed per step"},
+    )
+    method.check_fraction("flops", flops)
+    method.check_fraction("params", params)
+    if channels is not None and (
+            isinstance(channels, bool)
+            or not isinstance(channels, numbers.Integral) or channels < 1):
+        raise ValueError(
+            f"`channels` must be an int >= 1 (channels removed per pruning "
+            f"step), got {channels!r}.")
+    schedule = schedule_lib.PeriodicSchedule(interval=interval, until=until)
+    if (isinstance(score_batches, bool)
+            or not isinstance(score_batches, numbers.Integral)
+            or score_batches < 1):
+        raise ValueError(f"`score_batches` must be an int >= 1, got "
+                         f"{score_batches!r}.")
+    if criterion not in CRITERIA:
+        raise ValueError(
+            f"`criterion` must be one of {CRITERIA}, got {criterion!r}.")
+    round_to = method.check_round_to(round_to)
+    method.check_min_channels(min_channels)
+    config = {
+        "method": METHOD,
+        "target": target,
+        "target_value": value,
+        **schedule.get_config(),
+        "score_batches": int(score_batches),
+        "min_channels": min_channels,
+        "round_to": round_to,
+        "seed": method.resolve_seed(seed),
+        "criterion": criterion,
+    }
+    wrapped = wrapping.wrap(model, mode="permanent", exclude=exclude,
+                            pruning=config)
+    if criterion == "relevance":
+        # Checked now, not at the first pruning step: a model LRP cannot
+        # score should fail (or warn) before any training.
+        wrapped.pruning_state.scorer()
+    return wrapped
+
+
+class FrsState(method.PruningState):
+    """The relevance method's state: pruning statistics and last scores.
+
+    The masks themselves live in the model's mask layers (permanent: the
+    weights of removed channels are zeroed). Created by `PrunableModel` for
+    models from `relevance_prune`.
+
+    Args:
+        model: the `PrunableModel`.
+    """
+
+    def __init__(self, model, **kwargs):
+        super().__init__(model, name="frs_state", **kwargs)
+        n = max(self.num_channels, 1)
+        self.scores = self.add_weight(
+            name="scores", shape=(n,), initializer="zeros", trainable=False)
+        # cost fraction kept, channels removed by the last step, steps done,
+        # channels removed in all.
+        self.last_stats = self.add_weight(
+            name="last_stats", shape=(4,), initializer="zeros",
+            trainable=False)
+        self._plain["scorer"] = None
+        self.built = True
+
+    def scorer(self):
+        """The model's `RelevanceScorer` (built once)."""
+        if self._plain["scorer"] is None:
+            self._plain["scorer"] = scores_lib.RelevanceScorer(
+                self._plain["model"](), self.analysis)
+        return self._plain["scorer"]
+
+    def channel_scores(self, data):
+        """Normalised scores of every channel (NaN: not scored)."""
+        if self.config["criterion"] == "l1":
+            plan = weight_importance.ImportancePlan(self.analysis,
+                                                    filters_only=True)
+            return scores_lib.normalise_per_group(plan.magnitude(),
+                                                  self.analysis.groups)
+        dataset = scores_lib.as_dataset(data, self.config["score_batches"])
+        return self.scorer().scores(dataset)
+
+    def prune_step(self, data, index, steps):
+        """Runs pruning step `index` (1-based) of `steps`.
+
+        Returns:
+            [cost fraction kept, channels removed, steps done, channels
+            removed in all] (also stored in `last_stats`).
+        """
+        stats = np.asarray(self.last_stats.numpy()).copy()
+        if not self.num_channels:
+            return stats
+        values = self.channel_scores(data)
+        kept = self.analysis.class_mask()
+        rng = np.random.default_rng(self.config["seed"] + int(index))
+        units = selection.removal_units(
+            values, kept, self.analysis.groups, self.min_counts,
+            self.config["round_to"], rng.permutation(self.num_channels))
+        if self.config["target"] == "channels":
+            new = selection.remove_channels(
+                kept, units, int(self.config["target_value"]))
+        else:
+            resource = self.resource()
+            dense = self.cost.cost(np.ones(self.num_channels), resource)
+            goal = 1.0 - (1.0 - self.config["target_value"]) * index / steps
+            new, reached = selection.remove_to_cost(
+                kept, units, lambda m: self.cost.cost(m, resource),
+                goal * dense)
+            if not reached and not self._plain.get("warned"):
+                self._plain["warned"] = True
+                method.warn_unreachable(
+                    self.config["target"], self.config["target_value"],
+                    self.cost.cost(new, resource) / dense)
+        removed = int(np.sum(kept & ~new))
+        if removed:
+            self.analysis.set_class_mask(new)
+            self.analysis.clear_optimizer_state(
+                getattr(self._plain["model"](), "optimizer", None),
+                kept & ~new)
+        self.scores.assign(np.nan_to_num(values, nan=-1.0).astype(np.float32))
+        stats = np.array([self.kept_fraction(), removed, stats[2] + 1,
+                          stats[3] + removed], np.float32)
+        self.last_stats.assign(stats)
+        return stats
+
+
+method.register_method(METHOD, FrsState)
