@@ -87,6 +87,30 @@ def test_alpha_beta_matches_numpy_and_conserves(rng, name, make, shape):
     np.testing.assert_allclose(actual.sum(), r.sum(), rtol=CONSERVATION_RTOL)
 
 
+def test_the_non_negative_shortcut_gives_the_same_relevance(rng):
+    layer = layers.Conv2D(4, 3, padding="same")
+    model = _one_layer(layer, (5, 5, 3))
+    randomize_weights(model, rng)
+    x = tf.nn.relu(rng.normal(size=(2, 5, 5, 3)).astype("float32"))
+    r = tf.constant(rng.normal(size=(2, 5, 5, 4)).astype("float32"))
+    kernel = tf.cast(layer.kernel, tf.float32)
+    general = lrp.alpha_beta(lrp._linear_op(layer), x, kernel, r)
+    short = lrp.alpha_beta(lrp._linear_op(layer), x, kernel, r,
+                           nonnegative=True)
+    np.testing.assert_allclose(short, general, rtol=1e-5, atol=1e-7)
+
+
+def test_inputs_after_a_relu_are_known_non_negative():
+    model = cifar_resnet(8, num_classes=4, widths=(8, 16, 16),
+                         input_shape=(8, 8, 3))
+    graph = lrp.RelevanceGraph(model)
+    convs = {s.node.operation.name: s.inputs[0] in graph.nonnegative
+             for s in graph.steps if s.rule == lrp.ALPHA_BETA}
+    assert convs.pop("stem_conv") is False  # The image is signed.
+    assert convs.pop("logits") is True  # After ReLU and pooling.
+    assert all(convs.values()), convs
+
+
 def test_one_signed_output_gives_all_its_relevance_to_that_sign():
     # Only positive contributions: alpha = 2 would double the total.
     model = _one_layer(layers.Dense(1, use_bias=False), (2,))

@@ -101,6 +101,39 @@ _OP_RULES = {
 }
 
 
+# Activations whose output is never negative: a convolution reading it has
+# no negative inputs, and the alpha-beta rule needs half the products.
+_NONNEGATIVE_ACTIVATIONS = {"relu", "relu6", "sigmoid", "softmax", "softplus",
+                            "hard_sigmoid", "exponential"}
+_NONNEGATIVE_OPS = {"Relu", "Relu6", "Sigmoid", "Softplus", "HardSigmoid",
+                    "Exp", "Softmax", "Abs", "Absolute", "Square", "Sqrt"}
+# Layers that keep a non-negative input non-negative.
+_KEEPS_SIGN = _classes(
+    "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
+    "GaussianDropout", "AlphaDropout", "GaussianNoise",
+    "ActivityRegularization", "Identity") + (masking.ChannelMask,)
+
+
+def makes_nonnegative(op):
+    """Whether `op`'s output is >= 0 whatever its input."""
+    if isinstance(op, L.ReLU):
+        return not op.negative_slope and (op.threshold or 0) >= 0
+    if isinstance(op, L.Softmax):
+        return True
+    activation = getattr(op, "activation", None)
+    if isinstance(op, keras.layers.Layer):
+        return getattr(activation, "__name__", None) in (
+            _NONNEGATIVE_ACTIVATIONS)
+    return type(op).__name__ in _NONNEGATIVE_OPS
+
+
+def keeps_nonnegative(op, rule):
+    """Whether `op` maps non-negative inputs to a non-negative output."""
+    if type(op).__name__ == "Subtract":
+        return False
+    return rule in (ROUTE, PROPORTIONAL, GATE) or isinstance(op, _KEEPS_SIGN)
+
+
 def rule_of(node):
     """The LRP rule of one graph node, or None if it has none."""
     op = node.operation
@@ -153,6 +186,7 @@ class RelevanceGraph:
         unsupported: names of the layers (or ops) with no LRP rule.
         incomplete: keys of the tensors whose relevance misses what should
             have come back through an unsupported layer.
+        nonnegative: keys of the tensors that are never negative.
     """
 
     def __init__(self, model):
@@ -163,6 +197,7 @@ class RelevanceGraph:
         self.input_keys = [self._key((), t) for t in _graph.inputs_of(model)]
         self.output_keys = self._flatten(model, (), self.input_keys)
         self.incomplete = self._incomplete()
+        self.nonnegative = self._nonnegative()
 
     def _key(self, path, tensor):
         key = (path, id(tensor))
@@ -197,6 +232,20 @@ class RelevanceGraph:
             if step.rule is None or any(k in incomplete for k in step.outputs):
                 incomplete.update(step.inputs)
         return incomplete
+
+    def _nonnegative(self):
+        keys = set()
+        for step in self.steps:
+            inputs_ok = all(k in keys for k in step.inputs)
+            if step.node is None:
+                ok = inputs_ok
+            else:
+                op = step.node.operation
+                ok = makes_nonnegative(op) or (
+                    inputs_ok and keeps_nonnegative(op, step.rule))
+            if ok:
+                keys.update(step.outputs)
+        return keys
 
     # -- running -------------------------------------------------------------
     def forward(self, inputs):
@@ -238,7 +287,9 @@ class RelevanceGraph:
             if step.rule is None:
                 continue
             ins = [tf.cast(values[k], tf.float32) for k in step.inputs]
-            for key, r in zip(step.inputs, _backward(step, ins, outs)):
+            nonnegative = step.inputs[0] in self.nonnegative
+            for key, r in zip(step.inputs,
+                              _backward(step, ins, outs, nonnegative)):
                 if r is None:
                     continue
                 relevance[key] = r if key not in relevance else (
@@ -246,8 +297,11 @@ class RelevanceGraph:
         return relevance
 
 
-def _backward(step, inputs, relevance):
-    """Relevance of a step's inputs from that of its outputs."""
+def _backward(step, inputs, relevance, nonnegative=False):
+    """Relevance of a step's inputs from that of its outputs.
+
+    `nonnegative`: the (first) input is known to be >= 0.
+    """
     rule = step.rule
     if rule == PASS:
         return [relevance[0]]
@@ -255,9 +309,11 @@ def _backward(step, inputs, relevance):
     if rule == ALPHA_BETA:
         layer = node.operation
         return [alpha_beta(_linear_op(layer), inputs[0],
-                           tf.cast(layer.kernel, tf.float32), relevance[0])]
+                           tf.cast(layer.kernel, tf.float32), relevance[0],
+                           nonnegative=nonnegative)]
     if rule == SEPARABLE:
-        return [_separable(node.operation, inputs[0], relevance[0])]
+        return [_separable(node.operation, inputs[0], relevance[0],
+                           nonnegative)]
     if rule == GATE:
         return _gate(node, inputs, relevance[0])
     op = node.operation
@@ -294,7 +350,8 @@ def _safe(z):
     return tf.where(tf.abs(z) > EPSILON, z, 1.0)
 
 
-def alpha_beta(linear, x, kernel, relevance, alpha=ALPHA, beta=BETA):
+def alpha_beta(linear, x, kernel, relevance, alpha=ALPHA, beta=BETA,
+               nonnegative=False):
     """The alpha-beta rule for an op linear in `x` and in `kernel`.
 
     Args:
@@ -303,24 +360,37 @@ def alpha_beta(linear, x, kernel, relevance, alpha=ALPHA, beta=BETA):
         kernel: the weights (float32).
         relevance: the relevance of the op's output.
         alpha, beta: the rule's weights (`alpha - beta = 1` conserves).
+        nonnegative: `x` is known to be >= 0 (after a ReLU, say): the
+            products of its negative part are skipped.
 
     Returns:
         The relevance of `x`.
     """
     kp, kn = tf.nn.relu(kernel), tf.minimum(kernel, 0.0)
+    if nonnegative:
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            zp, zn = linear(x, kp), linear(x, kn)
+        sp, sn = _shares(zp, zn, relevance, alpha, beta)
+        return x * tape.gradient([zp, zn], x, output_gradients=[sp, -sn])
     xp, xn = tf.nn.relu(x), tf.minimum(x, 0.0)
     with tf.GradientTape() as tape:
         tape.watch([xp, xn])
         zp = linear(xp, kp) + linear(xn, kn)
         zn = linear(xp, kn) + linear(xn, kp)
+    sp, sn = _shares(zp, zn, relevance, alpha, beta)
+    gp, gn = tape.gradient([zp, zn], [xp, xn], output_gradients=[sp, -sn])
+    return xp * gp + xn * gn
+
+
+def _shares(zp, zn, relevance, alpha, beta):
+    """Relevance per unit of positive and of negative contribution."""
     has_p, has_n = zp > EPSILON, zn < -EPSILON
     both = has_p & has_n
     a = tf.where(both, alpha, tf.where(has_p, 1.0, 0.0))
     b = tf.where(both, beta, tf.where(has_n, -1.0, 0.0))
-    sp = tf.where(has_p, a * relevance / _safe(zp), 0.0)
-    sn = tf.where(has_n, b * relevance / _safe(zn), 0.0)
-    gp, gn = tape.gradient([zp, zn], [xp, xn], output_gradients=[sp, -sn])
-    return xp * gp + xn * gn
+    return (tf.where(has_p, a * relevance / _safe(zp), 0.0),
+            tf.where(has_n, b * relevance / _safe(zn), 0.0))
 
 
 def _linear_op(layer):
@@ -339,7 +409,7 @@ def _linear_op(layer):
     return lambda x, k: layer.convolution_op(x, k)
 
 
-def _separable(layer, x, relevance):
+def _separable(layer, x, relevance, nonnegative=False):
     ops = keras.ops
     depthwise = tf.cast(layer.depthwise_kernel, tf.float32)
     pointwise = tf.cast(layer.pointwise_kernel, tf.float32)
@@ -355,7 +425,7 @@ def _separable(layer, x, relevance):
 
     middle = first(x, depthwise)
     r_middle = alpha_beta(second, middle, pointwise, relevance)
-    return alpha_beta(first, x, depthwise, r_middle)
+    return alpha_beta(first, x, depthwise, r_middle, nonnegative=nonnegative)
 
 
 def _gate(node, inputs, relevance):
