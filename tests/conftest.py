@@ -10,49 +10,8 @@ import pytest  # noqa: E402
 
 import keras_chex  # noqa: E402
 from keras_chex.core import _graph  # noqa: E402
-
-
-def randomize_weights(model, rng):
-    """Random values for every weight, so that a wrong slice shows.
-
-    Variances stay positive; everything else (BatchNorm beta, moving mean,
-    biases) becomes non-zero, which a missing mask would leak through.
-    """
-    for layer in _graph.all_layers(model):
-        if isinstance(layer, keras_chex.ChannelMask):
-            continue
-        values = []
-        for v in layer.weights:
-            leaf = v.path.split("/")[-1]
-            shape = tuple(v.shape)
-            keep = v is getattr(layer, "mask", None)  # A folded mask.
-            if keep or not np.issubdtype(np.dtype(v.dtype), np.floating):
-                values.append(np.asarray(v.numpy()))
-            elif "variance" in leaf:
-                values.append(rng.uniform(0.5, 1.5, shape))
-            elif leaf == "gamma":
-                values.append(rng.uniform(0.5, 1.5, shape))
-            elif leaf in ("beta", "moving_mean", "bias"):
-                values.append(rng.normal(0.0, 0.3, shape))
-            else:
-                fan_in = max(1, int(np.prod(shape[:-1])))
-                values.append(rng.normal(0.0, 1.0 / np.sqrt(fan_in), shape))
-        _graph.set_layer_weights(layer, [np.asarray(x, dtype=v.dtype)
-                                         for x, v in zip(values,
-                                                         layer.weights)])
-
-
-def random_masks(wrapped, rng, keep=0.5):
-    """Random masks on every group (at least one channel kept each)."""
-    groups = keras_chex.channel_groups(wrapped)
-    for g in groups:
-        mask = rng.random(g.size) < keep
-        if mask.all() and g.size > 1:
-            mask[rng.integers(g.size)] = False  # Always prune something.
-        if not mask.any():
-            mask[rng.integers(g.size)] = True
-        g.set_mask(mask)
-    return groups
+from keras_chex.testing.random_graphs import random_masks  # noqa: E402,F401
+from keras_chex.testing.random_graphs import randomize_weights  # noqa: E402,F401
 
 
 def assert_strips_exactly(model, inputs, rng, keep=0.5, rtol=1e-4):

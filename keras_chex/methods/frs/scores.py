@@ -17,6 +17,7 @@ incomplete (upstream of a layer LRP has no rule for) get NaN: not scored.
 """
 
 import warnings
+import weakref
 
 import keras
 import numpy as np
@@ -293,6 +294,19 @@ def as_dataset(data, batches=None, batch_size=32):
     return data
 
 
+# One scorer per model, so that scoring the same model again (say, after
+# every epoch) reuses its compiled pass instead of tracing a new one.
+_SCORERS = weakref.WeakKeyDictionary()
+
+
+def _scorer_of(model):
+    scorer = _SCORERS.get(model)
+    if scorer is None:
+        scorer = RelevanceScorer(model)
+        _SCORERS[model] = scorer
+    return scorer
+
+
 def relevance_scores(model, data, batches=None):
     """The feature relevance score of every channel of every group.
 
@@ -322,7 +336,7 @@ def relevance_scores(model, data, batches=None):
         print(name, values.round(3))
     ```
     """
-    scorer = RelevanceScorer(model)
+    scorer = _scorer_of(model)
     values = scorer.scores(as_dataset(data, batches))
     return {g.name: values[g.start:g.start + g.size]
             for g in scorer.analysis.groups}

@@ -1,0 +1,1 @@
+"""Test support shared by tests/ and tools/ (not public API)."""
