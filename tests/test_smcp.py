@@ -120,6 +120,20 @@ def test_taylor_importance_matches_numpy():
     assert got[c1.start:c1.start + 3].sum() > 0
 
 
+def test_a_step_with_overflowed_gradients_adds_no_importance():
+    # Under mixed precision such a step is skipped by the optimizer.
+    model = _smcp(pruned_decay=0.0)
+    state = model.pruning_state
+    variables = model.trainable_weights
+    grads = [tf.ones_like(v) for v in variables]
+    state.transform_gradients(grads, variables)
+    after_one = state.importance.numpy().copy()
+    assert after_one.sum() > 0
+    grads[0] = tf.fill(variables[0].shape, np.inf)
+    state.transform_gradients(grads, variables)
+    np.testing.assert_array_equal(state.importance.numpy(), after_one)
+
+
 def test_straight_through_gradient_reaches_masked_weights_hard_does_not():
     def grads_of(mode):
         keras.utils.set_random_seed(2)

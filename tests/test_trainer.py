@@ -92,3 +92,29 @@ def test_optimizer_slots_are_found_per_variable(optimizer, slots):
         assert len(found) == slots, variable.path
         assert all(tuple(v.shape) == tuple(variable.shape) for v in found)
     assert _trainer.optimizer_slots(None, model.weights[0]) == []
+
+
+def test_the_hook_sees_unscaled_gradients_under_a_loss_scale():
+    x, y = _data()
+    seen = tf.Variable(tf.zeros([6, 5]))
+
+    def record(grads, variables):
+        for g, v in zip(grads, variables):
+            if v.path == "first/kernel":
+                seen.assign(g)
+        return grads
+
+    model = _build(_Hooked, hook=record)
+    model.compile(
+        optimizer=keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.SGD(0.0), initial_scale=1024.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x[:16], y[:16], batch_size=16, epochs=1, verbose=0)
+    reference = _build(keras.Model)
+    with tf.GradientTape() as tape:
+        loss = reference.compute_loss(
+            x=x[:16], y=y[:16], y_pred=reference(x[:16], training=True))
+    kernel = reference.get_layer("first").kernel
+    np.testing.assert_allclose(seen.numpy(),
+                               tape.gradient(loss, kernel).numpy(),
+                               rtol=1e-5, atol=1e-7)

@@ -198,9 +198,19 @@ def test_save_and_load_keras_file_keeps_masks(rng, data, tmp_path):
                                atol=1e-5)
 
 
-def test_strip_rejects_plain_models():
-    with pytest.raises(ValueError, match="not a keras-chex wrapped model"):
-        keras_chex.strip(small_net())
+def test_strip_of_a_plain_model_is_an_equal_copy():
+    model = small_net()
+    x = np.random.default_rng(0).normal(size=(2,) + tuple(
+        model.inputs[0].shape[1:])).astype("float32")
+    copy = keras_chex.strip(model)
+    assert copy is not model and not keras_chex.is_wrapped(copy)
+    assert {id(w) for w in copy.weights}.isdisjoint(
+        {id(w) for w in model.weights})
+    np.testing.assert_array_equal(copy(x), model(x))
+    assert keras_chex.count_macs(copy).macs == keras_chex.count_macs(
+        model).macs
+    with pytest.raises(TypeError, match="Expected a keras.Model"):
+        keras_chex.strip("model.keras")
 
 
 def test_bad_mode_is_named():

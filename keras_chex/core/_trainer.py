@@ -53,7 +53,16 @@ def train_step_with_gradient_hook(model, data, hook):
     if model.trainable_weights:
         variables = model.trainable_weights
         gradients = tape.gradient(loss, variables)
+        # The hook sees the true gradients: a LossScaleOptimizer (mixed
+        # precision) has scaled the loss, and unscales in `apply`. The
+        # scale is a power of two, so dividing and multiplying back is
+        # exact.
+        factor = tf.cast(model.optimizer.scale_loss(tf.ones([])), tf.float32)
+        gradients = [None if g is None else g / tf.cast(factor, g.dtype)
+                     for g in gradients]
         gradients = hook(gradients, variables)
+        gradients = [None if g is None else g * tf.cast(factor, g.dtype)
+                     for g in gradients]
         model.optimizer.apply_gradients(zip(gradients, variables))
     else:
         warnings.warn("The model does not have any trainable weights.")
@@ -90,3 +99,47 @@ def optimizer_slots(optimizer, variable, others=()):
             if v.name.startswith(own)
             and not any(v.name.startswith(p) for p in longer)
             and tuple(v.shape) == tuple(variable.shape)]
+
+
+def maybe_symbolic_build(model, iterator=None, data_batch=None):
+    """Keras' `TensorFlowTrainer._maybe_symbolic_build`, fixed for
+    `MultiWorkerMirroredStrategy`.
+
+    Keras (3.3 to 3.15 at least, keras-team/keras#20585) averages the first
+    distributed batch with `strategy.reduce` only to learn its shapes;
+    under MultiWorkerMirroredStrategy that reduce of a nested batch fails
+    ("Attempt to convert a value (PerReplica...)"), so `fit` cannot start.
+    The shapes are the same on every replica: take this replica's batch.
+    """
+    if model._distribute_strategy is None:
+        return
+    if iterator is not None:
+        for _, _, it in iterator:
+            batch = next(it)
+            strategy = model.distribute_strategy
+            data_batch = keras.tree.map_structure(
+                lambda x: strategy.experimental_local_results(x)[0]
+                if isinstance(x, tf.distribute.DistributedValues) else x,
+                batch)
+            break
+    with model.distribute_strategy.scope():
+        model._symbolic_build(data_batch=data_batch)
+
+
+def in_multi_worker_mode(model):
+    """Whether `model` trains under a multi-worker collective strategy."""
+    strategy = model._distribute_strategy
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode())
+
+
+def multi_worker_logs(logs):
+    """Train-step logs as Keras can reduce them across workers.
+
+    Keras reduces each replica's logs with `strategy.reduce("MEAN", v,
+    axis=0)` under MultiWorkerMirroredStrategy, which fails on the scalars
+    every train step returns (keras-team/keras#20585). A length-1 vector
+    reduces along that axis to the same scalar mean.
+    """
+    return keras.tree.map_structure(
+        lambda v: tf.reshape(v, [1]) if len(v.shape) == 0 else v, logs)

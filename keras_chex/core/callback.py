@@ -9,7 +9,10 @@ one `steps_per_execution` window, and the errors a user sees when the model
 or the fit does not fit the method.
 """
 
+import warnings
+
 import keras
+import numpy as np
 
 
 class PruningCallback(keras.callbacks.Callback):
@@ -94,7 +97,34 @@ class PruningCallback(keras.callbacks.Callback):
         # only: run every step that fell inside the last execution.
         while self._plan and self._plan[0][0] <= step:
             _, payload = self._plan.pop(0)
+            broken = self._nonfinite_layers()
+            if broken:
+                self._skip(step, broken)
+                continue
             self.run_step(step, payload)
+
+    def _nonfinite_layers(self):
+        """Layers whose weights hold NaN or inf (a diverged loss)."""
+        from keras_chex.core import _graph
+
+        broken = []
+        for layer in _graph.all_layers(self.model) + [self.state]:
+            if any(not np.all(np.isfinite(v.numpy()))
+                   for v in layer.weights
+                   if np.issubdtype(np.dtype(v.dtype), np.floating)):
+                broken.append(layer.name)
+        return broken
+
+    def _skip(self, step, broken):
+        names = ", ".join(f"'{n}'" for n in broken[:5]) + (
+            f" and {len(broken) - 5} more" if len(broken) > 5 else "")
+        warnings.warn(
+            f"{type(self).__name__}: skipped the pruning step at step "
+            f"{step}: the weights of {names} are NaN or inf (the loss "
+            "diverged), so no channel can be ranked. The masks are "
+            "unchanged and training goes on; lower the learning rate, or "
+            "stop such runs with keras.callbacks.TerminateOnNaN().",
+            stacklevel=2)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:

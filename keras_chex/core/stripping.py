@@ -1,5 +1,7 @@
 """Stripping: from a wrapped model to a compact plain Keras model."""
 
+import warnings
+
 import keras
 import numpy as np
 
@@ -31,14 +33,17 @@ def strip(model):
     inference mode it computes what the wrapped model computes.
 
     Args:
-        model: a model returned by `keras_chex.prune_and_regrow` or
-            `keras_chex.wrap` (possibly trained, saved and loaded).
+        model: a model returned by `keras_chex.prune_and_regrow` (or
+            another entry point, or `keras_chex.wrap`), possibly trained,
+            saved and loaded. A plain Functional or Sequential model has
+            nothing to remove: an equal copy of it is returned.
 
     Returns:
         A plain `keras.Model` (Functional; nested models stay nested).
 
     Raises:
-        ValueError: if `model` is not a wrapped model.
+        ValueError: for a model keras-chex cannot rebuild (subclassed).
+        TypeError: for something that is not a Keras model.
 
     Example:
 
@@ -48,11 +53,10 @@ def strip(model):
     ```
     """
     if not is_wrapped(model):
-        raise ValueError(
-            f"Model '{getattr(model, 'name', model)}' is not a keras-chex "
-            "wrapped model, so there is nothing to strip. Pass the model "
-            "returned by `keras_chex.prune_and_regrow()` / `keras_chex.wrap()`."
-        )
+        with warnings.catch_warnings():
+            # Which layers could not be pruned is moot for a copy.
+            warnings.simplefilter("ignore", UserWarning)
+            model = wrapping.wrap(model)
     analysis = model.analysis
     class_mask = analysis.class_mask()
     memo = {}

@@ -1,6 +1,7 @@
 """Wrapping a model for pruning: a copy of it that carries channel masks."""
 
 import json
+import warnings
 
 import keras
 
@@ -9,6 +10,11 @@ from keras_chex.core import analysis as cg
 from keras_chex.core import _trainer
 from keras_chex.core import masking
 from keras_chex.core import method as pruning_method
+
+# Version of the pruning config a `PrunableModel` saves; a file with a
+# higher one comes from a newer keras-chex and is refused with a clear error.
+CONFIG_VERSION = 2
+
 
 @keras.saving.register_keras_serializable(package="keras_chex")
 class PrunableModel(keras.Model):
@@ -33,7 +39,16 @@ class PrunableModel(keras.Model):
         super().__init__(*args, **kwargs)
         # Kept as JSON: Keras would wrap a dict attribute in a tracked
         # container that drags the model along when copied.
-        self._pruning_config_json = json.dumps(pruning or chex or {})
+        config = dict(pruning or chex or {})
+        version = config.get("config_version", 1)
+        if version > CONFIG_VERSION:
+            raise ValueError(
+                f"Model '{kwargs.get('name', '?')}' was saved by a newer "
+                f"keras-chex (pruning config version {version}; this one "
+                f"reads up to {CONFIG_VERSION}). Upgrade keras-chex to load "
+                "it, or strip it with the version that saved it.")
+        config["config_version"] = CONFIG_VERSION
+        self._pruning_config_json = json.dumps(config)
         self._analysis_cache = None
         # keras-chex 0.1.0 saved the state's variables under the attribute
         # path `chex_state`. Keras finds variables by attribute path, so
@@ -77,8 +92,16 @@ class PrunableModel(keras.Model):
         hook = getattr(getattr(self, "pruning_state", None),
                        "transform_gradients", None)
         if hook is None:
-            return super().train_step(data)
-        return _trainer.train_step_with_gradient_hook(self, data, hook)
+            logs = super().train_step(data)
+        else:
+            logs = _trainer.train_step_with_gradient_hook(self, data, hook)
+        if _trainer.in_multi_worker_mode(self):
+            logs = _trainer.multi_worker_logs(logs)
+        return logs
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras' own fails under MultiWorkerMirroredStrategy; see _trainer.
+        _trainer.maybe_symbolic_build(self, iterator, data_batch)
 
     def get_config(self):
         config = super().get_config()
@@ -132,8 +155,16 @@ def wrap(model, *, mode="hard", exclude=(), pruning=None,
         raise ValueError(
             f"mode must be one of {masking.MASK_MODES}, got {mode!r}."
         )
+    if isinstance(exclude, str):
+        exclude = (exclude,)  # One layer name, not its letters.
     exclude = tuple(exclude)
     analysis = cg.ModelAnalysis(model, exclude=exclude)
+    if not analysis.groups:
+        warnings.warn(
+            f"Model '{model.name}' has no channels keras-chex can prune: "
+            "every channel is a model input or output, excluded, or next to "
+            "a layer it cannot analyse (see any warning above). Pruning it "
+            "changes nothing.", stacklevel=3)
     to_mask, folded = masking.place_masks(
         analysis,
         fold_batchnorm=fold_batchnorm and mode in masking.FOLDING_MODES,

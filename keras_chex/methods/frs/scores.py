@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_chex.core import _graph
+from keras_chex.core import _trainer
 from keras_chex.core import analysis as analysis_lib
 from keras_chex.core import wrapping
 from keras_chex.methods.frs import lrp
@@ -192,6 +193,12 @@ class RelevanceScorer:
 
             self._accumulate = run
         sums, counts, correct = self._accumulate(dataset)
+        if _trainer.in_multi_worker_mode(self.model):
+            # Each worker scores with its own BatchNorm moving statistics
+            # (Keras keeps them per replica); all must prune alike.
+            strategy = self.model.distribute_strategy
+            sums, counts, correct = (strategy.reduce("MEAN", v, axis=None)
+                                     for v in (sums, counts, correct))
         return (np.asarray(sums)[:self.num_channels], np.asarray(counts),
                 np.asarray(correct))
 

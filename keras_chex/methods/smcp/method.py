@@ -210,8 +210,11 @@ class SmcpState(method.PruningState):
         if not self.num_channels:
             return grads
         if self.config["importance"] == "taylor":
-            self.importance.assign_add(
-                self._plain["plan"].taylor(grads, variables))
+            step = self._plain["plan"].taylor(grads, variables)
+            # A step whose gradients overflowed (mixed precision) is
+            # skipped by the optimizer; it must not count here either.
+            self.importance.assign_add(tf.where(
+                tf.reduce_all(tf.math.is_finite(step)), step, 0.0))
         decay = self.config["pruned_decay"]
         if not decay:
             return grads

@@ -1,0 +1,221 @@
+"""The bad-input catalogue: each a clear error or warning, nothing lost.
+
+Errors name the argument or layer at fault and say what to do; nothing the
+user passed is modified. (Per-method argument checks live with each
+method's tests; exports to existing paths in test_export.py; subclassed
+and channels_first models in test_constructs.py.)
+"""
+
+import json
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+import keras_chex
+
+ENTRY_POINTS = {
+    "chex": lambda m, **kw: keras_chex.prune_and_regrow(m, flops=0.5, **kw),
+    "smcp": lambda m, **kw: keras_chex.soft_mask_prune(
+        m, flops=0.5, round_to=2, **kw),
+    "frs": lambda m, **kw: keras_chex.relevance_prune(m, flops=0.5, **kw),
+}
+
+
+def _net():
+    inp = keras.Input((8, 8, 3))
+    x = layers.Conv2D(8, 3, padding="same", name="conv_a")(inp)
+    x = layers.BatchNormalization()(x)
+    x = layers.ReLU()(x)
+    x = layers.Conv2D(8, 3, padding="same", name="conv_b")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, layers.Dense(4, name="head")(x))
+
+
+def _data(n=32):
+    rng = np.random.default_rng(0)
+    return (rng.normal(size=(n, 8, 8, 3)).astype("float32"),
+            rng.integers(0, 4, n))
+
+
+@pytest.mark.parametrize("method", sorted(ENTRY_POINTS))
+def test_an_unbuilt_sequential_model_is_refused_with_the_fix(method):
+    model = keras.Sequential([layers.Conv2D(4, 3), layers.Flatten(),
+                              layers.Dense(2)])
+    with pytest.raises(ValueError, match="keras.Input\\(shape=...\\)"):
+        ENTRY_POINTS[method](model)
+
+
+@pytest.mark.parametrize("method", sorted(ENTRY_POINTS))
+def test_a_model_with_nothing_prunable_warns(method):
+    inp = keras.Input((4,))
+    model = keras.Model(inp, layers.Dense(3)(inp))
+    with pytest.warns(UserWarning, match="no channels keras-chex can prune"):
+        ENTRY_POINTS[method](model)
+
+
+@pytest.mark.parametrize("method", sorted(ENTRY_POINTS))
+def test_a_target_of_the_wrong_type_is_named(method):
+    with pytest.raises(ValueError, match="`flops` must be a number"):
+        {"chex": keras_chex.prune_and_regrow,
+         "smcp": keras_chex.soft_mask_prune,
+         "frs": keras_chex.relevance_prune}[method](_net(), flops="0.5")
+
+
+def test_exclude_may_name_a_single_layer_as_a_string():
+    wrapped = keras_chex.prune_and_regrow(_net(), flops=0.5,
+                                          exclude="conv_a")
+    names = {n for g in keras_chex.channel_groups(wrapped)
+             for n in g.producers}
+    assert "conv_a" not in names and "conv_b" in names
+    with pytest.raises(ValueError, match="conv_c"):
+        keras_chex.prune_and_regrow(_net(), flops=0.5, exclude="conv_c")
+
+
+@pytest.mark.parametrize("method", sorted(ENTRY_POINTS))
+def test_the_users_model_is_never_modified(method):
+    model = _net()
+    before = [w.copy() for w in model.get_weights()]
+    wrapped = ENTRY_POINTS[method](model)
+    for g in keras_chex.channel_groups(wrapped):
+        mask = g.mask
+        mask[0] = False
+        g.set_mask(mask)
+    keras_chex.strip(wrapped)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert not keras_chex.is_wrapped(model)
+
+
+def test_a_file_from_a_newer_keras_chex_is_refused(tmp_path):
+    path = tmp_path / "model.keras"
+    keras_chex.prune_and_regrow(_net(), flops=0.5).save(path)
+    newer = tmp_path / "newer.keras"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(newer, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                config["config"]["pruning"]["config_version"] = 99
+                data = json.dumps(config).encode()
+            dst.writestr(item, data)
+    with pytest.raises(ValueError, match="newer keras-chex"):
+        keras.saving.load_model(newer)
+    # The file itself is intact and still loads where it can.
+    assert keras.saving.load_model(path).pruning_config["config_version"] == 2
+
+
+@pytest.mark.parametrize("method", sorted(ENTRY_POINTS))
+def test_callbacks_refuse_a_plain_model(method):
+    x, y = _data()
+    model = _net()
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    callback = {"chex": keras_chex.ChannelExploration(),
+                "smcp": keras_chex.SoftMaskPruning(),
+                "frs": keras_chex.RelevancePruning((x, y))}[method]
+    with pytest.raises(ValueError, match="needs a model from"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+
+
+@pytest.mark.parametrize("method", sorted(ENTRY_POINTS))
+def test_mixed_float16_works_for_every_method(method):
+    x, y = _data()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        options = {"chex": dict(interval=1), "smcp": dict(interval_steps=1),
+                   "frs": dict(interval=1)}[method]
+        model = ENTRY_POINTS[method](_net(), seed=0, **options)
+        callback = {"chex": keras_chex.ChannelExploration(),
+                    "smcp": keras_chex.SoftMaskPruning(),
+                    "frs": keras_chex.RelevancePruning((x, y))}[method]
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        history = model.fit(x, y, batch_size=8, epochs=3, verbose=0,
+                            callbacks=[callback])
+        assert np.all(np.isfinite(history.history["loss"]))
+        assert model.get_layer("conv_a").compute_dtype == "float16"
+        compact = keras_chex.strip(model)
+        assert compact.get_layer("conv_a").compute_dtype == "float16"
+        np.testing.assert_allclose(
+            np.asarray(compact(x[:4]), "float32"),
+            np.asarray(model(x[:4]), "float32"), rtol=1e-3, atol=1e-3)
+        kept = (keras_chex.count_macs(compact).macs
+                / keras_chex.count_macs(_net()).macs)
+        assert kept <= 0.5
+        state = model.pruning_state
+        for v in state.weights:
+            assert np.all(np.isfinite(v.numpy())), v.path
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+class _Poison(keras.callbacks.Callback):
+    """Puts NaN into a layer's kernel after a given step (a diverged step)."""
+
+    def __init__(self, step, layer="conv_b"):
+        super().__init__()
+        self.step, self.layer = step, layer
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == self.step:
+            kernel = self.model.get_layer(self.layer).kernel
+            value = kernel.numpy()
+            value[..., 0] = np.nan
+            kernel.assign(value)
+
+
+@pytest.mark.parametrize("method", sorted(ENTRY_POINTS))
+def test_a_diverged_step_skips_pruning_with_a_clear_warning(method):
+    x, y = _data()
+    options = {"chex": dict(interval=1), "smcp": dict(interval_steps=2),
+               "frs": dict(interval=1)}[method]
+    model = ENTRY_POINTS[method](_net(), seed=0, **options)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    callback = {"chex": keras_chex.ChannelExploration(),
+                "smcp": keras_chex.SoftMaskPruning(),
+                "frs": keras_chex.RelevancePruning((x, y))}[method]
+    masks = []
+    recorder = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: masks.append(
+            model.analysis.class_mask()))
+    # Listed first, so the poison is in place when the pruning step runs.
+    poison = _Poison(step=3)
+    with pytest.warns(UserWarning, match="skipped the pruning step.*"
+                      "'conv_b'.*NaN or inf"):
+        model.fit(x, y, batch_size=8, epochs=3, verbose=0,
+                  callbacks=[poison, callback, recorder])
+    # From the poisoned step on, no pruning step changed the masks, and
+    # they are valid: every group keeps a channel.
+    for mask in masks[3:]:
+        np.testing.assert_array_equal(mask, masks[2])
+    for g in keras_chex.channel_groups(model):
+        assert g.mask.any()
+
+
+def test_all_zero_filters_are_pruned_like_any_other():
+    x, y = _data()
+    model = keras_chex.relevance_prune(_net(), channels=4, interval=1,
+                                       seed=0)
+    kernel = model.get_layer("conv_a").kernel
+    kernel.assign(np.zeros(kernel.shape, "float32"))
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0,
+              callbacks=[keras_chex.RelevancePruning((x, y))])
+    for g in keras_chex.channel_groups(model):
+        assert g.mask.any()
+    chex = keras_chex.prune_and_regrow(_net(), flops=0.5, interval=1, seed=0)
+    kernel = chex.get_layer("conv_a").kernel
+    kernel.assign(np.zeros(kernel.shape, "float32"))
+    chex.compile("sgd", keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    history = chex.fit(x, y, batch_size=8, epochs=2, verbose=0,
+                       callbacks=[keras_chex.ChannelExploration()])
+    assert history.history["chex_macs"][-1] <= 0.5
