@@ -7,6 +7,7 @@ and channels_first models in test_constructs.py.)
 """
 
 import json
+import warnings
 import zipfile
 
 import keras
@@ -219,3 +220,63 @@ def test_all_zero_filters_are_pruned_like_any_other():
     history = chex.fit(x, y, batch_size=8, epochs=2, verbose=0,
                        callbacks=[keras_chex.ChannelExploration()])
     assert history.history["chex_macs"][-1] <= 0.5
+
+
+def _concat_joined_to_a_stream():
+    # Found by the random-graph benchmark (seed 249): 'side' writes 3 of
+    # the 11 channels of one group; pruning all 3 left a 0-filter layer.
+    inp = keras.Input((8, 8, 3))
+    main = layers.Conv2D(8, 3, padding="same", name="main")(inp)
+    side = layers.Conv2D(3, 1, name="side")(inp)
+    joined = layers.Concatenate()([main, side])
+    other = layers.BatchNormalization()(
+        layers.Conv2D(11, 1, name="other")(inp))
+    x = layers.ReLU()(layers.Add()([joined, other]))
+    x = layers.Conv2D(6, 3, padding="same", name="after")(x)
+    x = layers.GlobalAveragePooling2D()(layers.ReLU()(x))
+    return keras.Model(inp, layers.Dense(4, name="head")(x))
+
+
+def test_a_mask_may_not_empty_a_layer_inside_a_group():
+    wrapped = keras_chex.wrap(_concat_joined_to_a_stream())
+    group = next(g for g in keras_chex.channel_groups(wrapped)
+                 if "side" in g.producers)
+    assert group.size == 11
+    mask = np.ones(11, bool)
+    mask[8:] = False  # The three channels 'side' writes.
+    with pytest.raises(ValueError, match="\\['side'\\].*keep at least one"):
+        group.set_mask(mask)
+    mask[9] = True
+    group.set_mask(mask)
+    compact = keras_chex.strip(wrapped)
+    assert compact.get_layer("side").filters == 1
+
+
+@pytest.mark.parametrize("method", sorted(ENTRY_POINTS))
+def test_no_method_empties_a_layer_inside_a_group(method):
+    x, y = _data()
+    make = {"chex": lambda m: keras_chex.prune_and_regrow(
+                m, flops=0.15, interval=1, seed=0),
+            "smcp": lambda m: keras_chex.soft_mask_prune(
+                m, flops=0.15, interval_steps=1, round_to=1, seed=0),
+            "frs": lambda m: keras_chex.relevance_prune(
+                m, flops=0.15, interval=1, seed=0)}[method]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Such a target may be unreachable.
+        model = make(_concat_joined_to_a_stream())
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        callback = {"chex": keras_chex.ChannelExploration(),
+                    "smcp": keras_chex.SoftMaskPruning(),
+                    "frs": keras_chex.RelevancePruning((x, y))}[method]
+        model.fit(x, y, batch_size=8, epochs=3, verbose=0,
+                  callbacks=[callback])
+    group = next(g for g in keras_chex.channel_groups(model)
+                 if "side" in g.producers)
+    assert group.mask.sum() < 11  # The group was pruned ...
+    compact = keras_chex.strip(model)
+    assert compact.get_layer("side").filters >= 1  # ... 'side' kept one.
+    np.testing.assert_allclose(np.asarray(compact(x[:4])),
+                               np.asarray(model(x[:4])), rtol=1e-4,
+                               atol=1e-5)

@@ -546,8 +546,50 @@ class ModelAnalysis:
             mask[site.classes[sel]] = values[sel]
         return mask
 
+    def producer_segments(self):
+        """The channels of each layer that writes only part of a group.
+
+        A group may join the outputs of several layers (a concatenation
+        added to another tensor, say); a mask must leave each of them at
+        least one channel, or the stripped layer would have none.
+
+        Returns:
+            A list of (layer name, int array of channel indices).
+        """
+        if getattr(self, "_segments", None) is None:
+            segments = []
+            for s in self.weight_slices:
+                if not s.filters:
+                    continue
+                classes = np.unique(s.classes[s.classes >= 0])
+                for g in self.groups:
+                    inside = classes[(classes >= g.start)
+                                     & (classes < g.start + g.size)]
+                    if 0 < len(inside) < g.size:
+                        segments.append((s.layer.name, inside))
+            self._segments = segments
+        return self._segments
+
+    def emptied_producers(self, mask):
+        """Names of the layers `mask` would leave without an output channel."""
+        mask = np.asarray(mask, dtype=bool)
+        return [name for name, seg in self.producer_segments()
+                if not mask[seg].any()]
+
     def set_class_mask(self, mask):
-        """Writes a model-wide channel mask into every mask layer."""
+        """Writes a model-wide channel mask into every mask layer.
+
+        Raises:
+            ValueError: the mask removes every output channel of a layer
+                (see `producer_segments`), or the model has no masks.
+        """
+        emptied = self.emptied_producers(mask)
+        if emptied:
+            raise ValueError(
+                f"The mask removes every output channel of layer(s) "
+                f"{emptied}: their channels are part of a larger group (a "
+                "concatenation joined to another tensor), and a layer must "
+                "keep at least one. Keep one of each of their channels.")
         if not self.mask_sites:
             raise ValueError(
                 f"Model '{self.model.name}' carries no channel masks. Wrap it "

@@ -274,3 +274,36 @@ def width_options(size, minimum, round_to):
     if not len(widths) or widths[-1] != size:
         widths = np.append(widths, size)
     return widths.astype(np.int64)
+
+
+def keep_a_channel_per_producer(mask, scores, segments):
+    """`mask` with the best-scored channel of every emptied segment kept.
+
+    Args:
+        mask: bool array over all channels.
+        scores: float array over all channels (NaN counts as lowest).
+        segments: `ModelAnalysis.producer_segments()`.
+
+    Returns:
+        A new bool array; equal to `mask` when no segment is empty.
+    """
+    mask = np.array(mask, dtype=bool)
+    scores = np.nan_to_num(np.asarray(scores, np.float64), nan=-np.inf)
+    for _, seg in segments:
+        if not mask[seg].any():
+            mask[seg[np.argmax(scores[seg])]] = True
+    return mask
+
+
+def keep_a_channel_per_producer_tf(mask, scores, segments):
+    """The same inside a compiled step: float32 mask and scores tensors."""
+    import tensorflow as tf
+
+    for _, seg in segments:
+        empty = tf.reduce_sum(tf.gather(mask, seg)) < 0.5
+        best = tf.gather(seg, tf.argmax(tf.gather(scores, seg)))
+        mask = tf.tensor_scatter_nd_max(
+            mask, tf.reshape(best, [1, 1]),
+            tf.reshape(tf.cast(empty, mask.dtype), [1]))
+    return mask
+

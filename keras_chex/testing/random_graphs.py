@@ -326,15 +326,23 @@ def randomize_weights(model, rng):
 
 
 def random_masks(wrapped, rng, keep=0.5):
-    """Random masks on every group (at least one channel kept each)."""
-    groups = keras_chex.channel_groups(wrapped)
+    """Random masks on every group: something pruned in each, at least one
+    channel kept in each group and in each layer's part of a group."""
+    from keras_chex.core import method
+
+    analysis = wrapped.analysis
+    groups = analysis.groups
+    full = np.ones(analysis.num_channels, dtype=bool)
     for g in groups:
         mask = rng.random(g.size) < keep
         if mask.all() and g.size > 1:
             mask[rng.integers(g.size)] = False  # Always prune something.
         if not mask.any():
             mask[rng.integers(g.size)] = True
-        g.set_mask(mask)
+        full[g.start:g.start + g.size] = mask
+    analysis.set_class_mask(method.keep_a_channel_per_producer(
+        full, rng.random(analysis.num_channels),
+        analysis.producer_segments()))
     return groups
 
 

@@ -345,7 +345,8 @@ class ChexState(method.PruningState):
                 tf.stack([seed, tf.constant(g, tf.int64)]),
             )
             new.append(tf.cast(kept | back, tf.float32))
-        new = tf.concat(new, 0)
+        new = method.keep_a_channel_per_producer_tf(
+            tf.concat(new, 0), scores, self.analysis.producer_segments())
         self._write_mask(new)
         for i, (variable, backup) in enumerate(zip(self._vars, self.backups)):
             regrown = self._entry_active(i, new) & ~self._entry_active(i, old)
@@ -431,7 +432,9 @@ class ChexState(method.PruningState):
                                           resource))
         start = s - min(self.config["regrow"], s / 2)
         if self.num_channels:
-            self.analysis.set_class_mask(mask_for(uniform_counts(start)))
+            self.analysis.set_class_mask(method.keep_a_channel_per_producer(
+                mask_for(uniform_counts(start)), np.concatenate(l1),
+                self.analysis.producer_segments()))
 
 # Registered with the wrapper so models loaded from `.keras` get their state.
 method.register_method(METHOD, ChexState)

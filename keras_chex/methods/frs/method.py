@@ -186,6 +186,11 @@ class FrsState(method.PruningState):
                 method.warn_unreachable(
                     self.config["target"], self.config["target_value"],
                     self.cost.cost(new, resource) / dense)
+        # Never a layer's last channel (a concatenation inside a group);
+        # only a channel still kept may stay.
+        new = method.keep_a_channel_per_producer(
+            new, np.where(kept, np.nan_to_num(values, nan=0.0), -np.inf),
+            self.analysis.producer_segments())
         removed = int(np.sum(kept & ~new))
         if removed:
             self.analysis.set_class_mask(new)

@@ -296,8 +296,10 @@ class SmcpState(method.PruningState):
             method.warn_unreachable(self.config["target"], kept_fraction,
                                     chosen.cost / dense)
         old = self.analysis.class_mask()
-        new = allocation.mask_from_counts(orders, self.group_sizes,
-                                          chosen.counts)
+        new = method.keep_a_channel_per_producer(
+            allocation.mask_from_counts(orders, self.group_sizes,
+                                        chosen.counts),
+            self.scores(), self.analysis.producer_segments())
         if self.config["bn_rescale"]:
             self._rescale_gammas(old, new)
         self.analysis.set_class_mask(new)
