@@ -235,10 +235,63 @@ def test_count_macs_table_and_masks(rng):
     assert half.macs == 64 * 27 * 4 + 64 * 36 * 4 + 64 * 36 * 6 + 6 * 3
 
 
+def _fully_convolutional(shape, nested=True):
+    inp = keras.Input(shape)
+    x = layers.Conv2D(8, 3, strides=2, padding="same", name="c1")(inp)
+    x = layers.BatchNormalization(name="bn1")(x)
+    x = layers.ReLU()(x)
+    if nested:
+        block_in = keras.Input((None, None, 8))
+        y = layers.Conv2D(8, 3, padding="same", name="inner")(block_in)
+        x = keras.Model(block_in, layers.Add()([y, block_in]),
+                        name="block")(x)
+    x = layers.Conv2D(5, 1, name="c2")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, layers.Dense(3, name="head")(x))
+
+
+def test_count_macs_at_an_input_shape_for_free_spatial_dims():
+    keras.utils.set_random_seed(0)
+    free = _fully_convolutional((None, None, 3))
+    with pytest.raises(ValueError, match="input_shape=\\(224, 224, 3\\)"):
+        keras_chex.count_macs(free)
+    at = keras_chex.count_macs(free, input_shape=(32, 32, 3))
+    fixed = keras_chex.count_macs(_fully_convolutional((32, 32, 3)))
+    assert (at.macs, at.params) == (fixed.macs, fixed.params)
+    assert {r.name: r.macs for r in at.layers} == {
+        r.name: r.macs for r in fixed.layers}
+    # c1: 16*16 positions * 27 * 8; inner: 256 * 72 * 8; c2: 256*8*5; head.
+    assert at.macs == 256 * 27 * 8 + 256 * 72 * 8 + 256 * 8 * 5 + 5 * 3
+    assert keras_chex.count_macs(free, input_shape=(64, 64, 3)).macs > (
+        at.macs)
+    # Masks count too, and the model itself keeps its free input.
+    wrapped = keras_chex.wrap(free)
+    group = {g.name: g for g in keras_chex.channel_groups(wrapped)}["c1"]
+    group.set_mask(np.arange(8) < 4)
+    half = keras_chex.count_macs(wrapped, input_shape=(32, 32, 3))
+    compact = keras_chex.strip(wrapped)
+    assert half.macs == keras_chex.count_macs(
+        compact, input_shape=(32, 32, 3)).macs < at.macs
+    assert tuple(free.inputs[0].shape) == (None, None, None, 3)
+
+
+@pytest.mark.parametrize("shape, match", [
+    ((32, 32, 4), "does not fit input"),
+    ((32, 32), "does not fit input"),
+    ([(32, 32, 3), (8,)], "1 input"),
+    ((0, 32, 3), "does not fit input"),
+])
+def test_count_macs_rejects_an_input_shape_that_does_not_fit(shape, match):
+    with pytest.raises(ValueError, match=match):
+        keras_chex.count_macs(_fully_convolutional((None, None, 3)),
+                              input_shape=shape)
+
+
 def test_public_api_is_complete():
     for name in ("prune_and_regrow", "ChannelExploration", "channel_groups",
                  "count_macs", "strip", "wrap", "export_tflite",
                  "export_saved_model", "ChannelGroup", "ChannelMask",
                  "MaskedBatchNormalization", "soft_mask_prune",
-                 "SoftMaskPruning", "build_latency_table", "LatencyTable"):
+                 "SoftMaskPruning", "build_latency_table", "LatencyTable",
+                 "relevance_prune", "RelevancePruning", "relevance_scores"):
         assert name in keras_chex.__all__ and hasattr(keras_chex, name)

@@ -276,3 +276,32 @@ def numpy_op_class(name):
     cls = getattr(ops_np, name, None)
     return cls if isinstance(cls, type) else None
 
+
+def with_input_shapes(model, batch_shapes):
+    """`model`'s graph on inputs of `batch_shapes`, sharing its layers.
+
+    Nested models are rebuilt for the shapes they receive, so that every
+    tensor inside has its concrete size.
+
+    Args:
+        model: a Functional or Sequential model.
+        batch_shapes: one batch shape per input (batch axis first).
+
+    Returns:
+        A new Functional model with the same layers (and weights).
+    """
+    shapes = dict(zip((id(t) for t in graph_of(model).inputs), batch_shapes))
+    cache = {}
+
+    def node_fn(node, tensor_map):
+        op = node.operation
+        if is_graph_model(op):
+            inner = [tuple(tensor_map[id(t)].shape) for t in node.inputs]
+            key = (id(op), tuple(inner))
+            if key not in cache:
+                cache[key] = with_input_shapes(op, inner)
+            op = cache[key]
+        return node.call_with(op, tensor_map)
+
+    return rebuild(model, node_fn, input_shape_fn=lambda t: shapes[id(t)])
+

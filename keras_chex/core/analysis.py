@@ -506,9 +506,9 @@ class ModelAnalysis:
             if term.coef is None:
                 raise ValueError(
                     f"Layer '{term.layer_name}' has an input of unknown "
-                    "spatial size, so its MACs are undefined. Build the model "
-                    "with a fixed input shape (e.g. `input_shape=(224, 224, "
-                    "3)`)."
+                    "spatial size, so its MACs are undefined. Count at a "
+                    "size: `count_macs(model, input_shape=(224, 224, 3))`, "
+                    "or build the model with a fixed input shape."
                 )
             variable = next(v for v in layer.weights
                             if layer_rules.weight_leaf_name(v) == name)

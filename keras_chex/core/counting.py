@@ -10,6 +10,7 @@ import dataclasses
 
 import numpy as np
 
+from keras_chex.core import _graph
 from keras_chex.core import analysis as cg
 from keras_chex.core import layer_rules
 
@@ -51,6 +52,45 @@ class CountResult:
         return f"{self.macs / 1e6:,.2f} M MACs, {self.params / 1e6:,.3f} M params"
 
 
+def _has_free_nested_inputs(model):
+    if any(d is None for t in _graph.inputs_of(model) for d in t.shape[1:]):
+        return False  # Only `input_shape` can fix the model's own.
+    return any(
+        _graph.is_graph_model(node.operation) and any(
+            d is None for t in _graph.inputs_of(node.operation)
+            for d in t.shape[1:])
+        for node in _graph.nodes(model))
+
+
+def _input_shapes(model, input_shape):
+    """`input_shape` as one full batch shape per model input, checked."""
+    inputs = _graph.inputs_of(model)
+    shapes = input_shape
+    if all(isinstance(d, (int, np.integer)) or d is None
+           for d in input_shape):
+        shapes = [input_shape]
+    shapes = [tuple(s) for s in shapes]
+    if len(shapes) != len(inputs):
+        raise ValueError(
+            f"`input_shape` gives {len(shapes)} shape(s) for the "
+            f"{len(inputs)} input(s) of model '{model.name}'; give one shape "
+            "per input, without the batch axis.")
+    result = []
+    for shape, tensor in zip(shapes, inputs):
+        known = tuple(tensor.shape[1:])
+        fits = len(shape) == len(known) and all(
+            isinstance(d, (int, np.integer)) and d > 0
+            and (k is None or k == d) for d, k in zip(shape, known))
+        if not fits:
+            raise ValueError(
+                f"`input_shape` {shape} does not fit input "
+                f"'{_graph.producer_of(tensor).name}' of shape "
+                f"{(None,) + known} (batch axis first): give positive sizes "
+                "for every axis, equal to the fixed ones.")
+        result.append((None,) + tuple(int(d) for d in shape))
+    return result
+
+
 def _kept_size(variable, slices, class_mask):
     size = 1
     by_axis = {s.axis % len(variable.shape): s for s in slices}
@@ -62,27 +102,43 @@ def _kept_size(variable, slices, class_mask):
     return size
 
 
-def count_macs(model, class_mask=None):
+def count_macs(model, class_mask=None, input_shape=None):
     """Counts MACs and parameters of a model, honouring channel masks.
 
     Args:
-        model: a Functional or Sequential model, plain or wrapped. Spatial
-            input dimensions must be known (build the model with a fixed
-            `input_shape`).
+        model: a Functional or Sequential model, plain or wrapped.
         class_mask: optional bool vector over all channels of all groups
             (see `ModelAnalysis.class_mask`), to count a hypothetical
             pruning without setting it; defaults to the model's masks.
+        input_shape: the input shape to count at, without the batch axis
+            (a list of shapes for several inputs). Needed when the model's
+            spatial dimensions are free (`keras.Input((None, None, 3))`);
+            MACs depend on them, parameters do not.
 
     Returns:
         A `CountResult` with totals and a per-layer breakdown.
+
+    Raises:
+        ValueError: spatial dimensions unknown and no `input_shape`, or an
+            `input_shape` that does not fit the model's inputs.
 
     Example:
 
     ```python
     result = keras_chex.count_macs(keras.applications.ResNet50(weights=None))
     print(result.macs / 1e9)  # 3.86
+    fcn = keras.applications.MobileNetV2(weights=None, include_top=False,
+                                         input_shape=(None, None, 3))
+    print(keras_chex.count_macs(fcn, input_shape=(160, 160, 3)))
     ```
     """
+    if input_shape is not None:
+        model = _graph.with_input_shapes(
+            model, _input_shapes(model, input_shape))
+    elif _has_free_nested_inputs(model):
+        # A nested model built on free spatial dims, called at known ones.
+        model = _graph.with_input_shapes(
+            model, [tuple(t.shape) for t in _graph.inputs_of(model)])
     analysis = cg.analyze(model, warn=False)
     if class_mask is None:
         class_mask = analysis.class_mask()
