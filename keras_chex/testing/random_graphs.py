@@ -332,6 +332,8 @@ def random_masks(wrapped, rng, keep=0.5):
 
     analysis = wrapped.analysis
     groups = analysis.groups
+    if not groups:
+        return groups
     full = np.ones(analysis.num_channels, dtype=bool)
     for g in groups:
         mask = rng.random(g.size) < keep
