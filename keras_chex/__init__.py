@@ -8,26 +8,46 @@ point, a state and a `fit` callback on top of it; `keras_chex.deploy`
 exports and measures the compact model.
 """
 
-from keras_chex.core.analysis import ChannelGroup
-from keras_chex.core.analysis import channel_groups
-from keras_chex.core.counting import count_macs
-from keras_chex.core.masking import ChannelMask
-from keras_chex.core.masking import MaskedBatchNormalization
-from keras_chex.core.stripping import strip
-from keras_chex.core.wrapping import PrunableModel
-from keras_chex.core.wrapping import is_wrapped
-from keras_chex.core.wrapping import wrap
-from keras_chex.deploy.export import export_saved_model
-from keras_chex.deploy.export import export_tflite
-from keras_chex.deploy.latency_table import LatencyTable
-from keras_chex.deploy.latency_table import build_latency_table
-from keras_chex.methods.chex.callback import ChannelExploration
-from keras_chex.methods.chex.method import prune_and_regrow
-from keras_chex.methods.frs.callback import RelevancePruning
-from keras_chex.methods.frs.method import relevance_prune
-from keras_chex.methods.frs.scores import relevance_scores
-from keras_chex.methods.smcp.callback import SoftMaskPruning
-from keras_chex.methods.smcp.method import soft_mask_prune
+import os as _os
+import sys as _sys
+
+# The `keras-chex` command imports this package, and so TensorFlow, before
+# its own code runs. TensorFlow's C++ start-up lines (oneDNN, CPU features,
+# CUDA probing) are written to stderr before its log level applies; the
+# command hides them (not `--verbose`). Library users see TensorFlow as is.
+if (_os.path.basename(_sys.argv[0] if _sys.argv else "") == "keras-chex"
+        and "--verbose" not in _sys.argv):
+    _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    _stderr = _os.dup(2)
+    _devnull = _os.open(_os.devnull, _os.O_WRONLY)
+    _os.dup2(_devnull, 2)
+    try:
+        import tensorflow as _tf  # noqa: F401
+    finally:
+        _os.dup2(_stderr, 2)
+        _os.close(_stderr)
+        _os.close(_devnull)
+
+from keras_chex.core.analysis import ChannelGroup  # noqa: E402
+from keras_chex.core.analysis import channel_groups  # noqa: E402
+from keras_chex.core.counting import count_macs  # noqa: E402
+from keras_chex.core.masking import ChannelMask  # noqa: E402
+from keras_chex.core.masking import MaskedBatchNormalization  # noqa: E402
+from keras_chex.core.stripping import strip  # noqa: E402
+from keras_chex.core.wrapping import PrunableModel  # noqa: E402
+from keras_chex.core.wrapping import is_wrapped  # noqa: E402
+from keras_chex.core.wrapping import wrap  # noqa: E402
+from keras_chex.deploy.export import export_saved_model  # noqa: E402
+from keras_chex.deploy.export import export_tflite  # noqa: E402
+from keras_chex.deploy.latency_table import LatencyTable  # noqa: E402
+from keras_chex.deploy.latency_table import build_latency_table  # noqa: E402
+from keras_chex.methods.chex.callback import ChannelExploration  # noqa: E402
+from keras_chex.methods.chex.method import prune_and_regrow  # noqa: E402
+from keras_chex.methods.frs.callback import RelevancePruning  # noqa: E402
+from keras_chex.methods.frs.method import relevance_prune  # noqa: E402
+from keras_chex.methods.frs.scores import relevance_scores  # noqa: E402
+from keras_chex.methods.smcp.callback import SoftMaskPruning  # noqa: E402
+from keras_chex.methods.smcp.method import soft_mask_prune  # noqa: E402
 
 __version__ = "0.2.0"
 

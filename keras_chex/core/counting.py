@@ -17,11 +17,16 @@ from keras_chex.core import layer_rules
 
 @dataclasses.dataclass(frozen=True)
 class LayerCount:
-    """MACs and parameters of one layer (all its calls)."""
+    """MACs and parameters of one layer (all its calls).
+
+    `channels` is the number of output channels a convolution or dense
+    layer keeps (None for other layers).
+    """
 
     name: str
     macs: int
     params: int
+    channels: object = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,14 +43,51 @@ class CountResult:
     params: int
     layers: tuple
 
-    def table(self, top=None):
-        """A text table of the per-layer counts (largest MACs first)."""
+    def table(self, top=None, reference=None):
+        """A text table of the per-layer counts (largest MACs first).
+
+        Args:
+            top: show only this many layers.
+            reference: another `CountResult` of the same layers (the dense
+                model, say): the table then shows channels and MACs before
+                and after, and each layer's share of the total after.
+
+        Returns:
+            A string.
+        """
+        if reference is not None:
+            return self._comparison(top, reference)
         rows = sorted(self.layers, key=lambda r: -r.macs)[:top]
         width = max([len(r.name) for r in rows] + [5])
         lines = [f"{'layer':<{width}}  {'MACs':>14}  {'params':>12}"]
         for r in rows:
             lines.append(f"{r.name:<{width}}  {r.macs:>14,}  {r.params:>12,}")
         lines.append(f"{'total':<{width}}  {self.macs:>14,}  {self.params:>12,}")
+        return "\n".join(lines)
+
+    def _comparison(self, top, reference):
+        before = {r.name: r for r in reference.layers}
+        rows = sorted(self.layers, key=lambda r: -before.get(
+            r.name, r).macs)[:top]
+        width = max([len(r.name) for r in rows] + [5])
+
+        def channels(row, old):
+            if row.channels is None:
+                return "-"
+            return f"{old.channels if old else '?'} -> {row.channels}"
+
+        lines = [f"{'layer':<{width}}  {'channels':>12}  {'MACs before':>14}"
+                 f"  {'MACs after':>14}  {'share':>6}"]
+        for r in rows:
+            old = before.get(r.name)
+            share = r.macs / self.macs if self.macs else 0.0
+            lines.append(
+                f"{r.name:<{width}}  {channels(r, old):>12}  "
+                f"{old.macs if old else 0:>14,}  {r.macs:>14,}  "
+                f"{share:>6.1%}")
+        kept = self.macs / reference.macs if reference.macs else 1.0
+        lines.append(f"{'total':<{width}}  {'':>12}  {reference.macs:>14,}  "
+                     f"{self.macs:>14,}  {kept:>6.1%} kept")
         return "\n".join(lines)
 
     def __str__(self):
@@ -151,13 +193,20 @@ def count_macs(model, class_mask=None, input_shape=None):
     macs = {}
     for name, coef, layer, variable in analysis.macs_weights():
         macs[name] = macs.get(name, 0) + coef * kept(layer, variable)
+    outputs = {}
+    for s in analysis.weight_slices:
+        if s.filters:
+            outputs[s.layer.name] = int(
+                cg.keep_mask(s.classes, class_mask).sum())
     rows = []
     for layer, weights in analysis.parameter_weights():
         params = sum(kept(layer, v) for v in weights)
         if not params and layer.name not in macs:
             continue
+        channels = outputs.get(layer.name, getattr(
+            layer, "filters", getattr(layer, "units", None)))
         rows.append(LayerCount(layer.name, int(macs.get(layer.name, 0)),
-                               int(params)))
+                               int(params), channels))
     return CountResult(
         macs=int(sum(r.macs for r in rows)),
         params=int(sum(r.params for r in rows)),

@@ -1,0 +1,328 @@
+"""The `keras-chex` command: count, strip, export and prune `.keras` models.
+
+    keras-chex count model.keras [--input_shape=224,224,3]
+    keras-chex strip pruning.keras compact.keras
+    keras-chex export model.keras --tflite out.tflite [--quantization=int8
+        --representative=images/]
+    keras-chex prune model.keras --method=chex --flops=0.5 --data=train.zip
+        --epochs=30 [--output_dir=out]
+
+A mistake is one line on stderr with what to do, and exit code 2; pass
+`--verbose` for the traceback.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+USAGE_ERROR = 2
+
+
+class CliError(Exception):
+    """A mistake of the user's, shown as one line."""
+
+
+def _parse_shape(text):
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected sizes like 224,224,3, got {text!r}") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(
+            f"expected positive sizes like 224,224,3, got {text!r}")
+    return shape
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction in (0, 1], got {value}")
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="keras-chex",
+        description="Channel pruning for Keras 3: count, strip, export and "
+                    "prune .keras models.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show tracebacks and TensorFlow's log")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    count = sub.add_parser("count", help="MACs and parameters per layer")
+    count.add_argument("model", help="a .keras file")
+    count.add_argument("--input_shape", type=_parse_shape,
+                       help="size to count at, e.g. 224,224,3 (for models "
+                            "with free spatial dimensions)")
+    count.add_argument("--top", type=int, default=None,
+                       help="show only the N layers with the most MACs")
+
+    strip = sub.add_parser("strip", help="pruning model -> compact model")
+    strip.add_argument("model", help="a .keras pruning model")
+    strip.add_argument("output", help="where the compact .keras goes")
+    strip.add_argument("--overwrite", action="store_true")
+
+    export = sub.add_parser("export", help="verified TFLite / SavedModel")
+    export.add_argument("model", help="a .keras file (stripped if wrapped)")
+    export.add_argument("--tflite", metavar="PATH",
+                        help="write a .tflite file here")
+    export.add_argument("--saved_model", metavar="DIR",
+                        help="write a SavedModel directory here")
+    export.add_argument("--quantization",
+                        choices=["none", "float16", "dynamic", "int8"],
+                        default="none")
+    export.add_argument("--representative", metavar="PATH",
+                        help="int8 calibration inputs: a .npy array or a "
+                             "folder of images (scaled to [0, 1])")
+    export.add_argument("--overwrite", action="store_true")
+
+    prune = sub.add_parser("prune", help="fit with a pruning method, strip, "
+                                         "export")
+    prune.add_argument("model", help="a .keras classifier (plain)")
+    prune.add_argument("--method", choices=["chex", "smcp", "frs"],
+                       default="chex")
+    prune.add_argument("--flops", type=_fraction, default=0.5,
+                       help="fraction of the MACs to keep (default 0.5)")
+    prune.add_argument("--data", default=None,
+                       help="training images: a zip or folder of one "
+                            "sub-folder of 32x32 JPEGs per class (the "
+                            "CIFAR-10 layout); default: the bundled sample")
+    prune.add_argument("--epochs", type=int, default=10)
+    prune.add_argument("--batch_size", type=int, default=128)
+    prune.add_argument("--learning_rate", type=float, default=0.05)
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--output_dir", default="keras_chex_out")
+    prune.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+# -- commands ----------------------------------------------------------------
+def _load(path):
+    import keras
+
+    import keras_chex  # noqa: F401 (registers the classes to load)
+
+    if not os.path.exists(path):
+        raise CliError(f"{path}: no such file")
+    try:
+        return keras.saving.load_model(path)
+    except Exception as e:  # Keras raises many kinds for a bad file.
+        raise CliError(f"{path}: cannot load it as a Keras model "
+                       f"({type(e).__name__}: {str(e).splitlines()[0]})")
+
+
+def _check_target(path, overwrite):
+    if os.path.exists(path) and not overwrite:
+        raise CliError(f"{path} exists; pass --overwrite to replace it")
+
+
+def _count_line(label, count):
+    return f"{label:<9} {count.macs:>15,} MACs  {count.params:>12,} params"
+
+
+def cmd_count(args):
+    import keras_chex
+
+    model = _load(args.model)
+    try:
+        count = keras_chex.count_macs(model, input_shape=args.input_shape)
+    except ValueError as e:
+        message = str(e)
+        if "unknown spatial size" in message:
+            message = ("the model's spatial size is free: pass "
+                       "--input_shape, e.g. --input_shape=224,224,3")
+        raise CliError(message)
+    if keras_chex.is_wrapped(model):
+        import numpy as np
+
+        dense = keras_chex.count_macs(
+            model, class_mask=np.ones(model.analysis.num_channels, bool),
+            input_shape=args.input_shape)
+        print(count.table(top=args.top, reference=dense))
+    else:
+        print(count.table(top=args.top))
+    return 0
+
+
+def cmd_strip(args):
+    import keras_chex
+
+    model = _load(args.model)
+    if not keras_chex.is_wrapped(model):
+        raise CliError(f"{args.model} is a plain Keras model: nothing to "
+                       "strip (it has no keras-chex masks)")
+    _check_target(args.output, args.overwrite)
+    before = keras_chex.count_macs(model)
+    compact = keras_chex.strip(model)
+    after = keras_chex.count_macs(compact)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    compact.save(args.output)
+    print(_count_line("pruning", before) + "  (masked)")
+    print(_count_line("compact", after))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _representative(path, model):
+    import numpy as np
+
+    if path is None:
+        return None
+    if path.endswith(".npy"):
+        return np.load(path)
+    if not os.path.isdir(path):
+        raise CliError(f"--representative {path}: expected a .npy file or "
+                       "a folder of images")
+    import keras
+
+    size = tuple(model.inputs[0].shape[1:3])
+    if None in size:
+        raise CliError("the model's input size is free: give "
+                       "--representative as a .npy array instead")
+    files = sorted(f for f in os.listdir(path)
+                   if f.lower().endswith((".jpg", ".jpeg", ".png")))[:200]
+    if not files:
+        raise CliError(f"--representative {path}: no .jpg or .png images")
+    images = [keras.utils.img_to_array(keras.utils.load_img(
+        os.path.join(path, f), target_size=size)) / 255.0 for f in files]
+    return np.stack(images).astype("float32")
+
+
+def cmd_export(args):
+    import keras_chex
+
+    if not args.tflite and not args.saved_model:
+        raise CliError("nothing to write: pass --tflite PATH and/or "
+                       "--saved_model DIR")
+    model = _load(args.model)
+    quantization = None if args.quantization == "none" else args.quantization
+    if quantization == "int8" and not args.representative:
+        raise CliError("--quantization=int8 needs --representative (a .npy "
+                       "array or a folder of calibration images)")
+    if args.tflite:
+        _check_target(args.tflite, args.overwrite)
+        start = time.time()
+        print(f"converting and verifying {args.tflite} ...", flush=True)
+        try:
+            report = keras_chex.export_tflite(
+                model, args.tflite, quantization=quantization,
+                representative_data=_representative(args.representative,
+                                                    model),
+                overwrite=args.overwrite)
+        except (ValueError, TypeError) as e:
+            raise CliError(str(e).splitlines()[0])
+        print(f"wrote {args.tflite}: {report.size_bytes / 1024:.1f} KB, max "
+              f"relative difference to Keras {report.max_rel_diff:.2e} "
+              f"({time.time() - start:.1f} s)")
+    if args.saved_model:
+        _check_target(args.saved_model, args.overwrite)
+        keras_chex.export_saved_model(model, args.saved_model,
+                                      overwrite=args.overwrite)
+        print(f"wrote {args.saved_model}/")
+    return 0
+
+
+def cmd_prune(args):
+    import keras
+
+    import keras_chex
+    from keras_chex.cifar import data as datasets
+
+    model = _load(args.model)
+    if keras_chex.is_wrapped(model):
+        raise CliError(f"{args.model} is already a pruning model; give the "
+                       "plain model to prune")
+    if tuple(model.inputs[0].shape[1:]) != (32, 32, 3):
+        raise CliError(
+            f"--data gives 32x32x3 images, but the model's input is "
+            f"{tuple(model.inputs[0].shape[1:])}")
+    for name in ("pruning.keras", "compact.keras", "compact.tflite"):
+        _check_target(os.path.join(args.output_dir, name), args.overwrite)
+    try:
+        (x, y), (xv, yv) = datasets.load_cifar10(args.data)
+    except (OSError, ValueError) as e:
+        raise CliError(f"--data: {str(e).splitlines()[0]}")
+    train = datasets.make_dataset(x, y, args.batch_size, training=True,
+                                  seed=args.seed)
+    val = datasets.make_dataset(xv, yv, 256, training=False)
+    if args.method == "chex":
+        wrapped = keras_chex.prune_and_regrow(model, flops=args.flops,
+                                              seed=args.seed)
+        callback = keras_chex.ChannelExploration()
+    elif args.method == "smcp":
+        wrapped = keras_chex.soft_mask_prune(model, flops=args.flops,
+                                             seed=args.seed)
+        callback = keras_chex.SoftMaskPruning()
+    else:
+        wrapped = keras_chex.relevance_prune(model, flops=args.flops,
+                                             seed=args.seed)
+        callback = keras_chex.RelevancePruning(train)
+    loss = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=_ends_in_logits(model))
+    wrapped.compile(optimizer=keras.optimizers.SGD(
+        args.learning_rate, momentum=0.9), loss=loss, metrics=["accuracy"])
+    wrapped.fit(train, epochs=args.epochs, validation_data=val,
+                shuffle=False, callbacks=[callback], verbose=1)
+    os.makedirs(args.output_dir, exist_ok=True)
+    compact = keras_chex.strip(wrapped)
+    wrapped.save(os.path.join(args.output_dir, "pruning.keras"))
+    compact.save(os.path.join(args.output_dir, "compact.keras"))
+    print("converting and verifying compact.tflite ...", flush=True)
+    report = keras_chex.export_tflite(
+        compact, os.path.join(args.output_dir, "compact.tflite"),
+        overwrite=args.overwrite)
+    dense, after = keras_chex.count_macs(model), keras_chex.count_macs(
+        compact)
+    print(after.table(top=10, reference=dense))
+    print(f"MACs kept {after.macs / dense.macs:.3f}; "
+          f"compact.tflite {report.size_bytes / 1024:.1f} KB; files in "
+          f"{args.output_dir}")
+    return 0
+
+
+def _ends_in_logits(model):
+    import keras
+
+    last = model.layers[-1]
+    activation = getattr(last, "activation", None)
+    return not (isinstance(last, keras.layers.Softmax) or getattr(
+        activation, "__name__", "") == "softmax")
+
+
+COMMANDS = {"count": cmd_count, "strip": cmd_strip, "export": cmd_export,
+            "prune": cmd_prune}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if not args.verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        if not args.verbose:
+            from keras_chex.deploy import export
+
+            with export.quiet_tensorflow_info():
+                return COMMANDS[args.command](args)
+        return COMMANDS[args.command](args)
+    except CliError as e:
+        if args.verbose:
+            raise
+        print(f"keras-chex {args.command}: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    except Exception as e:  # Anything else: one line, not a traceback.
+        if args.verbose:
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"keras-chex {args.command}: error: {type(e).__name__}: "
+              f"{first} (run with --verbose for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

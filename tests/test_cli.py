@@ -1,0 +1,138 @@
+"""The `keras-chex` command installed with the package, on tiny models."""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+import keras_chex
+from keras_chex.cifar.resnet import cifar_resnet
+
+COMMAND = os.path.join(os.path.dirname(sys.executable), "keras-chex")
+
+
+def run(*args, timeout=600):
+    return subprocess.run([COMMAND, *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    keras.utils.set_random_seed(0)
+    plain = cifar_resnet(8)
+    plain.save(root / "plain.keras")
+    keras_chex.prune_and_regrow(plain, flops=0.5, seed=0).save(
+        root / "pruning.keras")
+    inp = keras.Input((None, None, 3))
+    x = layers.GlobalAveragePooling2D()(layers.Conv2D(4, 3)(inp))
+    keras.Model(inp, layers.Dense(2)(x)).save(root / "free.keras")
+    np.save(root / "calibration.npy", np.random.default_rng(0).uniform(
+        size=(8, 32, 32, 3)).astype("float32"))
+    return root
+
+
+def test_the_command_is_installed_and_has_help():
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("count", "strip", "export", "prune"):
+        assert command in result.stdout
+
+
+def test_count_prints_a_per_layer_table(files):
+    result = run("count", files / "plain.keras", "--top", "3")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].split() == ["layer", "MACs", "params"]
+    assert len(lines) == 5 and lines[-1].startswith("total")
+    total = int(lines[-1].split()[1].replace(",", ""))
+    assert total == keras_chex.count_macs(cifar_resnet(8)).macs
+    # A pruning model: channels and MACs before and after.
+    result = run("count", files / "pruning.keras")
+    assert result.returncode == 0, result.stderr
+    assert "MACs before" in result.stdout and "->" in result.stdout
+    assert "% kept" in result.stdout.splitlines()[-1]
+    # What a user sees: no TensorFlow start-up lines.
+    assert "I0000" not in result.stderr and "oneDNN" not in result.stderr
+
+
+def test_count_needs_an_input_shape_for_free_spatial_dims(files):
+    result = run("count", files / "free.keras")
+    assert result.returncode == 2
+    assert "--input_shape" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run("count", files / "free.keras", "--input_shape=16,16,3")
+    assert result.returncode == 0, result.stderr
+    total = int(result.stdout.splitlines()[-1].split()[1].replace(",", ""))
+    assert total == 14 * 14 * 27 * 4 + 4 * 2
+
+
+def test_strip_writes_the_compact_model_and_never_overwrites(files, tmp_path):
+    out = tmp_path / "compact.keras"
+    result = run("strip", files / "pruning.keras", out)
+    assert result.returncode == 0, result.stderr
+    compact = keras.saving.load_model(out)
+    assert not keras_chex.is_wrapped(compact)
+    pruning = keras.saving.load_model(files / "pruning.keras")
+    assert keras_chex.count_macs(compact).macs == (
+        keras_chex.count_macs(pruning).macs)
+    before = out.stat().st_mtime_ns
+    result = run("strip", files / "pruning.keras", out)
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+    assert out.stat().st_mtime_ns == before
+    result = run("strip", files / "plain.keras", tmp_path / "x.keras")
+    assert result.returncode == 2 and "nothing to strip" in result.stderr
+
+
+def test_export_tflite_float_and_int8(files, tmp_path):
+    result = run("export", files / "pruning.keras", "--tflite",
+                 tmp_path / "m.tflite")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "m.tflite").stat().st_size > 0
+    assert "max relative difference" in result.stdout
+    result = run("export", files / "plain.keras", "--tflite",
+                 tmp_path / "q.tflite", "--quantization=int8")
+    assert result.returncode == 2 and "--representative" in result.stderr
+    result = run("export", files / "plain.keras", "--tflite",
+                 tmp_path / "q.tflite", "--quantization=int8",
+                 "--representative", files / "calibration.npy")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "q.tflite").stat().st_size < (
+        tmp_path / "m.tflite").stat().st_size * 2
+
+
+def test_prune_fits_strips_and_exports(files, tmp_path):
+    out = tmp_path / "run"
+    result = run("prune", files / "plain.keras", "--method=frs",
+                 "--flops=0.5", "--epochs=1", f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    kept = float(result.stdout.split("MACs kept ")[1].split(";")[0])
+    assert 0.45 <= kept <= 0.5
+    for name in ("pruning.keras", "compact.keras", "compact.tflite"):
+        assert (out / name).stat().st_size > 0, name
+
+
+@pytest.mark.parametrize("args, message", [
+    (("count", "missing.keras"), "no such file"),
+    (("prune", "{plain}", "--flops=1.5"), "fraction in (0, 1]"),
+    (("prune", "{pruning}"), "already a pruning model"),
+    (("export", "{plain}"), "nothing to write"),
+    (("count", "{plain}", "--input_shape=abc"), "224,224,3"),
+])
+def test_mistakes_are_one_line_with_exit_code_2(files, args, message):
+    args = [a.format(plain=files / "plain.keras",
+                     pruning=files / "pruning.keras") for a in args]
+    result = run(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_verbose_shows_the_traceback(files):
+    result = run("--verbose", "count", "missing.keras")
+    assert result.returncode != 0 and "Traceback" in result.stderr
