@@ -16,7 +16,9 @@ data.
 
 It prints the MACs, parameters and held-out accuracy of the dense-shaped
 pruning model and of the compact one, the TFLite file sizes and the
-1-thread LiteRT latency of the dense and compact models.
+1-thread LiteRT latency of the dense and compact models, and draws the
+width of every channel group over the run to `widths.png` (with
+matplotlib, the `plots` extra).
 """
 
 import os
@@ -120,6 +122,13 @@ def main(argv):
               shuffle=False, callbacks=[callback])
 
     compact = keras_chex.strip(model)
+    widths_png = os.path.join(FLAGS.output_dir, "widths.png")
+    try:
+        keras_chex.plot_widths(
+            callback, widths_png, overwrite=True,
+            title=f"ResNet-{FLAGS.depth}, {FLAGS.method.upper()}")
+    except ImportError:
+        widths_png = None  # matplotlib is an extra: keras-chex[plots].
     model.save(os.path.join(FLAGS.output_dir, "pruning_model.keras"))
     compact.save(os.path.join(FLAGS.output_dir, "compact.keras"))
 
@@ -155,6 +164,8 @@ def main(argv):
           f"{reports['compact'].max_abs_diff:.2e}")
     print(f"latency kept: {times['compact'].median_ms / times['dense'].median_ms:.3f}"
           " (LiteRT, 1 thread, median)")
+    print("widths per group: " + (widths_png or "not drawn (pip install "
+                                   "'keras-chex[plots]' for widths.png)"))
     print(f"total time {time.time() - t0:.0f} s; files in {FLAGS.output_dir}")
 
 

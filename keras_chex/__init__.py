@@ -48,6 +48,7 @@ from keras_chex.methods.frs.method import relevance_prune  # noqa: E402
 from keras_chex.methods.frs.scores import relevance_scores  # noqa: E402
 from keras_chex.methods.smcp.callback import SoftMaskPruning  # noqa: E402
 from keras_chex.methods.smcp.method import soft_mask_prune  # noqa: E402
+from keras_chex.plots import plot_widths  # noqa: E402
 
 __version__ = "0.2.0"
 
@@ -66,6 +67,7 @@ __all__ = [
     "export_saved_model",
     "export_tflite",
     "is_wrapped",
+    "plot_widths",
     "prune_and_regrow",
     "relevance_prune",
     "relevance_scores",

@@ -33,8 +33,9 @@ def test_cifar10_example_trains_strips_exports_and_reports(tmp_path):
         r"accuracy: ([0-9.]+) \(compact\) = ([0-9.]+)", text).groups())
     # The compact model is the pruning model with channels removed.
     assert abs(compact - wrapped) < 1e-3
+    assert f"widths per group: {out / 'widths.png'}" in text
     for name in ("pruning_model.keras", "compact.keras", "dense.tflite",
-                 "compact.tflite"):
+                 "compact.tflite", "widths.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "compact.tflite").stat().st_size < (
         out / "dense.tflite").stat().st_size

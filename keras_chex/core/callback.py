@@ -9,6 +9,7 @@ one `steps_per_execution` window, and the errors a user sees when the model
 or the fit does not fit the method.
 """
 
+import os
 import warnings
 
 import keras
@@ -33,16 +34,37 @@ class PruningCallback(keras.callbacks.Callback):
     counter in its own `on_train_begin`, and the steps it already trained
     had their pruning steps then.
 
+    Every callback records the width of each channel group after each of
+    its steps in `widths` (for `keras_chex.plot_widths`), and with
+    `log_dir` writes TensorBoard summaries there (under `pruning/`): each
+    group's kept fraction (`kept/<group>`, and all of them as the histogram
+    `kept_fractions`), the cost kept (`cost_kept`) and, per epoch, the
+    method's logs (`epoch/<name>`). Point it at the `log_dir` of a
+    `keras.callbacks.TensorBoard` to see both together.
+
     Args:
         verbose: 1 prints one line per pruning step.
+        log_dir: optional folder for TensorBoard summaries.
     """
 
     method = None
     entry_point = None
 
-    def __init__(self, verbose=0):
+    def __init__(self, verbose=0, log_dir=None):
         super().__init__()
         self.verbose = verbose
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        if self.log_dir is not None:
+            try:
+                import tensorboard  # noqa: F401 (tf.summary writes via it)
+            except ImportError:
+                raise ImportError(
+                    f"{type(self).__name__}(log_dir=...) writes TensorBoard "
+                    "summaries, which needs the tensorboard package: pip "
+                    "install 'keras-chex[tensorboard]' (or tensorboard)."
+                ) from None
+        self.widths = []
+        self._writer = None
         self._plan = None
         self._length = None
 
@@ -88,6 +110,8 @@ class PruningCallback(keras.callbacks.Callback):
             self._plan = [(step, payload)
                           for step, payload in self.plan(*self._length)
                           if step > done]
+            if not self.widths:
+                self._record(done)
 
     def on_train_batch_end(self, batch, logs=None):
         if not self._plan:
@@ -102,6 +126,45 @@ class PruningCallback(keras.callbacks.Callback):
                 self._skip(step, broken)
                 continue
             self.run_step(step, payload)
+            self._record(step)
+
+    # -- what was pruned when ------------------------------------------------
+    def group_names(self):
+        """Names of the channel groups, in the order of `widths` entries."""
+        return [g.name for g in self.model.analysis.groups]
+
+    def group_sizes(self):
+        return np.array([g.size for g in self.model.analysis.groups])
+
+    def _record(self, step):
+        analysis = self.model.analysis
+        mask = analysis.class_mask()
+        counts = np.array([int(mask[g.start:g.start + g.size].sum())
+                           for g in analysis.groups])
+        self.widths.append((int(step), counts))
+        if self.log_dir is None:
+            return
+        import tensorflow as tf
+
+        fractions = counts / np.maximum(self.group_sizes(), 1)
+        with self._summary_writer().as_default(step=int(step)):
+            for name, fraction in zip(self.group_names(), fractions):
+                tf.summary.scalar(f"kept/{name}", float(fraction))
+            if len(fractions):
+                tf.summary.histogram("kept_fractions", fractions)
+            tf.summary.scalar("cost_kept", float(self.state.kept_fraction()))
+
+    def _summary_writer(self):
+        if self._writer is None:
+            import tensorflow as tf
+
+            self._writer = tf.summary.create_file_writer(
+                os.path.join(self.log_dir, "pruning"))
+        return self._writer
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.flush()
 
     def _nonfinite_layers(self):
         """Layers whose weights hold NaN or inf (a diverged loss)."""
@@ -127,8 +190,15 @@ class PruningCallback(keras.callbacks.Callback):
             stacklevel=2)
 
     def on_epoch_end(self, epoch, logs=None):
+        values = self.epoch_logs()
         if logs is not None:
-            logs.update(self.epoch_logs())
+            logs.update(values)
+        if self.log_dir is not None:
+            import tensorflow as tf
+
+            with self._summary_writer().as_default(step=epoch):
+                for name, value in values.items():
+                    tf.summary.scalar(f"epoch/{name}", float(value))
 
     def plan(self, steps_per_epoch, epochs):
         raise NotImplementedError
@@ -140,4 +210,4 @@ class PruningCallback(keras.callbacks.Callback):
         return {}
 
     def get_config(self):
-        return {"verbose": self.verbose}
+        return {"verbose": self.verbose, "log_dir": self.log_dir}

@@ -25,6 +25,8 @@ class ChannelExploration(callback.PruningCallback):
 
     Args:
         verbose: 1 prints one line per exploration step.
+        log_dir: optional folder for TensorBoard summaries (per-group
+            widths, cost kept; see `PruningCallback`).
 
     Example:
 
@@ -36,8 +38,8 @@ class ChannelExploration(callback.PruningCallback):
     method = "chex"
     entry_point = "keras_chex.prune_and_regrow(model, ...)"
 
-    def __init__(self, verbose=0):
-        super().__init__(verbose=verbose)
+    def __init__(self, verbose=0, log_dir=None):
+        super().__init__(verbose=verbose, log_dir=log_dir)
         self._changed = np.zeros(2)
 
     def on_train_begin(self, logs=None):

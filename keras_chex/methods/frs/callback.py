@@ -27,6 +27,8 @@ class RelevancePruning(callback.PruningCallback):
             of `(x, y)` batches (the training set or a part of it), or an
             `(x, y)` tuple of arrays. Not saved by `get_config`.
         verbose: 1 prints one line per pruning step.
+        log_dir: optional folder for TensorBoard summaries (per-group
+            widths, cost kept; see `PruningCallback`).
 
     Example:
 
@@ -39,8 +41,8 @@ class RelevancePruning(callback.PruningCallback):
     method = "frs"
     entry_point = "keras_chex.relevance_prune(model, ...)"
 
-    def __init__(self, data=None, verbose=0):
-        super().__init__(verbose=verbose)
+    def __init__(self, data=None, verbose=0, log_dir=None):
+        super().__init__(verbose=verbose, log_dir=log_dir)
         # Arrays become a dataset once, not at every pruning step; a bad
         # `data` fails here, before any training.
         self.data = None if data is None else scores_lib.as_dataset(

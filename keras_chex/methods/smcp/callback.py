@@ -21,6 +21,8 @@ class SoftMaskPruning(callback.PruningCallback):
 
     Args:
         verbose: 1 prints one line per recomputation.
+        log_dir: optional folder for TensorBoard summaries (per-group
+            widths, cost kept; see `PruningCallback`).
 
     Example:
 
@@ -32,8 +34,8 @@ class SoftMaskPruning(callback.PruningCallback):
     method = "smcp"
     entry_point = "keras_chex.soft_mask_prune(model, ...)"
 
-    def __init__(self, verbose=0):
-        super().__init__(verbose=verbose)
+    def __init__(self, verbose=0, log_dir=None):
+        super().__init__(verbose=verbose, log_dir=log_dir)
         self._pruned = 0.0
         self._regrown = 0.0
 
