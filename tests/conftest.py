@@ -57,6 +57,35 @@ class CrashAtEpoch(keras.callbacks.Callback):
             raise RuntimeError("simulated crash")
 
 
+def tiny_resnet(seed=0):
+    """A ResNet-8 on 8x8 images with 4 classes: every method's test model."""
+    from keras_chex.cifar.resnet import cifar_resnet
+
+    keras.utils.set_random_seed(seed)
+    return cifar_resnet(8, num_classes=4, widths=(8, 16, 16),
+                        input_shape=(8, 8, 3))
+
+
+def tiny_data(n=64, seed=0):
+    """Images for `tiny_resnet` with learnable labels (so gradients are not
+    noise alone)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8, 8, 3)).astype("float32")
+    y = (x[:, :4, :4, 0].mean(axis=(1, 2)) > 0).astype("int64") + 2 * (
+        x[:, 4:, 4:, 1].mean(axis=(1, 2)) > 0).astype("int64")
+    return x, y
+
+
+def compile_sgd(model, lr=0.05):
+    """Compiles with SGD + momentum and a from-logits cross-entropy."""
+    model.compile(
+        optimizer=keras.optimizers.SGD(lr, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
 def assert_resumes_exactly(make_model, make_callback, x, y, directory,
                            backup_first, epochs=4, crash_at=2):
     """A fit crashed at epoch `crash_at` and resumed by `BackupAndRestore`

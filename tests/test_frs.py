@@ -15,6 +15,9 @@ from keras_chex.methods.frs import scores as scores_lib
 from keras_chex.methods.frs import selection
 
 from conftest import assert_resumes_exactly
+from conftest import compile_sgd as _compile
+from conftest import tiny_data as _data
+from conftest import tiny_resnet as _resnet
 from conftest import randomize_weights
 
 # Relevance is conserved up to float32 rounding: the totals of a layer's
@@ -301,20 +304,6 @@ def test_nested_models_are_inlined(rng):
 
 
 # -- scores ------------------------------------------------------------------------
-def _resnet(seed=0):
-    keras.utils.set_random_seed(seed)
-    return cifar_resnet(8, num_classes=4, widths=(8, 16, 16),
-                        input_shape=(8, 8, 3))
-
-
-def _data(n=64, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 8, 8, 3)).astype("float32")
-    y = (x[:, :4, :4, 0].mean(axis=(1, 2)) > 0).astype("int64") + 2 * (
-        x[:, 4:, 4:, 1].mean(axis=(1, 2)) > 0).astype("int64")
-    return x, y
-
-
 def test_class_weights_follow_the_papers_formula():
     counts = np.array([10, 10, 10, 0])
     correct = np.array([8, 4, 0, 0])
@@ -491,15 +480,6 @@ def test_selection_with_round_to_keeps_multiples():
 
 
 # -- the method in fit -------------------------------------------------------------
-def _compile(model, lr=0.05):
-    model.compile(
-        optimizer=keras.optimizers.SGD(lr, momentum=0.9),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    return model
-
-
 def _frs(model=None, **kwargs):
     kwargs.setdefault("seed", 0)
     kwargs.setdefault("interval", 1)

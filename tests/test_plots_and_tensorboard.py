@@ -9,13 +9,7 @@ import pytest
 import tensorflow as tf
 
 import keras_chex
-from keras_chex.cifar.resnet import cifar_resnet
-
-
-def _resnet():
-    keras.utils.set_random_seed(0)
-    return cifar_resnet(8, num_classes=4, widths=(8, 16, 16),
-                        input_shape=(8, 8, 3))
+from conftest import tiny_resnet as _resnet
 
 
 def _data(n=32):

@@ -14,34 +14,12 @@ from keras_chex.core import importance as importance_lib
 from keras_chex.deploy import latency_table
 from keras_chex.methods.smcp import allocation
 from keras_chex.methods.smcp import schedule as schedule_lib
-from keras_chex.cifar.resnet import cifar_resnet
 
 from conftest import assert_resumes_exactly
+from conftest import compile_sgd as _compile
+from conftest import tiny_data as _data
+from conftest import tiny_resnet as _resnet
 from conftest import randomize_weights
-
-
-def _resnet(seed=0):
-    keras.utils.set_random_seed(seed)
-    return cifar_resnet(8, num_classes=4, widths=(8, 16, 16),
-                        input_shape=(8, 8, 3))
-
-
-def _data(n=64, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 8, 8, 3)).astype("float32")
-    # Learnable labels, so gradients are not noise alone.
-    y = (x[:, :4, :4, 0].mean(axis=(1, 2)) > 0).astype("int64") + 2 * (
-        x[:, 4:, 4:, 1].mean(axis=(1, 2)) > 0).astype("int64")
-    return x, y
-
-
-def _compile(model, lr=0.05):
-    model.compile(
-        optimizer=keras.optimizers.SGD(lr, momentum=0.9),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    return model
 
 
 def _smcp(model=None, **kwargs):
