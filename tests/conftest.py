@@ -86,6 +86,37 @@ def compile_sgd(model, lr=0.05):
     return model
 
 
+def assert_keras_file_continues(model, make_callback, x, y, directory,
+                                epochs):
+    """A `.keras` file saved after one epoch loads with the same config,
+    masks and method state, and both copies then train to the same end.
+
+    Args:
+        model: a compiled wrapped model (untrained).
+        make_callback: `fn() -> the method's pruning callback`.
+        x, y: the training arrays.
+        directory: a `pathlib.Path` to save into.
+        epochs: the total epochs of the continued fit.
+    """
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False,
+              callbacks=[make_callback()])
+    path = str(directory / "mid.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.pruning_config == model.pruning_config
+    np.testing.assert_array_equal(loaded.analysis.class_mask(),
+                                  model.analysis.class_mask())
+    for a, b in zip(loaded.pruning_state.weights, model.pruning_state.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for m in (model, loaded):
+        m.fit(x, y, batch_size=16, epochs=epochs, initial_epoch=1, verbose=0,
+              shuffle=False, callbacks=[make_callback()])
+    np.testing.assert_array_equal(loaded.analysis.class_mask(),
+                                  model.analysis.class_mask())
+    for a, b in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def assert_resumes_exactly(make_model, make_callback, x, y, directory,
                            backup_first, epochs=4, crash_at=2):
     """A fit crashed at epoch `crash_at` and resumed by `BackupAndRestore`

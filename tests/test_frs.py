@@ -14,6 +14,7 @@ from keras_chex.methods.frs import lrp
 from keras_chex.methods.frs import scores as scores_lib
 from keras_chex.methods.frs import selection
 
+from conftest import assert_keras_file_continues
 from conftest import assert_resumes_exactly
 from conftest import compile_sgd as _compile
 from conftest import tiny_data as _data
@@ -575,22 +576,9 @@ def test_l1_criterion_prunes_the_smallest_filters():
 
 def test_keras_file_mid_training_continues_identically(tmp_path):
     x, y = _data()
-    model = _compile(_frs())
-    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False,
-              callbacks=[keras_chex.RelevancePruning((x, y))])
-    path = str(tmp_path / "mid.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    assert loaded.pruning_config == model.pruning_config
-    np.testing.assert_array_equal(loaded.analysis.class_mask(),
-                                  model.analysis.class_mask())
-    for m in (model, loaded):
-        m.fit(x, y, batch_size=16, epochs=4, initial_epoch=1, verbose=0,
-              shuffle=False, callbacks=[keras_chex.RelevancePruning((x, y))])
-    np.testing.assert_array_equal(loaded.analysis.class_mask(),
-                                  model.analysis.class_mask())
-    for a, b in zip(loaded.get_weights(), model.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_keras_file_continues(
+        _compile(_frs()), lambda: keras_chex.RelevancePruning((x, y)),
+        x, y, tmp_path, epochs=4)
 
 
 @pytest.mark.parametrize("backup_first", [True, False])
@@ -598,8 +586,8 @@ def test_backup_and_restore_resumes_identically_in_either_order(
         tmp_path, backup_first):
     x, y = _data()
     assert_resumes_exactly(lambda: _compile(_frs(_resnet(1))),
-                           lambda: keras_chex.RelevancePruning((x, y)), x, y, tmp_path,
-                           backup_first)
+                           lambda: keras_chex.RelevancePruning((x, y)),
+                           x, y, tmp_path, backup_first)
 
 
 def test_an_unreachable_target_warns():

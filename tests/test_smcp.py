@@ -15,6 +15,7 @@ from keras_chex.deploy import latency_table
 from keras_chex.methods.smcp import allocation
 from keras_chex.methods.smcp import schedule as schedule_lib
 
+from conftest import assert_keras_file_continues
 from conftest import assert_resumes_exactly
 from conftest import compile_sgd as _compile
 from conftest import tiny_data as _data
@@ -292,24 +293,9 @@ def test_strip_is_exact_after_smcp():
 
 def test_keras_file_mid_training_continues_identically(tmp_path):
     x, y = _data()
-    model = _compile(_smcp())
-    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False,
-              callbacks=[keras_chex.SoftMaskPruning()])
-    path = str(tmp_path / "mid.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    assert loaded.pruning_config == model.pruning_config
-    np.testing.assert_array_equal(loaded.analysis.class_mask(),
-                                  model.analysis.class_mask())
-    for a, b in zip(loaded.pruning_state.weights, model.pruning_state.weights):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
-    for m in (model, loaded):
-        m.fit(x, y, batch_size=16, epochs=3, initial_epoch=1, verbose=0,
-              shuffle=False, callbacks=[keras_chex.SoftMaskPruning()])
-    np.testing.assert_array_equal(loaded.analysis.class_mask(),
-                                  model.analysis.class_mask())
-    for a, b in zip(loaded.get_weights(), model.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_keras_file_continues(
+        _compile(_smcp()), lambda: keras_chex.SoftMaskPruning(),
+        x, y, tmp_path, epochs=3)
 
 
 @pytest.mark.parametrize("backup_first", [True, False])
@@ -317,8 +303,8 @@ def test_backup_and_restore_resumes_identically_in_either_order(
         tmp_path, backup_first):
     x, y = _data()
     assert_resumes_exactly(lambda: _compile(_smcp(_resnet(1))),
-                           lambda: keras_chex.SoftMaskPruning(), x, y, tmp_path,
-                           backup_first)
+                           lambda: keras_chex.SoftMaskPruning(),
+                           x, y, tmp_path, backup_first)
 
 
 # -- errors ------------------------------------------------------------------------

@@ -44,11 +44,11 @@ class RelevancePruning(callback.PruningCallback):
     def __init__(self, data=None, verbose=0, log_dir=None):
         super().__init__(verbose=verbose, log_dir=log_dir)
         # Arrays become a dataset once, not at every pruning step; a bad
-        # `data` fails here, before any training.
-        self.data = None if data is None else scores_lib.as_dataset(
-            data, batches=1 if _endless(data) else None)
-        if isinstance(data, tf.data.Dataset):
-            self.data = data  # Endless is fine: each step takes a few.
+        # `data` fails here, before any training. A dataset may be endless:
+        # each step takes `score_batches` of it.
+        if data is not None and not isinstance(data, tf.data.Dataset):
+            data = scores_lib.as_dataset(data)
+        self.data = data
         self._pruned = 0.0
 
     def on_train_begin(self, logs=None):
@@ -86,7 +86,3 @@ class RelevancePruning(callback.PruningCallback):
         self._pruned = 0.0
         return logs
 
-
-def _endless(data):
-    return (isinstance(data, tf.data.Dataset)
-            and data.cardinality() == tf.data.INFINITE_CARDINALITY)

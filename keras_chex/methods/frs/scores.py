@@ -89,18 +89,16 @@ class RelevanceScorer:
 
     def _scored(self):
         scored = np.zeros(self.num_channels, dtype=bool)
-        reached = np.zeros(self.num_channels, dtype=bool)
         for step, segments in self._sites.values():
-            sel = segments[segments < self.num_channels]
-            reached[sel] = True
-            scored[sel] = True
+            scored[segments[segments < self.num_channels]] = True
         for step, segments in self._sites.values():
             if step.outputs[0] in self.graph.incomplete:
                 scored[segments[segments < self.num_channels]] = False
-        # A group is scored as a whole or not at all.
+        # A group is scored as a whole or not at all (a channel no producer
+        # output reaches is not scored either).
         for g in self.analysis.groups:
             part = slice(g.start, g.start + g.size)
-            if not (scored[part].all() and reached[part].all()):
+            if not scored[part].all():
                 scored[part] = False
         return scored
 
