@@ -96,6 +96,33 @@ def narrow_widths(target_macs, depth):
     return best[0]
 
 
+def chex_options(name):
+    """prune_and_regrow arguments of a CHEX variant or ablation.
+
+    "chex" is the default; "fixed" regrows nothing and is never explored;
+    "chex16" rounds to 16; "chex_reset" resets the momentum of regrown
+    channels; "chex_mean"/"chex_sum" share a stream channel's score by
+    mean/sum of |gamma|; "chex_regrow<x>" and "chex_interval<x>" change
+    delta0 and the exploration interval.
+    """
+    options = {"regrow": 0.3, "interval": FLAGS.interval}
+    if name == "fixed":
+        options["regrow"] = 0.0
+    elif name == "chex16":
+        options["round_to"] = 16
+    elif name == "chex_reset":
+        options["regrown_momentum"] = "reset"
+    elif name in ("chex_mean", "chex_sum"):
+        options["shared_score"] = name[len("chex_"):]
+    elif name.startswith("chex_regrow"):
+        options["regrow"] = float(name[len("chex_regrow"):])
+    elif name.startswith("chex_interval"):
+        options["interval"] = float(name[len("chex_interval"):])
+    elif name not in ("chex", "noregrow"):
+        raise app.UsageError(f"Unknown variant {name!r}.")
+    return options
+
+
 def accuracy(model, ds):
     correct = total = 0
     for x, y in ds:
@@ -128,11 +155,9 @@ def run_variant(name, train, val, steps):
         # Scored on the first batches of the (shuffled) training data.
         callbacks = [keras_chex.RelevancePruning(train, verbose=1)]
     else:
-        regrow = 0.0 if name == "fixed" else 0.3
         model = keras_chex.prune_and_regrow(
-            dense, flops=FLAGS.flops, regrow=regrow, seed=FLAGS.seed,
-            interval=FLAGS.interval, round_to=16 if name == "chex16" else 1,
-        )
+            dense, flops=FLAGS.flops, seed=FLAGS.seed,
+            **chex_options(name))
         if name == "noregrow":
             # Ablation only: same start as CHEX, but the callback's schedule
             # regrows nothing (the initial masks are already set).
@@ -166,6 +191,8 @@ def run_variant(name, train, val, steps):
         "fit_seconds": fit_seconds,
         "seconds_per_epoch": fit_seconds / FLAGS.epochs,
         "seed": FLAGS.seed,
+        "depth": FLAGS.depth,
+        "flops_target": FLAGS.flops,
         "conv_filters": [layer.filters for layer in final.layers
                          if isinstance(layer, keras.layers.Conv2D)],
     }

@@ -195,6 +195,13 @@ def check_positive(name, value, unit):
                          f"{value!r}.")
 
 
+def check_choice(name, value, choices):
+    """Raises a ValueError naming `name` unless `value` is one of `choices`."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got "
+                         f"{value!r}.")
+
+
 def check_round_to(round_to):
     if isinstance(round_to, bool) or not isinstance(
             round_to, numbers.Integral) or round_to < 1:

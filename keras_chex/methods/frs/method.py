@@ -89,9 +89,7 @@ def relevance_prune(model, *, flops=None, params=None, channels=None,
             or score_batches < 1):
         raise ValueError(f"`score_batches` must be an int >= 1, got "
                          f"{score_batches!r}.")
-    if criterion not in CRITERIA:
-        raise ValueError(
-            f"`criterion` must be one of {CRITERIA}, got {criterion!r}.")
+    method.check_choice("criterion", criterion, CRITERIA)
     round_to = method.check_round_to(round_to)
     method.check_min_channels(min_channels)
     config = {
