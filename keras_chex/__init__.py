@@ -17,16 +17,11 @@ import sys as _sys
 # command hides them (not `--verbose`). Library users see TensorFlow as is.
 if (_os.path.basename(_sys.argv[0] if _sys.argv else "") == "keras-chex"
         and "--verbose" not in _sys.argv):
+    from keras_chex import _native_stderr
+
     _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    _stderr = _os.dup(2)
-    _devnull = _os.open(_os.devnull, _os.O_WRONLY)
-    _os.dup2(_devnull, 2)
-    try:
+    with _native_stderr.drop_native_lines(drop_all=True):
         import tensorflow as _tf  # noqa: F401
-    finally:
-        _os.dup2(_stderr, 2)
-        _os.close(_stderr)
-        _os.close(_devnull)
 
 from keras_chex.core.analysis import ChannelGroup  # noqa: E402
 from keras_chex.core.analysis import channel_groups  # noqa: E402

@@ -205,16 +205,20 @@ def cmd_export(args):
     if quantization == "int8" and not args.representative:
         raise CliError("--quantization=int8 needs --representative (a .npy "
                        "array or a folder of calibration images)")
+    if keras_chex.is_wrapped(model):
+        print(_count_line("pruning", keras_chex.count_macs(model))
+              + "  (masked; exported stripped)")
+    else:
+        print(_count_line("model", keras_chex.count_macs(model)))
     if args.tflite:
         _check_target(args.tflite, args.overwrite)
         start = time.time()
-        print(f"converting and verifying {args.tflite} ...", flush=True)
         try:
             report = keras_chex.export_tflite(
                 model, args.tflite, quantization=quantization,
                 representative_data=_representative(args.representative,
                                                     model),
-                overwrite=args.overwrite)
+                overwrite=args.overwrite, verbose=True)
         except (ValueError, TypeError) as e:
             raise CliError(str(e).splitlines()[0])
         print(f"wrote {args.tflite}: {report.size_bytes / 1024:.1f} KB, max "
@@ -273,10 +277,9 @@ def cmd_prune(args):
     compact = keras_chex.strip(wrapped)
     wrapped.save(os.path.join(args.output_dir, "pruning.keras"))
     compact.save(os.path.join(args.output_dir, "compact.keras"))
-    print("converting and verifying compact.tflite ...", flush=True)
     report = keras_chex.export_tflite(
         compact, os.path.join(args.output_dir, "compact.tflite"),
-        overwrite=args.overwrite)
+        overwrite=args.overwrite, verbose=True)
     dense, after = keras_chex.count_macs(model), keras_chex.count_macs(
         compact)
     print(after.table(top=10, reference=dense))

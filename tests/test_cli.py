@@ -95,6 +95,13 @@ def test_export_tflite_float_and_int8(files, tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "m.tflite").stat().st_size > 0
     assert "max relative difference" in result.stdout
+    # One line per stage, and nothing from LiteRT or TensorFlow on stderr.
+    for line in ("[1/3] stripping the pruning model ... ",
+                 "[2/3] converting to TFLite (none (float32)) ... ",
+                 "[3/3] verifying the file against Keras on 1 input(s) ... "):
+        assert line in result.stdout, result.stdout
+    assert "XNNPACK" not in result.stderr + result.stdout
+    assert result.stderr.strip() == "", result.stderr
     result = run("export", files / "plain.keras", "--tflite",
                  tmp_path / "q.tflite", "--quantization=int8")
     assert result.returncode == 2 and "--representative" in result.stderr

@@ -241,10 +241,10 @@ def test_round_to_8_gives_multiples_of_8_after_strip(name):
     ) <= 1e-4
 
 
-# --- (d) tools/export_model.py on a saved wrapped model ---------------------
+# --- (d) `keras-chex export` on a saved wrapped model -----------------------
 
 
-def test_export_tool_on_saved_wrapped_model(tmp_path):
+def test_cli_export_of_a_saved_wrapped_model(tmp_path):
     model = _build("small_cnn")
     wrapped = keras_chex.prune_and_regrow(
         model, flops=0.5, regrow=0.0, round_to=8, seed=0
@@ -252,47 +252,31 @@ def test_export_tool_on_saved_wrapped_model(tmp_path):
     model_path = tmp_path / "pruned.keras"
     wrapped.save(model_path)
     counts = keras_chex.count_macs(keras_chex.strip(wrapped))
-    out = tmp_path / "out"
+    tflite_path = tmp_path / "out" / "pruned.tflite"
+    saved_model = tmp_path / "out" / "pruned_saved_model"
 
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    command = os.path.join(os.path.dirname(sys.executable), "keras-chex")
     result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO_ROOT, "tools", "export_model.py"),
-            f"--model={model_path}",
-            f"--output_dir={out}",
-            "--tflite",
-            "--saved_model",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+        [command, "export", str(model_path), "--tflite", str(tflite_path),
+         "--saved_model", str(saved_model)],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    stdout = result.stdout
-    assert "keras-chex pruning model" in stdout
-    assert "stripped:      yes" in stdout
+    (line,) = [l for l in result.stdout.splitlines()
+               if l.startswith("pruning")]
+    # The masked model counts as the compact one it strips to.
+    assert f"{counts.macs:,} MACs" in line and f"{counts.params:,} params" in (
+        line)
+    assert "[1/3] stripping the pruning model" in result.stdout
 
-    table = stdout[stdout.index("before"):].splitlines()
-    rows = {line.split("  ")[0]: line for line in table}
-    macs = re.split(r"\s{2,}", rows["MACs"].strip())
-    # "before" is the unpruned network, "after" the compact one.
-    dense = keras_chex.count_macs(model)
-    assert macs[1:] == [f"{dense.macs:,}", f"{counts.macs:,}"], macs
-    params = re.split(r"\s{2,}", rows["params"].strip())
-    assert params[1:] == [f"{dense.params:,}", f"{counts.params:,}"], params
-    assert rows["TFLite (float32)"].strip().endswith("pruned.tflite")
-    assert "pruned_saved_model" in rows["SavedModel"]
-
-    tflite_path = out / "pruned.tflite"
     assert tflite_path.read_bytes()[4:8] == b"TFL3"
     x = _images(wrapped, 2, seed=16)
     (actual,) = export.run_tflite(
         str(tflite_path), {_single_input_name(tflite_path): x}
     )
     assert _relative_diff(_keras_output(wrapped, x), actual) <= 1e-4
-    loaded = tf.saved_model.load(str(out / "pruned_saved_model"))
+    loaded = tf.saved_model.load(str(saved_model))
     served = loaded.serve(tf.constant(x)).numpy()
     assert _relative_diff(_keras_output(wrapped, x), served) <= 1e-4
 

@@ -1,4 +1,4 @@
-"""Tests for keras_chex.deploy.export and tools/export_model.py."""
+"""Tests for keras_chex.deploy.export and `keras-chex export`."""
 
 import os
 import subprocess
@@ -515,65 +515,45 @@ def test_saved_model_overwrite_rules(small_cnn, tmp_path):
     assert (other / "todo.txt").read_text() == "mine"
 
 
-# --- Command-line tool ------------------------------------------------------
+# --- `keras-chex export` ----------------------------------------------------
 
 
-def _run_tool(*args):
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+def _run_cli(*args):
+    command = os.path.join(os.path.dirname(sys.executable), "keras-chex")
     return subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "tools", "export_model.py")]
-        + list(args),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+        [command, "export", *map(str, args)], capture_output=True, text=True,
+        timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
 
 
-def test_tool_exports_int8_and_saved_model(small_cnn, tmp_path):
+def test_cli_exports_int8_and_saved_model_and_never_overwrites(
+        small_cnn, tmp_path):
     model_path = tmp_path / "cnn.keras"
     small_cnn.save(model_path)
     data_path = tmp_path / "calibration.npy"
     np.save(data_path, _cnn_calibration())
-    out = tmp_path / "out"
+    tflite_path = tmp_path / "out" / "cnn_int8.tflite"
+    saved_model = tmp_path / "out" / "cnn_saved_model"
 
-    result = _run_tool(
-        f"--model={model_path}",
-        f"--output_dir={out}",
-        "--tflite",
-        "--saved_model",
-        "--quantization=int8",
-        f"--representative_data={data_path}",
-    )
+    result = _run_cli(model_path, "--tflite", tflite_path, "--saved_model",
+                      saved_model, "--quantization=int8",
+                      "--representative", data_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    tflite_path = out / "cnn_int8.tflite"
     assert tflite_path.read_bytes()[4:8] == b"TFL3"
-    assert (out / "cnn_saved_model" / "saved_model.pb").exists()
-    lines = result.stdout.splitlines()
-    labels = ("MACs", "params", ".keras file", "TFLite (int8)", "SavedModel")
-    for label in labels:
-        assert any(line.startswith(label) for line in lines), result.stdout
-    assert "plain Keras model" in result.stdout
+    assert (saved_model / "saved_model.pb").exists()
+    assert result.stdout.startswith("model ")
+    assert "converting to TFLite (int8 (int8 weights and activations" in (
+        result.stdout)
+    # SavedModel's INFO lines ("Assets written", signatures) stay hidden.
+    assert "Assets written" not in result.stdout + result.stderr
 
-    # A second run must refuse to replace the files.
-    again = _run_tool(
-        f"--model={model_path}",
-        f"--output_dir={out}",
-        "--notflite",
-        "--saved_model",
-    )
-    assert again.returncode != 0
-    assert "already exists" in again.stderr
-
-
-def test_tool_rejects_int8_without_data(tmp_path):
-    result = _run_tool(
-        f"--model={tmp_path / 'm.keras'}",
-        f"--output_dir={tmp_path}",
-        "--quantization=int8",
-    )
-    assert result.returncode != 0
-    assert "--representative_data" in result.stderr
+    # A second run must refuse to replace the files, and leave them.
+    size = tflite_path.stat().st_size
+    again = _run_cli(model_path, "--saved_model", saved_model)
+    assert again.returncode == 2
+    assert "exists; pass --overwrite" in again.stderr
+    assert again.stderr.count("\n") == 1  # One line, no traceback.
+    assert tflite_path.stat().st_size == size
+    assert (saved_model / "saved_model.pb").exists()
 
 
 def test_export_hides_tensorflow_info_lines_but_not_warnings(
@@ -606,3 +586,66 @@ def test_export_hides_tensorflow_info_lines_but_not_warnings(
     assert not any("Assets written" in m for _, m in records), records
     assert (std_logging.WARNING, "a real warning") in records
     assert tf_logger.level == before[1]
+
+
+# --- what the user sees: stage lines, no LiteRT INFO line ---------------------
+
+
+def test_verbose_export_prints_each_stage_and_quiet_prints_nothing(
+        tmp_path, capsys):
+    model = _small_cnn()
+    export.export_tflite(model, tmp_path / "quiet.tflite")
+    assert capsys.readouterr().out == ""
+    export.export_tflite(model, tmp_path / "loud.tflite", verbose=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("[1/2] converting to TFLite (none (float32)) ")
+    assert lines[1].startswith("[2/2] verifying the file against Keras on 1 ")
+    assert all(line.endswith(" s") for line in lines)
+    export.export_tflite(model, tmp_path / "unverified.tflite", verify=False,
+                         verbose=True)
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("[1/1] converting")
+
+
+_ALLOCATE = """
+import sys
+from ai_edge_litert.interpreter import Interpreter
+import numpy as np
+from keras_chex.deploy import export
+if sys.argv[2] == "raw":
+    Interpreter(model_path=sys.argv[1]).allocate_tensors()
+else:
+    export.run_tflite(sys.argv[1], {"image": np.zeros((2, 16, 16, 3),
+                                                     np.float32)})
+print("ran")
+"""
+
+
+def test_litert_delegate_line_is_dropped(tmp_path):
+    # LiteRT prints the line once per process, so each case is a process.
+    path = tmp_path / "m.tflite"
+    export.export_tflite(_small_cnn(), path, verify=False)
+    err = {}
+    for mode in ("raw", "ours"):
+        result = subprocess.run(
+            [sys.executable, "-c", _ALLOCATE, str(path), mode],
+            capture_output=True, text=True, timeout=300)
+        assert result.stdout.strip() == "ran", result.stderr[-2000:]
+        err[mode] = result.stderr
+    assert "XNNPACK delegate" in err["raw"]  # Control: LiteRT writes it.
+    assert "XNNPACK" not in err["ours"]
+
+
+def test_dropping_native_lines_keeps_everything_else(capfd):
+    from keras_chex import _native_stderr
+
+    with _native_stderr.drop_native_lines(_native_stderr.XNNPACK_INFO):
+        os.write(2, b"a real warning\n")
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for "
+                    b"CPU.\n")
+        os.write(2, b"an error\n")
+    assert capfd.readouterr().err == "a real warning\nan error\n"
+    with _native_stderr.drop_native_lines(drop_all=True):
+        os.write(2, b"start-up note\n")
+    assert capfd.readouterr().err == ""

@@ -18,7 +18,7 @@ def _data(n=32):
             rng.integers(0, 4, n))
 
 
-def _fit(method, log_dir=None, epochs=4):
+def _fit(method, log_dir=None, epochs=4, extra_callbacks=()):
     x, y = _data()
     if method == "chex":
         model = keras_chex.prune_and_regrow(_resnet(), flops=0.5, interval=1,
@@ -36,7 +36,7 @@ def _fit(method, log_dir=None, epochs=4):
                   loss=keras.losses.SparseCategoricalCrossentropy(
                       from_logits=True))
     model.fit(x, y, batch_size=8, epochs=epochs, verbose=0, shuffle=False,
-              callbacks=[callback])
+              callbacks=[callback, *extra_callbacks])
     return model, callback
 
 
@@ -65,6 +65,26 @@ def test_event_files_hold_widths_cost_and_epoch_logs(tmp_path, method):
     steps = [s for s, _ in callback.widths]
     assert sorted(tags[f"kept/{groups[0]}"]) == steps
     assert len(steps) >= 3 and steps == sorted(steps)
+
+
+def test_a_tensorboard_callback_in_the_fit_lends_its_log_dir(tmp_path):
+    board = keras.callbacks.TensorBoard(log_dir=str(tmp_path / "tb"))
+    model, callback = _fit("chex", extra_callbacks=[board])
+    assert callback.log_dir is None
+    tags = _events(str(tmp_path / "tb"))
+    assert "cost_kept" in tags and "epoch/chex_macs" in tags
+    for g in keras_chex.channel_groups(model):
+        assert f"kept/{g.name}" in tags, g.name
+    # Keras' own run is beside ours, untouched.
+    assert glob.glob(str(tmp_path / "tb" / "train" / "events.*"))
+    # A later fit without TensorBoard writes nothing more there.
+    before = {p: os.path.getsize(p) for p in glob.glob(
+        str(tmp_path / "tb" / "pruning" / "events.*"))}
+    x, y = _data()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
+    after = {p: os.path.getsize(p) for p in glob.glob(
+        str(tmp_path / "tb" / "pruning" / "events.*"))}
+    assert after == before
 
 
 def test_widths_are_recorded_without_a_log_dir():

@@ -39,8 +39,9 @@ class PruningCallback(keras.callbacks.Callback):
     `log_dir` writes TensorBoard summaries there (under `pruning/`): each
     group's kept fraction (`kept/<group>`, and all of them as the histogram
     `kept_fractions`), the cost kept (`cost_kept`) and, per epoch, the
-    method's logs (`epoch/<name>`). Point it at the `log_dir` of a
-    `keras.callbacks.TensorBoard` to see both together.
+    method's logs (`epoch/<name>`). Without `log_dir`, a
+    `keras.callbacks.TensorBoard` in the same `fit` lends its own, so its
+    run and `pruning/` show side by side.
 
     Args:
         verbose: 1 prints one line per pruning step.
@@ -65,6 +66,8 @@ class PruningCallback(keras.callbacks.Callback):
                 ) from None
         self.widths = []
         self._writer = None
+        self._writer_dir = None
+        self._tensorboard_dir = None  # Lent by a TensorBoard of the fit.
         self._plan = None
         self._length = None
 
@@ -142,7 +145,7 @@ class PruningCallback(keras.callbacks.Callback):
         counts = np.array([int(mask[g.start:g.start + g.size].sum())
                            for g in analysis.groups])
         self.widths.append((int(step), counts))
-        if self.log_dir is None:
+        if self._summary_dir() is None:
             return
         import tensorflow as tf
 
@@ -154,12 +157,18 @@ class PruningCallback(keras.callbacks.Callback):
                 tf.summary.histogram("kept_fractions", fractions)
             tf.summary.scalar("cost_kept", float(self.state.kept_fraction()))
 
+    def _summary_dir(self):
+        base = self.log_dir if self.log_dir is not None else (
+            self._tensorboard_dir)
+        return None if base is None else os.path.join(base, "pruning")
+
     def _summary_writer(self):
-        if self._writer is None:
+        directory = self._summary_dir()
+        if self._writer is None or self._writer_dir != directory:
             import tensorflow as tf
 
-            self._writer = tf.summary.create_file_writer(
-                os.path.join(self.log_dir, "pruning"))
+            self._writer = tf.summary.create_file_writer(directory)
+            self._writer_dir = directory
         return self._writer
 
     def on_train_end(self, logs=None):
@@ -193,7 +202,7 @@ class PruningCallback(keras.callbacks.Callback):
         values = self.epoch_logs()
         if logs is not None:
             logs.update(values)
-        if self.log_dir is not None:
+        if self._summary_dir() is not None:
             import tensorflow as tf
 
             with self._summary_writer().as_default(step=epoch):
@@ -211,3 +220,22 @@ class PruningCallback(keras.callbacks.Callback):
 
     def get_config(self):
         return {"verbose": self.verbose, "log_dir": self.log_dir}
+
+
+def share_tensorboard_dir(callbacks):
+    """Lends a listed TensorBoard's `log_dir` to pruning callbacks without one.
+
+    Called by `PrunableModel.fit`; a later fit without a TensorBoard
+    callback takes the loan back.
+
+    Args:
+        callbacks: the `callbacks` argument of `fit` (None, a list, or a
+            `keras.callbacks.CallbackList`).
+    """
+    listed = list(getattr(callbacks, "callbacks", callbacks) or [])
+    boards = [c for c in listed
+              if isinstance(c, keras.callbacks.TensorBoard)]
+    for c in listed:
+        if isinstance(c, PruningCallback):
+            c._tensorboard_dir = (os.fspath(boards[0].log_dir) if boards
+                                  else None)

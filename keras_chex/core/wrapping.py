@@ -99,6 +99,16 @@ class PrunableModel(keras.Model):
             logs = _trainer.multi_worker_logs(logs)
         return logs
 
+    def fit(self, *args, **kwargs):
+        # A pruning callback without `log_dir` writes beside a TensorBoard
+        # callback of the same fit; only `fit` sees both.
+        callbacks = (kwargs.get("callbacks") if "callbacks" in kwargs
+                     else args[5] if len(args) > 5 else None)
+        from keras_chex.core import callback as pruning_callback
+
+        pruning_callback.share_tensorboard_dir(callbacks)
+        return super().fit(*args, **kwargs)
+
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Keras' own fails under MultiWorkerMirroredStrategy; see _trainer.
         _trainer.maybe_symbolic_build(self, iterator, data_batch)

@@ -39,6 +39,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
 import warnings
 
@@ -46,6 +47,8 @@ from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
+
+from keras_chex import _native_stderr
 
 QUANTIZATION_MODES = (None, "float16", "dynamic", "int8")
 
@@ -212,6 +215,7 @@ def export_tflite(
     overwrite=False,
     int8_io=False,
     tolerance=None,
+    verbose=False,
 ):
     """Converts a Keras model to a `.tflite` file and checks it against Keras.
 
@@ -268,6 +272,8 @@ def export_tflite(
             outputs with the file's scales.
         tolerance: Maximum allowed relative difference, overriding the default
             for the quantization mode.
+        verbose: Print each stage (strip, convert, verify) as it starts and
+            its time when done; conversion can take minutes on big models.
 
     Returns:
         An `ExportReport`.
@@ -300,7 +306,13 @@ def export_tflite(
     # Verification compares with the model as given, so for a pruning model
     # it also checks that stripping preserved its outputs.
     reference = _check_model(model)
-    model, stripped = strip_if_wrapped(reference)
+    from keras_chex.core import stripping
+
+    stages = _Stages(verbose, (["strip"] if stripping.is_wrapped(reference)
+                               else [])
+                     + ["convert"] + (["verify"] if verify else []))
+    with stages.run("strip", "stripping the pruning model"):
+        model, stripped = strip_if_wrapped(reference)
     names = _signature_input_names(model)
     # Argument errors surface before the slow conversion, not after it.
     if representative_data is not None:
@@ -313,7 +325,10 @@ def export_tflite(
     calibration = None
     if quantization == "int8":
         calibration = _Calibration(representative_data, model, names)
-    tflite_bytes = _convert(model, names, quantization, calibration, int8_io)
+    with stages.run("convert", "converting to TFLite ("
+                    f"{_describe_quantization(quantization, int8_io)})"):
+        tflite_bytes = _convert(model, names, quantization, calibration,
+                                int8_io)
 
     with _staged_file(path, tflite_bytes) as staged_path:
         inputs, outputs = _tensor_infos(staged_path, names)
@@ -323,7 +338,10 @@ def export_tflite(
             sample = _as_input_arrays(
                 sample_input, model, names, "sample_input"
             )
-            diffs = _compare_with_keras(reference, staged_path, names, sample)
+            with stages.run("verify", "verifying the file against Keras "
+                            f"on {len(sample[0])} input(s)"):
+                diffs = _compare_with_keras(reference, staged_path, names,
+                                            sample)
             _check_tolerance(path, quantization, diffs, tolerance)
 
     return ExportReport(
@@ -378,6 +396,29 @@ def export_saved_model(model, directory, *, overwrite=False):
     with quiet_tensorflow_info():
         model.export(directory, format="tf_saved_model", verbose=False)
     return directory
+
+
+class _Stages:
+    """Prints "[i/n] what ... 1.2 s" for each stage of an export."""
+
+    def __init__(self, verbose, names):
+        self.verbose = verbose
+        self.names = names
+
+    @contextlib.contextmanager
+    def run(self, name, what):
+        if not self.verbose or name not in self.names:
+            yield
+            return
+        i = self.names.index(name) + 1
+        print(f"[{i}/{len(self.names)}] {what} ...", end="", flush=True)
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            print(" failed", flush=True)
+            raise
+        print(f" {time.perf_counter() - start:.1f} s", flush=True)
 
 
 @contextlib.contextmanager
@@ -878,7 +919,12 @@ def _make_interpreter(path, num_threads=None):
     # Imported here so importing keras_chex does not load LiteRT.
     from ai_edge_litert import interpreter as litert
 
-    return litert.Interpreter(model_path=path, num_threads=num_threads)
+    interpreter = litert.Interpreter(model_path=path, num_threads=num_threads)
+    # LiteRT applies its delegate, and prints that it did, on the first
+    # allocation; later resizes reuse it silently.
+    with _native_stderr.drop_native_lines(_native_stderr.XNNPACK_INFO):
+        interpreter.allocate_tensors()
+    return interpreter
 
 
 def _quantize(array, detail):

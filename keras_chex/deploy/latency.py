@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from keras_chex import _native_stderr
+
 
 @dataclasses.dataclass(frozen=True)
 class LatencyReport:
@@ -130,7 +132,8 @@ def _prepared_interpreter(path, num_threads, batch_size):
     for detail in details:
         shape = _input_shape(detail, batch_size, path)
         interpreter.resize_tensor_input(detail["index"], shape)
-    interpreter.allocate_tensors()
+    with _native_stderr.drop_native_lines(_native_stderr.XNNPACK_INFO):
+        interpreter.allocate_tensors()
     rng = np.random.default_rng(0)
     for detail in details:
         shape = _input_shape(detail, batch_size, path)

@@ -1,0 +1,66 @@
+"""Filters lines that native (C++) code writes straight to file descriptor 2.
+
+TensorFlow and LiteRT print some INFO lines from C++ before, or outside,
+any log level Python can set: LiteRT's "Created TensorFlow Lite XNNPACK
+delegate for CPU." on every interpreter, TensorFlow's oneDNN and CPU-feature
+notes at import. Python's `warnings` and `logging` cannot see them; the only
+place to catch them is the file descriptor. This module is the one place
+that redirects it.
+"""
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+
+# One INFO line per LiteRT interpreter; it says nothing a user can act on.
+XNNPACK_INFO = re.compile(r"^INFO: Created TensorFlow Lite XNNPACK delegate")
+
+
+@contextlib.contextmanager
+def drop_native_lines(*patterns, drop_all=False):
+    """Hides the stderr lines matching `patterns` written inside the block.
+
+    Everything else written to file descriptor 2 meanwhile (real warnings
+    and errors, from C++ or Python) is written to `sys.stderr` when the
+    block ends, in order.
+
+    Args:
+        *patterns: compiled regular expressions; a line matching any of them
+            is dropped.
+        drop_all: drop every line (TensorFlow's start-up notes, for a
+            command-line tool that hides them unless asked).
+
+    Example:
+
+    ```python
+    with drop_native_lines(XNNPACK_INFO):
+        interpreter.allocate_tensors()
+    ```
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # No usable fd 2 (embedded interpreter).
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:
+                sys.stderr.flush()
+            except ValueError:
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode("utf-8", errors="replace")
+            if not drop_all:
+                kept = [line for line in text.splitlines(keepends=True)
+                        if not any(p.search(line) for p in patterns)]
+                if kept:
+                    sys.stderr.write("".join(kept))
+                    sys.stderr.flush()
