@@ -152,3 +152,47 @@ def keras_predicted_dense(table_path):
     keras.utils.set_random_seed(0)
     table = keras_chex.LatencyTable.load(str(table_path))
     return table.predict(cifar_resnet(8))
+
+
+def test_bn_recalibration_averages_the_batch_statistics(monkeypatch):
+    import importlib.util
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    monkeypatch.syspath_prepend(os.path.join(REPO_ROOT, "tools"))
+    spec = importlib.util.spec_from_file_location(
+        "bn_recalibration", os.path.join(REPO_ROOT, "tools",
+                                         "bn_recalibration.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    model = keras.Sequential([keras.Input((3,)),
+                              keras.layers.BatchNormalization(momentum=0.9)])
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(i, 1 + i, size=(16, 3)).astype("float32")
+               for i in range(4)]
+    ds = tf.data.Dataset.from_tensor_slices(
+        (np.stack(batches), np.zeros((4, 16)))).map(lambda x, y: (x, y))
+    assert tool.recalibrate(model, ds, batches=3) == 1
+    bn = model.layers[0]
+    np.testing.assert_allclose(
+        bn.moving_mean.numpy(), np.mean([b.mean(0) for b in batches[:3]], 0),
+        rtol=1e-5)
+    np.testing.assert_allclose(
+        bn.moving_variance.numpy(),
+        np.mean([b.var(0) for b in batches[:3]], 0), rtol=1e-4)
+    assert bn.momentum == 0.9  # Put back.
+
+
+def test_bn_recalibration_reports_saved_models(tmp_path):
+    from keras_chex.cifar.resnet import cifar_resnet
+
+    cifar_resnet(8).save(tmp_path / "m.keras")
+    text = _run("bn_recalibration.py", "--batches=2", "--val_per_class=10",
+                str(tmp_path / "m.keras"))
+    (line,) = [json.loads(l) for l in text.splitlines() if l.startswith("{")]
+    assert line["model"] == "m.keras" and line["batchnorms"] == 9  # Stem + 2 per block + 2 shortcuts
+    assert 0 <= line["accuracy_saved"] <= 1
+    assert abs(line["difference"] - (line["accuracy_recalibrated"]
+                                     - line["accuracy_saved"])) < 1e-9
