@@ -117,6 +117,38 @@ def test_chex_results_pairs_seeds(tmp_path):
     assert rows["narrow"][5:] == ["-2.00", "0 of 1", "-"]
 
 
+def test_chex_results_widths_per_stage(tmp_path):
+    import keras
+
+    from keras_chex.cifar.resnet import cifar_resnet
+
+    names = [layer.name for layer in cifar_resnet(20).layers
+             if isinstance(layer, keras.layers.Conv2D)]
+    # Each conv's "width" is its position, so the table shows which conv
+    # every cell was read from.
+    records = [{"variant": "chex", "seed": s, "val_accuracy": 0.5,
+                "conv_filters": [i + 100 * s for i in range(len(names))]}
+               for s in (0, 1)]
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = _run("chex_results.py", str(path), "--widths", "--variants=chex")
+    row = [line for line in out.splitlines()
+           if line.startswith("| chex") and "/" in line][0]
+    cells = [c.strip() for c in row.split("|")[2:-1]]
+
+    def at(name):  # Mean of seeds 0 and 1: position + 50.
+        return str(names.index(name) + 50)
+
+    expected = []
+    for stage in (1, 2, 3):
+        stream = at("stem_conv" if stage == 1
+                    else f"stage{stage}_block1_shortcut_conv")
+        inner = ",".join(at(f"stage{stage}_block{b}_conv1")
+                         for b in (1, 2, 3))
+        expected.append(f"{stream} / {inner}")
+    assert cells == expected
+
+
 def test_benchmark_chex_runs_the_smcp_variants_and_times_them(tmp_path):
     output = tmp_path / "bench.jsonl"
     table = tmp_path / "table.json"

@@ -10,6 +10,9 @@ the data order and the initial weights.
     python tools/chex_results.py runs/chex30_seeds.jsonl --reference=chex
 
 A variant recorded under another name can be renamed: `--rename=chex_max=chex`.
+With `--widths`, a second table gives each variant's final widths per stage
+of the CIFAR ResNet, "stream / each block's inner width", averaged over the
+seeds.
 If a (variant, seed) appears more than once, the last record counts.
 """
 
@@ -26,12 +29,12 @@ flags.DEFINE_string("reference", "chex", "Variant the others are paired with.")
 flags.DEFINE_list("rename", [], "old=new variant renames.")
 flags.DEFINE_list("variants", ["dense", "chex", "fixed", "narrow", "noregrow"],
                   "Row order (variants not listed are left out).")
+flags.DEFINE_boolean("widths", False, "Also print the widths per stage.")
 
 
-def load(paths, rename=None):
-    """{variant: {seed: accuracy %}} from result lines of `paths`."""
+def records(paths, rename=None):
+    """The result lines of `paths` (headers skipped), variants renamed."""
     rename = dict(rename or {})
-    results = {}
     for path in paths:
         with open(path) as f:
             for line in f:
@@ -41,10 +44,65 @@ def load(paths, rename=None):
                 record = json.loads(line)
                 if "variant" not in record:
                     continue  # A header line.
-                name = rename.get(record["variant"], record["variant"])
-                results.setdefault(name, {})[int(record["seed"])] = (
-                    100.0 * record["val_accuracy"])
+                record["variant"] = rename.get(record["variant"],
+                                               record["variant"])
+                yield record
+
+
+def load(paths, rename=None):
+    """{variant: {seed: accuracy %}} from result lines of `paths`."""
+    results = {}
+    for record in records(paths, rename):
+        results.setdefault(record["variant"], {})[int(record["seed"])] = (
+            100.0 * record["val_accuracy"])
     return results
+
+
+def stage_widths(conv_filters):
+    """[(stream, [inner widths])] per stage of a CIFAR ResNet.
+
+    `conv_filters` lists the filters of every Conv2D in layer order: the
+    stem, then per block conv1 and conv2, with each later stage's first
+    block holding a shortcut projection between them. A stage's stream is
+    the stem's (stage 1) or the projection's width; conv1 sets the inner.
+    """
+    n = (len(conv_filters) - 3) // 6  # Blocks per stage.
+    if len(conv_filters) != 6 * n + 3:
+        raise ValueError(f"{len(conv_filters)} convolutions is not a CIFAR "
+                         "ResNet (6n + 3).")
+    stages, rest = [], list(conv_filters[1:])
+    stream = conv_filters[0]
+    for stage in range(3):
+        size = 2 * n + (1 if stage else 0)
+        convs, rest = rest[:size], rest[size:]
+        if stage:
+            stream = convs[1]
+            convs = convs[:1] + convs[2:]
+        stages.append((stream, convs[0::2]))
+    return stages
+
+
+def width_rows(paths, rename, variants):
+    """Rows: variant, and per stage "stream / inner, ..." (seed means)."""
+    by_variant = {}
+    for record in records(paths, rename):
+        if "conv_filters" in record:
+            by_variant.setdefault(record["variant"], {})[record["seed"]] = (
+                stage_widths(record["conv_filters"]))
+    rows = []
+    for name in variants:
+        runs = list(by_variant.get(name, {}).values())
+        if not runs:
+            continue
+        cells = [name]
+        for stage in range(3):
+            stream = statistics.mean(r[stage][0] for r in runs)
+            inner = [statistics.mean(r[stage][1][b] for r in runs)
+                     for b in range(len(runs[0][stage][1]))]
+            cells.append(f"{stream:.0f} / " + ",".join(f"{w:.0f}"
+                                                       for w in inner))
+        rows.append(cells)
+    return ["variant", "stage 1", "stage 2", "stage 3"], rows
 
 
 def paired_t(diffs):
@@ -99,6 +157,10 @@ def main(argv):
     results = load(paths, rename)
     print(bench_report.markdown_table(
         *summary_rows(results, FLAGS.reference, FLAGS.variants)))
+    if FLAGS.widths:
+        print()
+        print(bench_report.markdown_table(
+            *width_rows(paths, rename, FLAGS.variants)))
 
 
 if __name__ == "__main__":
