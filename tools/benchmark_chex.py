@@ -103,7 +103,8 @@ def chex_options(name):
     "chex16" rounds to 16; "chex_reset" resets the momentum of regrown
     channels; "chex_mean"/"chex_sum" share a stream channel's score by
     mean/sum of |gamma|; "chex_regrow<x>" and "chex_interval<x>" change
-    delta0 and the exploration interval.
+    delta0 and the exploration interval; "chex_min<x>" sets min_channels
+    (a fraction of each group's size).
     """
     options = {"regrow": 0.3, "interval": FLAGS.interval}
     if name == "fixed":
@@ -118,6 +119,8 @@ def chex_options(name):
         options["regrow"] = float(name[len("chex_regrow"):])
     elif name.startswith("chex_interval"):
         options["interval"] = float(name[len("chex_interval"):])
+    elif name.startswith("chex_min"):
+        options["min_channels"] = float(name[len("chex_min"):])
     elif name not in ("chex", "noregrow"):
         raise app.UsageError(f"Unknown variant {name!r}.")
     return options
