@@ -455,7 +455,8 @@ class ChexState(method.PruningState):
                 lo, hi = (lo, mid) if c <= budget else (mid, hi)
             s = hi
             narrowest = cost.cost(mask_for(uniform_counts(hi)), resource)
-            if narrowest > budget * (1 + 1e-9):
+            # Without channels the wrapper has already said so.
+            if self.num_channels and narrowest > budget * (1 + 1e-9):
                 method.warn_unreachable(
                     target, self.config["target_value"],
                     narrowest / cost.cost(np.ones(self.num_channels),
