@@ -394,39 +394,9 @@ def test_exploration_step_matches_numpy():
     assert stats[3] == 2  # Explorations done.
 
 
-def test_a_coupled_channel_scores_its_largest_gamma():
-    # conv_a and conv_b feed an Add, so they form one 8-channel group with
-    # two BatchNorms; conv_c is a group of its own. With bn_a's |gamma| ~1,
-    # bn_b's 0.1 and bn_c's ~0.8, the coupled channels rank first by their
-    # largest |gamma| (they would rank last by the mean, ~0.55).
-    inp = keras.Input((6, 6, 3))
-    branches = []
-    for name in "ab":
-        x = layers.Conv2D(8, 3, padding="same", use_bias=False,
-                          name=f"conv_{name}")(inp)
-        branches.append(layers.BatchNormalization(name=f"bn_{name}")(x))
-    x = layers.ReLU()(layers.Add()(branches))
-    x = layers.Conv2D(8, 3, padding="same", use_bias=False, name="conv_c")(x)
-    x = layers.ReLU()(layers.BatchNormalization(name="bn_c")(x))
-    out = layers.Dense(3)(layers.GlobalAveragePooling2D()(x))
-    model = keras_chex.prune_and_regrow(
-        keras.Model(inp, out), sparsity=0.25, regrow=0.0, min_channels=1,
-        seed=0)
-    ramp = 0.01 * np.arange(8, dtype="float32")
-    for bn, gamma in (("bn_a", 1.0 + ramp), ("bn_b", 0.1 + 0 * ramp),
-                      ("bn_c", 0.8 + ramp)):
-        layer_var(model, bn, "gamma").assign(gamma)
-    groups = list(keras_chex.channel_groups(model))
-    assert sorted(g.size for g in groups) == [8, 8]
-    for g in groups:
-        g.set_mask(np.ones(8, bool))
-    model.pruning_state.explore(0.0, 0)
-    kept = {("conv_c" if g.name == "conv_c" else "coupled"): int(
-        g.mask.sum()) for g in groups}
-    assert kept == {"coupled": 8, "conv_c": 4}  # 12 = 0.75 * 16 channels
-
-
 def _coupled_model(shared_score):
+    # conv_a and conv_b feed an Add, so they form one 8-channel group with
+    # two BatchNorms; conv_c is a group of its own.
     inp = keras.Input((6, 6, 3))
     branches = []
     for name in "ab":
@@ -443,8 +413,9 @@ def _coupled_model(shared_score):
 
 
 @pytest.mark.parametrize("gammas, shared_score, coupled_kept", [
-    # bn_a ~1, bn_b 0.1, bn_c ~0.8: max 1 and sum 1.1 rank the coupled
-    # channels first, the mean (0.55) last.
+    # bn_a ~1, bn_b 0.1, bn_c ~0.8: max 1 (the default: a channel any
+    # block scales up is needed) and sum 1.1 rank the coupled channels
+    # first, the mean (0.55) last. 12 = 0.75 * 16 channels are kept.
     ((1.0, 0.1, 0.8), "max", 8), ((1.0, 0.1, 0.8), "sum", 8),
     ((1.0, 0.1, 0.8), "mean", 4),
     # bn_a and bn_b 0.5, bn_c ~0.8: only the sum (1.0) beats bn_c.
