@@ -394,9 +394,11 @@ def test_exploration_step_matches_numpy():
     assert stats[3] == 2  # Explorations done.
 
 
-def _coupled_model(shared_score):
+def test_a_coupled_channel_scores_its_largest_gamma():
     # conv_a and conv_b feed an Add, so they form one 8-channel group with
-    # two BatchNorms; conv_c is a group of its own.
+    # two BatchNorms; conv_c is a group of its own. With bn_a's |gamma| ~1,
+    # bn_b's 0.1 and bn_c's ~0.8, the coupled channels rank first by their
+    # largest |gamma| (they would rank last by the mean, ~0.55).
     inp = keras.Input((6, 6, 3))
     branches = []
     for name in "ab":
@@ -407,75 +409,21 @@ def _coupled_model(shared_score):
     x = layers.Conv2D(8, 3, padding="same", use_bias=False, name="conv_c")(x)
     x = layers.ReLU()(layers.BatchNormalization(name="bn_c")(x))
     out = layers.Dense(3)(layers.GlobalAveragePooling2D()(x))
-    return keras_chex.prune_and_regrow(
+    model = keras_chex.prune_and_regrow(
         keras.Model(inp, out), sparsity=0.25, regrow=0.0, min_channels=1,
-        seed=0, shared_score=shared_score)
-
-
-@pytest.mark.parametrize("gammas, shared_score, coupled_kept", [
-    # bn_a ~1, bn_b 0.1, bn_c ~0.8: max 1 (the default: a channel any
-    # block scales up is needed) and sum 1.1 rank the coupled channels
-    # first, the mean (0.55) last. 12 = 0.75 * 16 channels are kept.
-    ((1.0, 0.1, 0.8), "max", 8), ((1.0, 0.1, 0.8), "sum", 8),
-    ((1.0, 0.1, 0.8), "mean", 4),
-    # bn_a and bn_b 0.5, bn_c ~0.8: only the sum (1.0) beats bn_c.
-    ((0.5, 0.5, 0.8), "max", 4), ((0.5, 0.5, 0.8), "sum", 8),
-    ((0.5, 0.5, 0.8), "mean", 4),
-])
-def test_shared_score_combines_a_coupled_channels_gammas(
-        gammas, shared_score, coupled_kept):
-    model = _coupled_model(shared_score)
+        seed=0)
     ramp = 0.01 * np.arange(8, dtype="float32")
-    for bn, gamma in zip(("bn_a", "bn_b", "bn_c"), gammas):
-        layer_var(model, bn, "gamma").assign(gamma + ramp)
-    for g in keras_chex.channel_groups(model):
+    for bn, gamma in (("bn_a", 1.0 + ramp), ("bn_b", 0.1 + 0 * ramp),
+                      ("bn_c", 0.8 + ramp)):
+        layer_var(model, bn, "gamma").assign(gamma)
+    groups = list(keras_chex.channel_groups(model))
+    assert sorted(g.size for g in groups) == [8, 8]
+    for g in groups:
         g.set_mask(np.ones(8, bool))
     model.pruning_state.explore(0.0, 0)
     kept = {("conv_c" if g.name == "conv_c" else "coupled"): int(
-        g.mask.sum()) for g in keras_chex.channel_groups(model)}
-    assert kept == {"coupled": coupled_kept, "conv_c": 12 - coupled_kept}
-
-
-@pytest.mark.parametrize("regrown_momentum", ["keep", "reset"])
-def test_regrown_momentum_keeps_or_zeroes_the_optimizer_state(
-        regrown_momentum):
-    from keras_chex.core import _trainer
-
-    keras.utils.set_random_seed(3)
-    model = keras_chex.prune_and_regrow(
-        chain_model(), sparsity=0.5, regrow=0.3, min_channels=1, seed=5,
-        regrown_momentum=regrown_momentum)
-    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
-                  loss="mse")
-    model.optimizer.build(model.trainable_variables)
-    kernel = layer_var(model, "conv2", "kernel")
-    (slot,) = _trainer.optimizer_slots(model.optimizer, kernel,
-                                       model.trainable_variables)
-    regrown_total = 0
-    for t, delta in enumerate([0.3, 0.3, 0.2, 0.1]):
-        slot.assign(np.ones(slot.shape, "float32"))
-        before = {n: g.mask for n, g in groups_of(model).items()}
-        model.pruning_state.explore(delta, t)
-        # conv2's kernel holds conv1's channels on its input axis.
-        regrown = {n: g.mask & ~before[n]
-                   for n, g in groups_of(model).items()}
-        regrown_total += int(regrown["conv2"].sum())
-        fresh = regrown["conv1"][:, None] | regrown["conv2"][None, :]
-        momentum = slot.numpy()
-        expected = 0.0 if regrown_momentum == "reset" else 1.0
-        np.testing.assert_array_equal(momentum[:, :, fresh], expected)
-        np.testing.assert_array_equal(momentum[:, :, ~fresh], 1.0)
-    assert regrown_total >= 1, "no conv2 channel was regrown"
-
-
-@pytest.mark.parametrize("kwargs, name", [
-    ({"regrown_momentum": "zero"}, "regrown_momentum"),
-    ({"shared_score": "median"}, "shared_score"),
-    ({"shared_score": None}, "shared_score"),
-])
-def test_bad_switches_name_the_argument(kwargs, name):
-    with pytest.raises(ValueError, match=f"`{name}` must be one of"):
-        keras_chex.prune_and_regrow(chain_model(), flops=0.5, **kwargs)
+        g.mask.sum()) for g in groups}
+    assert kept == {"coupled": 8, "conv_c": 4}  # 12 = 0.75 * 16 channels
 
 
 def test_exploration_step_uses_kept_filters_only_for_css():

@@ -100,9 +100,7 @@ def chex_options(name):
     """prune_and_regrow arguments of a CHEX variant or ablation.
 
     "chex" is the default; "fixed" regrows nothing and is never explored;
-    "chex16" rounds to 16; "chex_reset" resets the momentum of regrown
-    channels; "chex_mean"/"chex_sum" share a stream channel's score by
-    mean/sum of |gamma|; "chex_regrow<x>" and "chex_interval<x>" change
+    "chex16" rounds to 16; "chex_regrow<x>" and "chex_interval<x>" change
     delta0 and the exploration interval; "chex_min<x>" sets min_channels
     (a fraction of each group's size).
     """
@@ -111,10 +109,6 @@ def chex_options(name):
         options["regrow"] = 0.0
     elif name == "chex16":
         options["round_to"] = 16
-    elif name == "chex_reset":
-        options["regrown_momentum"] = "reset"
-    elif name in ("chex_mean", "chex_sum"):
-        options["shared_score"] = name[len("chex_"):]
     elif name.startswith("chex_regrow"):
         options["regrow"] = float(name[len("chex_regrow"):])
     elif name.startswith("chex_interval"):

@@ -41,14 +41,11 @@ from keras_chex.methods.chex import regrowth
 from keras_chex.methods.chex import subset_selection
 
 METHOD = "chex"
-REGROWN_MOMENTUM = ("keep", "reset")
-SHARED_SCORES = ("max", "mean", "sum")
 
 
 def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
                      regrow=0.3, interval=2, until=0.72, min_channels=0.05,
-                     round_to=1, exclude=(), seed=None, regrown_momentum="keep",
-                     shared_score="max"):
+                     round_to=1, exclude=(), seed=None):
     """Prepares a model for CHEX channel exploration during `model.fit`.
 
     Args:
@@ -68,12 +65,6 @@ def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
         exclude: names of layers never pruned.
         seed: random seed for regrowth sampling (drawn at random if None,
             and stored with the model, so a loaded model continues the same).
-        regrown_momentum: what the optimizer keeps for a regrown channel:
-            "keep" (its momentum from before it was pruned, decayed) or
-            "reset" (zeros, as for a fresh weight).
-        shared_score: how a channel shared by several BatchNorms (a
-            residual stream) is scored from their |gamma|: "max", "mean"
-            or "sum".
 
     Returns:
         A `keras_chex.PrunableModel` to compile and fit with
@@ -105,9 +96,6 @@ def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
     round_to = method.check_round_to(round_to)
     method.check_min_channels(min_channels)
     seed = method.resolve_seed(seed)
-    method.check_choice("regrown_momentum", regrown_momentum,
-                        REGROWN_MOMENTUM)
-    method.check_choice("shared_score", shared_score, SHARED_SCORES)
     config = {
         "method": METHOD,
         "target": target,
@@ -118,8 +106,6 @@ def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
         "min_channels": min_channels,
         "round_to": round_to,
         "seed": int(seed),
-        "regrown_momentum": regrown_momentum,
-        "shared_score": shared_score,
     }
     wrapped = wrapping.wrap(model, mode="hard", exclude=exclude,
                             pruning=config)
@@ -256,23 +242,18 @@ class ChexState(method.PruningState):
         BatchNorms); groups without BatchNorm use filter norms."""
         n = self.num_channels
         has_bn = np.zeros(n, bool)
-        # A coupled group (a residual stream) feeds several BatchNorms; by
-        # default a channel that any of them scales up is needed there
-        # (max). The mean dilutes it by the number of blocks sharing it.
-        sharing = self.config.get("shared_score", "max")
+        # A coupled group (a residual stream) feeds several BatchNorms; a
+        # channel that any of them scales up is needed there. The mean
+        # dilutes it by the number of blocks sharing the stream (and lost
+        # accuracy at 25% of the MACs; the sum was even with the max: see
+        # docs/benchmarks.md, "CHEX quality").
         gamma = tf.zeros([n])
-        shared_by = np.zeros(n, np.float32)
         for var_index, classes in self._gammas:
             sel = np.flatnonzero(classes >= 0)
             has_bn[classes[sel]] = True
-            shared_by[classes[sel]] += 1
             g = tf.abs(tf.gather(tf.cast(self.backups[var_index], tf.float32),
                                  sel))
-            combine = (tf.tensor_scatter_nd_max if sharing == "max"
-                       else tf.tensor_scatter_nd_add)
-            gamma = combine(gamma, classes[sel][:, None], g)
-        if sharing == "mean":
-            gamma = gamma / np.maximum(shared_by, 1)
+            gamma = tf.tensor_scatter_nd_max(gamma, classes[sel][:, None], g)
         bn_mean = tf.math.divide_no_nan(
             tf.reduce_sum(tf.where(has_bn, gamma * mask, 0.0)),
             tf.reduce_sum(tf.where(has_bn, mask, 0.0)),
@@ -402,16 +383,7 @@ class ChexState(method.PruningState):
             )
         seed = tf.constant([self.config["seed"], int(index)], tf.int64)
         seed = seed[0] * 1000003 + seed[1]
-        reset = self.config.get("regrown_momentum", "keep") == "reset"
-        old = self._read_mask().numpy() if reset else None
-        stats = self._explore_fn(tf.constant(delta, tf.float32), seed)
-        if reset:
-            regrown = (self._read_mask().numpy() > 0.5) & (old < 0.5)
-            if regrown.any():
-                self.analysis.clear_optimizer_state(
-                    getattr(self._plain["model"](), "optimizer", None),
-                    regrown)
-        return stats
+        return self._explore_fn(tf.constant(delta, tf.float32), seed)
 
     # -- initial masks (NumPy, once) -------------------------------------------
     def initialize(self):
