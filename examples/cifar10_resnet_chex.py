@@ -27,7 +27,6 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
@@ -57,15 +56,6 @@ flags.DEFINE_float("weight_decay", 5e-4, "L2 weight decay.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_string("output_dir", "runs/cifar10_resnet_chex",
                     "Where the .keras and .tflite files go.")
-
-
-def accuracy(model, dataset):
-    correct = total = 0
-    for x, y in dataset:
-        logits = model(x, training=False)
-        correct += int(np.sum(np.argmax(logits, -1) == y.numpy()))
-        total += len(y)
-    return correct / total
 
 
 def main(argv):
@@ -134,8 +124,8 @@ def main(argv):
 
     dense_count = keras_chex.count_macs(dense)
     compact_count = keras_chex.count_macs(compact)
-    acc_wrapped = accuracy(model, val)
-    acc_compact = accuracy(compact, val)
+    acc_wrapped = datasets.accuracy(model, val)
+    acc_compact = datasets.accuracy(compact, val)
 
     sample = x_val[:1].astype("float32") / 255.0
     reports = {}

@@ -422,3 +422,24 @@ def test_download_option_splits_like_local_copies(monkeypatch):
     assert np.bincount(yv).tolist() == [2] * 10
     # The held-out images are the last ones of each class.
     np.testing.assert_array_equal(xv[:2], x[4:6])
+
+
+def test_first_per_class_keeps_the_first_of_each_class_in_order():
+    y = np.array([2, 0, 2, 1, 0, 2, 1, 0])
+    x = np.arange(len(y)) * 10
+    xs, ys = datasets.first_per_class(x, y, 2)
+    np.testing.assert_array_equal(xs, [0, 10, 20, 30, 40, 60])
+    np.testing.assert_array_equal(ys, [2, 0, 2, 1, 0, 1])
+    xs, ys = datasets.first_per_class(x, y, 0)
+    assert xs is x and ys is y
+
+
+def test_accuracy_counts_the_highest_score_per_example():
+    import keras
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Identity()])
+    scores = np.array([[0.1, 0.9, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 5.0],
+                       [0.3, 0.2, 0.1]], "float32")
+    labels = np.array([1, 0, 1, 2])
+    batches = tf.data.Dataset.from_tensor_slices((scores, labels)).batch(3)
+    assert datasets.accuracy(model, batches) == 0.5

@@ -75,15 +75,6 @@ flags.DEFINE_integer("threads", 0,
                      "~1.3x better than one 2-thread run.")
 
 
-def subset(x, y, per_class):
-    if not per_class:
-        return x, y
-    keep = np.concatenate([np.flatnonzero(y == c)[:per_class]
-                           for c in range(10)])
-    keep.sort()
-    return x[keep], y[keep]
-
-
 def narrow_widths(target_macs, depth):
     """Uniform width factor whose MACs are closest to (not over) target."""
     best = None
@@ -118,15 +109,6 @@ def chex_options(name):
     elif name not in ("chex", "noregrow"):
         raise app.UsageError(f"Unknown variant {name!r}.")
     return options
-
-
-def accuracy(model, ds):
-    correct = total = 0
-    for x, y in ds:
-        pred = np.argmax(model(x, training=False), -1)
-        correct += int(np.sum(pred == y.numpy()))
-        total += len(y)
-    return correct / total
 
 
 def run_variant(name, train, val, steps):
@@ -181,7 +163,7 @@ def run_variant(name, train, val, steps):
     return {
         **timing,
         "variant": name,
-        "val_accuracy": accuracy(final, val),
+        "val_accuracy": datasets.accuracy(final, val),
         "macs": keras_chex.count_macs(final).macs,
         "macs_fraction": keras_chex.count_macs(final).macs / dense_macs,
         "params": keras_chex.count_macs(final).params,
@@ -233,7 +215,7 @@ def main(argv):
     bench_report.set_threads(FLAGS.threads)
     (x, y), (xv, yv) = datasets.load_cifar10(
         FLAGS.data, validation_per_class=FLAGS.val_per_class)
-    x, y = subset(x, y, FLAGS.train_per_class)
+    x, y = datasets.first_per_class(x, y, FLAGS.train_per_class)
     train = datasets.make_dataset(x, y, FLAGS.batch_size, training=True,
                                   seed=FLAGS.seed)
     val = datasets.make_dataset(xv, yv, 500, training=False)

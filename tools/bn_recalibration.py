@@ -41,15 +41,6 @@ flags.DEFINE_boolean("augment", False,
 FLAGS = flags.FLAGS
 
 
-def accuracy(model, ds):
-    correct = total = 0
-    for x, y in ds:
-        pred = np.argmax(model(x, training=False), -1)
-        correct += int(np.sum(pred == y.numpy()))
-        total += len(y)
-    return correct / total
-
-
 def recalibrate(model, ds, batches):
     """Sets every BatchNorm's moving statistics to their mean over batches.
 
@@ -75,10 +66,7 @@ def main(argv):
     bench_report.set_threads(FLAGS.threads)
     (x, y), (xv, yv) = datasets.load_cifar10(
         FLAGS.data, validation_per_class=FLAGS.val_per_class)
-    if FLAGS.train_per_class:
-        keep = np.concatenate([np.flatnonzero(y == c)[:FLAGS.train_per_class]
-                               for c in range(10)])
-        x, y = x[np.sort(keep)], y[np.sort(keep)]
+    x, y = datasets.first_per_class(x, y, FLAGS.train_per_class)
     if FLAGS.augment:
         train = datasets.make_dataset(x, y, 128, training=True, seed=0)
     else:
@@ -89,9 +77,9 @@ def main(argv):
     val = datasets.make_dataset(xv, yv, 500, training=False)
     for path in paths:
         model = keras.saving.load_model(path)
-        before = accuracy(model, val)
+        before = datasets.accuracy(model, val)
         norms = recalibrate(model, train, FLAGS.batches)
-        after = accuracy(model, val)
+        after = datasets.accuracy(model, val)
         print(json.dumps({"model": os.path.basename(path),
                           "augment": FLAGS.augment, "batches": FLAGS.batches,
                           "batchnorms": norms, "accuracy_saved": before,

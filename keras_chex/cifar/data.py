@@ -176,6 +176,54 @@ def make_dataset(x, y, batch_size, *, training, seed=None, augment=True):
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
+def first_per_class(x, y, per_class):
+    """The first `per_class` examples of each class, in their order.
+
+    Args:
+        x: examples (first axis), e.g. images from `load_cifar10`.
+        y: integer labels, one per example.
+        per_class: how many to keep per class; 0 or None keeps everything.
+
+    Returns:
+        `(x, y)` restricted to those examples.
+
+    Example:
+
+    ```python
+    x, y = first_per_class(x, y, 1000)  # 10,000 CIFAR-10 images.
+    ```
+    """
+    if not per_class:
+        return x, y
+    keep = np.sort(np.concatenate([np.flatnonzero(y == c)[:per_class]
+                                   for c in np.unique(y)]))
+    return x[keep], y[keep]
+
+
+def accuracy(model, dataset):
+    """Top-1 accuracy of a classifier (logits or probabilities) on batches.
+
+    Args:
+        model: a Keras model mapping images to one score per class.
+        dataset: `(x, y)` batches, e.g. from `make_dataset(training=False)`.
+
+    Returns:
+        The fraction of examples whose highest score is their label.
+
+    Example:
+
+    ```python
+    print(accuracy(compact, make_dataset(x_val, y_val, 500, training=False)))
+    ```
+    """
+    correct = total = 0
+    for x, y in dataset:
+        pred = np.argmax(model(x, training=False), -1)
+        correct += int(np.sum(pred == np.asarray(y)))
+        total += len(y)
+    return correct / total
+
+
 def open_source(path):
     """Indexes the CIFAR-10 images of a zip archive or folder.
 
