@@ -22,10 +22,12 @@ def test_benchmark_chex_runs_every_variant_on_the_same_budget(tmp_path):
     output = tmp_path / "bench.jsonl"
     _run("benchmark_chex.py", "--depth=8", "--epochs=2",
          "--train_per_class=40", "--val_per_class=10", "--interval=0.5",
-         "--threads=1", f"--output={output}")
+         "--warmup_epochs=0.5", "--threads=1", f"--output={output}")
     lines = [json.loads(line) for line in output.read_text().splitlines()]
     header, results = lines[0], {r["variant"]: r for r in lines[1:]}
     assert header["train_images"] == 400 and header["val_images"] == 100
+    assert "--warmup_epochs=0.5" in header["command"]
+    assert all(r["warmup_epochs"] == 0.5 for r in results.values())
     assert set(results) == {"dense", "narrow", "fixed", "noregrow", "chex"}
     assert results["dense"]["macs_fraction"] == 1.0
     for name in ("narrow", "fixed", "noregrow", "chex"):
