@@ -175,16 +175,19 @@ def test_fit_tf_function_and_xla(rng, data):
 def test_save_and_load_keras_file_keeps_masks(rng, data, tmp_path):
     model = small_net()
     randomize_weights(model, rng)
+    # Excluding the head leaves c3 whole (the head reads it) and the
+    # c1/c2 stream prunable: an excluded layer keeps its input channels too.
     wrapped = keras_chex.wrap(model, mode="straight_through",
-                              exclude=["c3"])
+                              exclude=["head"])
     random_masks(wrapped, rng)
+    old = keras_chex.channel_groups(wrapped)
+    assert [g.name for g in old] == ["c1"] and not old[0].mask.all()
     path = tmp_path / "wrapped.keras"
     wrapped.save(path)
     loaded = keras.saving.load_model(path)  # No custom_objects needed.
     assert keras_chex.is_wrapped(loaded)
-    assert loaded.pruning_config["exclude"] == ["c3"]
+    assert loaded.pruning_config["exclude"] == ["head"]
     assert loaded.pruning_config["mask_mode"] == "straight_through"
-    old = keras_chex.channel_groups(wrapped)
     new = keras_chex.channel_groups(loaded)
     assert [g.name for g in old] == [g.name for g in new]
     for a, b in zip(old, new):
