@@ -148,9 +148,10 @@ def run_variant(name, train, val, steps):
         if name != "fixed":
             callbacks = [keras_chex.ChannelExploration(verbose=1)]
     warmup = round(FLAGS.warmup_epochs * steps)
+    # With warmup_steps=0 this is the plain cosine from 0.1 (same values).
     lr = keras.optimizers.schedules.CosineDecay(
-        0.0 if warmup else 0.1, steps * FLAGS.epochs - warmup,
-        warmup_target=0.1 if warmup else None, warmup_steps=warmup)
+        0.0, steps * FLAGS.epochs - warmup, warmup_target=0.1,
+        warmup_steps=warmup)
     model.compile(
         optimizer=keras.optimizers.SGD(lr, momentum=0.9, nesterov=True),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
