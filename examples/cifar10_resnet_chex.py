@@ -26,11 +26,14 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# First: keras-chex starts TensorFlow without its C++ start-up notes, which
+# importing Keras first would print.
+import keras_chex  # noqa: E402
+
 import keras  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-import keras_chex  # noqa: E402
 from keras_chex.cifar import resnet as cifar_resnet  # noqa: E402
 from keras_chex.cifar import data as datasets  # noqa: E402
 from keras_chex.deploy import export  # noqa: E402

@@ -11,17 +11,19 @@ exports and measures the compact model.
 import os as _os
 import sys as _sys
 
-# The `keras-chex` command imports this package, and so TensorFlow, before
-# its own code runs. TensorFlow's C++ start-up lines (oneDNN, CPU features,
-# CUDA probing) are written to stderr before its log level applies; the
-# command hides them (not `--verbose`). Library users see TensorFlow as is.
-if (_os.path.basename(_sys.argv[0] if _sys.argv else "") == "keras-chex"
-        and "--verbose" not in _sys.argv):
-    from keras_chex import _native_stderr
+from keras_chex import _native_stderr as _native_stderr_module
 
+# TensorFlow's C++ start-up lines (oneDNN, CPU features, the CUDA probe on a
+# machine without a GPU) are written to stderr before its log level
+# applies. Imported through keras-chex, TensorFlow starts without them;
+# any other line is kept. The `keras-chex` command hides every start-up
+# line (not with `--verbose`).
+_command = (_os.path.basename(_sys.argv[0] if _sys.argv else "") ==
+            "keras-chex" and "--verbose" not in _sys.argv)
+if _command:
     _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    with _native_stderr.drop_native_lines(drop_all=True):
-        import tensorflow as _tf  # noqa: F401
+_native_stderr_module.start_tensorflow_quietly(drop_all=_command)
+del _command, _native_stderr_module
 
 from keras_chex.core.analysis import ChannelGroup  # noqa: E402
 from keras_chex.core.analysis import channel_groups  # noqa: E402

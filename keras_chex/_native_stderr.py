@@ -17,6 +17,52 @@ import tempfile
 # One INFO line per LiteRT interpreter; it says nothing a user can act on.
 XNNPACK_INFO = re.compile(r"^INFO: Created TensorFlow Lite XNNPACK delegate")
 
+# What TensorFlow prints from C++ when it starts on a machine without a GPU,
+# before its log level applies: notes about CPU features and oneDNN, and the
+# CUDA probe's "no drivers" lines (one logged as an error). None of them is
+# something a CPU user can act on; anything else still gets through.
+TENSORFLOW_STARTUP = tuple(re.compile(p) for p in (
+    r"^WARNING: All log messages before absl::InitializeLog\(\) is called",
+    r"cudart_stub\.cc:\d+\] Could not find cuda drivers",
+    r"cuda_platform\.cc:\d+\] failed call to cuInit",
+    r"cuda_executor\.cc:\d+\] .*(NUMA node|cuInit)",
+    r"cpu_feature_guard\.cc:\d+\]",
+    r"oneDNN custom operations are on",
+    r"rebuild TensorFlow with the appropriate compiler flags",
+    r"Unable to register cu(DNN|FFT|BLAS) factory",
+    r"computation_placer\.cc:\d+\] computation placer already registered",
+    r"TF-TRT Warning: Could not find TensorRT",
+))
+
+
+def start_tensorflow_quietly(drop_all=False):
+    """Imports TensorFlow and lists its devices, hiding the start-up notes.
+
+    The lines in `TENSORFLOW_STARTUP` are dropped; every other line written
+    meanwhile (a real warning or error) is kept, unless `drop_all`.
+
+    Args:
+        drop_all: drop every line (the `keras-chex` command, not
+            `--verbose`).
+
+    Returns:
+        The `tensorflow` module.
+
+    Example:
+
+    ```python
+    tf = start_tensorflow_quietly()
+    ```
+    """
+    with drop_native_lines(*TENSORFLOW_STARTUP, drop_all=drop_all):
+        import tensorflow as tf
+
+        # The CUDA probe runs at the first device query, not at import.
+        # Listing physical devices leaves the runtime uninitialised: thread
+        # counts and visible devices can still be set afterwards.
+        tf.config.list_physical_devices()
+    return tf
+
 
 @contextlib.contextmanager
 def drop_native_lines(*patterns, drop_all=False):

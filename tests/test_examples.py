@@ -34,6 +34,9 @@ def test_cifar10_example_trains_strips_exports_and_reports(tmp_path):
     # The compact model is the pruning model with channels removed.
     assert abs(compact - wrapped) < 1e-3
     assert f"widths per group: {out / 'widths.png'}" in text
+    # TensorFlow's C++ start-up notes are not part of the summary.
+    for note in ("InitializeLog", "cudart_stub", "cuInit", "cpu_feature"):
+        assert note not in result.stderr, result.stderr[-3000:]
     for name in ("pruning_model.keras", "compact.keras", "dense.tflite",
                  "compact.tflite", "widths.png"):
         assert (out / name).stat().st_size > 0, name

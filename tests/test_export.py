@@ -637,6 +637,48 @@ def test_litert_delegate_line_is_dropped(tmp_path):
     assert "XNNPACK" not in err["ours"]
 
 
+_STARTUP = """
+import {module} as m
+import tensorflow as tf
+tf.config.list_physical_devices()
+print("ran")
+"""
+
+
+def test_importing_keras_chex_hides_tensorflows_start_up_notes():
+    err = {}
+    for module in ("tensorflow", "keras_chex"):
+        result = subprocess.run(
+            [sys.executable, "-c", _STARTUP.format(module=module)],
+            capture_output=True, text=True, timeout=300,
+            env=dict(os.environ, CUDA_VISIBLE_DEVICES="",
+                     TF_CPP_MIN_LOG_LEVEL="0"))
+        assert result.stdout.strip() == "ran", result.stderr[-2000:]
+        err[module] = result.stderr
+    # Control: on this machine a plain import writes some of them.
+    from keras_chex import _native_stderr
+
+    def notes(text):
+        return [line for line in text.splitlines()
+                if any(p.search(line) for p in _native_stderr.TENSORFLOW_STARTUP)]
+
+    assert notes(err["tensorflow"])
+    assert notes(err["keras_chex"]) == []
+
+
+def test_start_up_filter_keeps_other_lines(capfd):
+    from keras_chex import _native_stderr
+
+    with _native_stderr.drop_native_lines(*_native_stderr.TENSORFLOW_STARTUP):
+        os.write(2, b"I0000 00:00:1.0 1 cudart_stub.cc:31] Could not find "
+                    b"cuda drivers on your machine, GPU will not be used.\n")
+        os.write(2, b"W0000 00:00:1.0 1 op_kernel.cc:1] a real warning\n")
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() "
+                    b"is called are written to STDERR\n")
+    assert capfd.readouterr().err == (
+        "W0000 00:00:1.0 1 op_kernel.cc:1] a real warning\n")
+
+
 def test_dropping_native_lines_keeps_everything_else(capfd):
     from keras_chex import _native_stderr
 
