@@ -27,6 +27,11 @@ def test_benchmark_chex_runs_every_variant_on_the_same_budget(tmp_path):
     header, results = lines[0], {r["variant"]: r for r in lines[1:]}
     assert header["train_images"] == 400 and header["val_images"] == 100
     assert "--warmup_epochs=0.5" in header["command"]
+    # The CPU model, so that results pair only within one machine kind.
+    assert header["cpu"] and header["cpu"] != "unknown"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            assert header["cpu"] in f.read()
     assert all(r["warmup_epochs"] == 0.5 for r in results.values())
     assert set(results) == {"dense", "narrow", "fixed", "noregrow", "chex"}
     assert results["dense"]["macs_fraction"] == 1.0

@@ -237,6 +237,9 @@ def main(argv):
                 "data", "train_per_class", "depth", "epochs", "flops",
                 "latency", "interval", "warmup_epochs", "seed", "threads")),
         "machine": platform.processor() or platform.machine(),
+        # Runs on different CPUs diverge from the same seed (other kernels,
+        # other round-off): results pair only within one CPU model.
+        "cpu": bench_report.cpu_model(),
         "cores": os.cpu_count(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
