@@ -156,6 +156,28 @@ def test_chex_results_widths_per_stage(tmp_path):
     assert cells == expected
 
 
+def test_chex_results_plots_each_layers_mean_width(tmp_path):
+    n = 21  # Convolutions of a ResNet-20.
+    records = [{"variant": v, "seed": s, "val_accuracy": 0.5,
+                "conv_filters": [w + s] * n}
+               for v, w in (("chex", 10), ("narrow", 4)) for s in (0, 1)]
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    png = tmp_path / "widths.png"
+    out = _run("chex_results.py", str(path), f"--plot={png}",
+               "--variants=narrow,chex")
+    # Seed means 10.5 and 4.5 per convolution, in --variants order.
+    assert (f"wrote {png}: narrow (21 convolutions, {4.5 * n:.0f} channels)"
+            f", chex (21 convolutions, {10.5 * n:.0f} channels)") in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = png.read_bytes()
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "tools", "chex_results.py"),
+         str(path), f"--plot={png}"], capture_output=True, text=True)
+    assert result.returncode != 0 and "exists" in result.stderr
+    assert png.read_bytes() == before
+
+
 def test_benchmark_chex_runs_the_smcp_variants_and_times_them(tmp_path):
     output = tmp_path / "bench.jsonl"
     table = tmp_path / "table.json"

@@ -12,11 +12,14 @@ the data order and the initial weights.
 A variant recorded under another name can be renamed: `--rename=chex_max=chex`.
 With `--widths`, a second table gives each variant's final widths per stage
 of the CIFAR ResNet, "stream / each block's inner width", averaged over the
-seeds.
+seeds. With `--plot=FILE`, a PNG shows every convolution's final width
+(seed mean) per variant, layer by layer, with the stages marked: where a
+method put its channels, at a glance.
 If a (variant, seed) appears more than once, the last record counts.
 """
 
 import json
+import os
 import statistics
 
 from absl import app
@@ -30,6 +33,9 @@ flags.DEFINE_list("rename", [], "old=new variant renames.")
 flags.DEFINE_list("variants", ["dense", "chex", "fixed", "narrow", "noregrow"],
                   "Row order (variants not listed are left out).")
 flags.DEFINE_boolean("widths", False, "Also print the widths per stage.")
+flags.DEFINE_string("plot", None,
+                    "Also draw every convolution's final width per variant "
+                    "to this PNG (needs matplotlib; never overwrites).")
 
 
 def records(paths, rename=None):
@@ -82,13 +88,57 @@ def stage_widths(conv_filters):
     return stages
 
 
-def width_rows(paths, rename, variants):
-    """Rows: variant, and per stage "stream / inner, ..." (seed means)."""
+def _conv_filters(paths, rename):
+    """{variant: {seed: conv_filters}} of the records that have them."""
     by_variant = {}
     for record in records(paths, rename):
         if "conv_filters" in record:
             by_variant.setdefault(record["variant"], {})[record["seed"]] = (
-                stage_widths(record["conv_filters"]))
+                record["conv_filters"])
+    return by_variant
+
+
+def layer_means(paths, rename, variants):
+    """{variant: [mean width of each convolution over seeds]}, in order."""
+    means = {}
+    for name, runs in _conv_filters(paths, rename).items():
+        if name in variants:
+            means[name] = [statistics.mean(widths) for widths in
+                           zip(*runs.values())]
+    return {name: means[name] for name in variants if name in means}
+
+
+def plot_layer_widths(means, path, title=None):
+    """Draws `layer_means`' widths, one line per variant, to a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if os.path.exists(path):
+        raise app.UsageError(f"{path} exists; choose another --plot file.")
+    figure = Figure(figsize=(10, 4))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for name, widths in means.items():
+        axes.step(range(len(widths)), widths, where="mid", label=name)
+    n = (len(next(iter(means.values()))) - 3) // 6
+    for boundary in (2 * n + 0.5, 4 * n + 1.5):  # Before each stage 2, 3.
+        axes.axvline(boundary, color="grey", linewidth=0.8, linestyle=":")
+    axes.set_xlabel("convolution, in layer order (dotted: stage "
+                    "boundaries)")
+    axes.set_ylabel("channels kept (mean over seeds)")
+    axes.legend()
+    if title:
+        axes.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return figure
+
+
+def width_rows(paths, rename, variants):
+    """Rows: variant, and per stage "stream / inner, ..." (seed means)."""
+    by_variant = {
+        name: {seed: stage_widths(widths) for seed, widths in runs.items()}
+        for name, runs in _conv_filters(paths, rename).items()}
     rows = []
     for name in variants:
         runs = list(by_variant.get(name, {}).values())
@@ -161,6 +211,15 @@ def main(argv):
         print()
         print(bench_report.markdown_table(
             *width_rows(paths, rename, FLAGS.variants)))
+    if FLAGS.plot:
+        means = layer_means(paths, rename, FLAGS.variants)
+        if not means:
+            raise app.UsageError("No result line of the listed --variants "
+                                 "has conv_filters to plot.")
+        plot_layer_widths(means, FLAGS.plot)
+        print(f"\nwrote {FLAGS.plot}: " + ", ".join(
+            f"{name} ({len(w)} convolutions, {sum(w):.0f} channels)"
+            for name, w in means.items()))
 
 
 if __name__ == "__main__":
