@@ -200,7 +200,6 @@ def test_exactly_one_target(small_model, kwargs):
     ({"sparsity": 0.5, "min_channels": 0.0}, "min_channels"),
     ({"sparsity": 0.5, "min_channels": True}, "min_channels"),
     ({"sparsity": 0.5, "min_channels": "2"}, "min_channels"),
-    ({"sparsity": 0.5, "shared_score": "mean"}, "shared_score"),
 ])
 def test_bad_arguments_name_the_argument(small_model, kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
@@ -425,51 +424,6 @@ def test_a_coupled_channel_scores_its_largest_gamma():
     kept = {("conv_c" if g.name == "conv_c" else "coupled"): int(
         g.mask.sum()) for g in groups}
     assert kept == {"coupled": 8, "conv_c": 4}  # 12 = 0.75 * 16 channels
-
-
-def test_fair_shared_score_keeps_the_level_and_one_batchnorms_spread():
-    # Same graph as above: one 8-channel group under bn_a and bn_b (k = 2)
-    # and conv_c alone. "fair" scores the coupled channel c by
-    # level + sqrt(2) * (mean_c - level), level = the group's mean of the
-    # per-channel means; conv_c (k = 1) keeps its plain |gamma|.
-    inp = keras.Input((6, 6, 3))
-    branches = []
-    for name in "ab":
-        x = layers.Conv2D(8, 3, padding="same", use_bias=False,
-                          name=f"conv_{name}")(inp)
-        branches.append(layers.BatchNormalization(name=f"bn_{name}")(x))
-    x = layers.ReLU()(layers.Add()(branches))
-    x = layers.Conv2D(8, 3, padding="same", use_bias=False, name="conv_c")(x)
-    x = layers.ReLU()(layers.BatchNormalization(name="bn_c")(x))
-    out = layers.Dense(3)(layers.GlobalAveragePooling2D()(x))
-    model = keras_chex.prune_and_regrow(
-        keras.Model(inp, out), sparsity=0.25, regrow=0.0, min_channels=1,
-        seed=0, shared_score="fair")
-    rng = np.random.default_rng(3)
-    gammas = {bn: rng.normal(1.0, 0.2, 8).astype("float32")
-              for bn in ("bn_a", "bn_b", "bn_c")}
-    gammas["bn_b"][2] = -1.5  # the sign does not count
-    for bn, gamma in gammas.items():
-        layer_var(model, bn, "gamma").assign(gamma)
-    state = model.pruning_state
-    for variable, backup in zip(state._vars, state.backups):
-        backup.assign(variable)
-    mask = np.ones(16, "float32")
-    mask[5] = mask[13] = 0.0  # pruned channels leave the level and score 0
-    matrices = [state._filter_matrix(g) for g in range(2)]
-    scores = state._scores(tf.constant(mask), matrices).numpy()
-    mean = (np.abs(gammas["bn_a"]) + np.abs(gammas["bn_b"])) / 2
-    groups = list(keras_chex.channel_groups(model))
-    assert sorted(g.size for g in groups) == [8, 8]
-    for g in groups:
-        part = slice(g.start, g.start + g.size)
-        if "conv_a" in g.producers:
-            level = mean[mask[part] > 0].mean()
-            want = np.maximum(level + np.sqrt(2) * (mean - level), 1e-6)
-        else:
-            want = np.abs(gammas["bn_c"])
-        np.testing.assert_allclose(scores[part], want * mask[part],
-                                   rtol=1e-5)
 
 
 def test_exploration_step_uses_kept_filters_only_for_css():

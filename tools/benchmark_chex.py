@@ -94,8 +94,7 @@ def chex_options(name):
     """prune_and_regrow arguments of a CHEX variant or ablation.
 
     "chex" is the default; "fixed" regrows nothing and is never explored;
-    "chex16" rounds to 16; "chex_fair" scores residual streams with
-    `shared_score="fair"`; "chex_regrow<x>" and "chex_interval<x>" change
+    "chex16" rounds to 16; "chex_regrow<x>" and "chex_interval<x>" change
     delta0 and the exploration interval; "chex_min<x>" sets min_channels
     (a fraction of each group's size).
     """
@@ -108,8 +107,6 @@ def chex_options(name):
         options["regrow"] = float(name[len("chex_regrow"):])
     elif name.startswith("chex_interval"):
         options["interval"] = float(name[len("chex_interval"):])
-    elif name == "chex_fair":
-        options["shared_score"] = "fair"
     elif name.startswith("chex_min"):
         options["min_channels"] = float(name[len("chex_min"):])
     elif name not in ("chex", "noregrow"):

@@ -41,12 +41,11 @@ from keras_chex.methods.chex import regrowth
 from keras_chex.methods.chex import subset_selection
 
 METHOD = "chex"
-SHARED_SCORES = ("max", "fair")
 
 
 def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
                      regrow=0.3, interval=2, until=0.72, min_channels=0.05,
-                     round_to=1, exclude=(), seed=None, shared_score="max"):
+                     round_to=1, exclude=(), seed=None):
     """Prepares a model for CHEX channel exploration during `model.fit`.
 
     Args:
@@ -66,11 +65,6 @@ def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
         exclude: names of layers never pruned.
         seed: random seed for regrowth sampling (drawn at random if None,
             and stored with the model, so a loaded model continues the same).
-        shared_score: how a channel shared by several BatchNorms (a
-            residual stream) is scored from their |gamma|: "max", or "fair"
-            (the group's mean level, with each channel's deviation from it
-            scaled by the square root of the number of BatchNorms, so a
-            stream's scores spread like one BatchNorm's whatever its length).
 
     Returns:
         A `keras_chex.PrunableModel` to compile and fit with
@@ -102,7 +96,6 @@ def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
     round_to = method.check_round_to(round_to)
     method.check_min_channels(min_channels)
     seed = method.resolve_seed(seed)
-    method.check_choice("shared_score", shared_score, SHARED_SCORES)
     config = {
         "method": METHOD,
         "target": target,
@@ -113,7 +106,6 @@ def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
         "min_channels": min_channels,
         "round_to": round_to,
         "seed": int(seed),
-        "shared_score": shared_score,
     }
     wrapped = wrapping.wrap(model, mode="hard", exclude=exclude,
                             pruning=config)
@@ -253,34 +245,17 @@ class ChexState(method.PruningState):
         # A coupled group (a residual stream) feeds several BatchNorms; a
         # channel that any of them scales up is needed there. The mean
         # dilutes it by the number of blocks sharing the stream (and lost
-        # accuracy at 25% of the MACs; the sum was even with the max: see
-        # docs/benchmarks.md, "CHEX quality").
-        fair = self.config.get("shared_score", "max") == "fair"
+        # accuracy at 25% of the MACs; the sum was even with the max). A
+        # "fair" score (a stream's mean level, one BatchNorm's spread) cut
+        # ResNet-56's last stream to 4-9 of 64 channels and lost 8.8 points
+        # at 25% of the MACs: see docs/benchmarks.md, "CHEX quality".
         gamma = tf.zeros([n])
-        shared_by = np.zeros(n, np.float32)
         for var_index, classes in self._gammas:
             sel = np.flatnonzero(classes >= 0)
             has_bn[classes[sel]] = True
-            shared_by[classes[sel]] += 1
             g = tf.abs(tf.gather(tf.cast(self.backups[var_index], tf.float32),
                                  sel))
-            combine = (tf.tensor_scatter_nd_add if fair
-                       else tf.tensor_scatter_nd_max)
-            gamma = combine(gamma, classes[sel][:, None], g)
-        if fair:
-            # The max of k |gamma|s rises with k (a 10-BatchNorm stream
-            # outranks nearly every inner channel); the mean keeps the level
-            # but shrinks the spread by sqrt(k). Keep the group's mean level
-            # and give the channels the spread of a single BatchNorm.
-            k = np.maximum(shared_by, 1)
-            mean = gamma / k
-            groups = len(self.group_sizes)
-            level = tf.math.divide_no_nan(
-                tf.math.unsorted_segment_sum(mean * mask, self.group_ids,
-                                             groups),
-                tf.math.unsorted_segment_sum(mask, self.group_ids, groups))
-            level = tf.gather(level, self.group_ids)
-            gamma = tf.maximum(level + np.sqrt(k) * (mean - level), 1e-6)
+            gamma = tf.tensor_scatter_nd_max(gamma, classes[sel][:, None], g)
         bn_mean = tf.math.divide_no_nan(
             tf.reduce_sum(tf.where(has_bn, gamma * mask, 0.0)),
             tf.reduce_sum(tf.where(has_bn, mask, 0.0)),
