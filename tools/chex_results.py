@@ -12,9 +12,9 @@ the data order and the initial weights.
 A variant recorded under another name can be renamed: `--rename=chex_max=chex`.
 With `--widths`, a second table gives each variant's final widths per stage
 of the CIFAR ResNet, "stream / each block's inner width", averaged over the
-seeds. With `--plot=FILE`, a PNG shows every convolution's final width
-(seed mean) per variant, layer by layer, with the stages marked: where a
-method put its channels, at a glance.
+seeds. With `--plot=FILE`, a PNG shows the same widths (seed means) per
+variant: every block's inner width and every stage's residual stream, so
+where a method put its channels shows at a glance.
 If a (variant, seed) appears more than once, the last record counts.
 """
 
@@ -34,8 +34,9 @@ flags.DEFINE_list("variants", ["dense", "chex", "fixed", "narrow", "noregrow"],
                   "Row order (variants not listed are left out).")
 flags.DEFINE_boolean("widths", False, "Also print the widths per stage.")
 flags.DEFINE_string("plot", None,
-                    "Also draw every convolution's final width per variant "
-                    "to this PNG (needs matplotlib; never overwrites).")
+                    "Also draw the final widths per variant (each block's "
+                    "inner width, each stage's stream) to this PNG (needs "
+                    "matplotlib; never overwrites).")
 
 
 def records(paths, rename=None):
@@ -109,26 +110,39 @@ def layer_means(paths, rename, variants):
 
 
 def plot_layer_widths(means, path, title=None):
-    """Draws `layer_means`' widths, one line per variant, to a PNG."""
+    """Draws `layer_means`' widths to a PNG: each block's inner width, and
+    each stage's residual-stream width, one line per variant."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     if os.path.exists(path):
         raise app.UsageError(f"{path} exists; choose another --plot file.")
-    figure = Figure(figsize=(10, 4))
+    figure = Figure(figsize=(11, 3.8))
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    inner_axes, stream_axes = figure.subplots(
+        1, 2, gridspec_kw={"width_ratios": [4, 1]})
     for name, widths in means.items():
-        axes.step(range(len(widths)), widths, where="mid", label=name)
-    n = (len(next(iter(means.values()))) - 3) // 6
-    for boundary in (2 * n + 0.5, 4 * n + 1.5):  # Before each stage 2, 3.
-        axes.axvline(boundary, color="grey", linewidth=0.8, linestyle=":")
-    axes.set_xlabel("convolution, in layer order (dotted: stage "
-                    "boundaries)")
-    axes.set_ylabel("channels kept (mean over seeds)")
-    axes.legend()
+        stages = stage_widths(widths)
+        inner = [w for _, block in stages for w in block]
+        inner_axes.plot(range(1, len(inner) + 1), inner, marker="o",
+                        markersize=3, label=name)
+        stream_axes.plot([1, 2, 3], [stream for stream, _ in stages],
+                         marker="o", label=name)
+    n = len(stage_widths(next(iter(means.values())))[0][1])
+    for boundary in (n + 0.5, 2 * n + 0.5):
+        inner_axes.axvline(boundary, color="grey", linewidth=0.8,
+                           linestyle=":")
+    inner_axes.set_xlabel("block (dotted: stage boundaries)")
+    inner_axes.set_ylabel("channels kept (mean over seeds)")
+    inner_axes.set_title("inner width of each block (conv1)")
+    inner_axes.legend()
+    inner_axes.set_ylim(bottom=0)
+    stream_axes.set_ylim(bottom=0)
+    stream_axes.set_xticks([1, 2, 3])
+    stream_axes.set_xlabel("stage")
+    stream_axes.set_title("residual stream")
     if title:
-        axes.set_title(title)
+        figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     return figure
