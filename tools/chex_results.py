@@ -89,27 +89,20 @@ def stage_widths(conv_filters):
     return stages
 
 
-def _conv_filters(paths, rename):
-    """{variant: {seed: conv_filters}} of the records that have them."""
+def layer_means(paths, rename, variants):
+    """{variant: [mean width of each convolution over seeds]}, in
+    `variants` order, for the variants whose records have conv_filters."""
     by_variant = {}
     for record in records(paths, rename):
         if "conv_filters" in record:
             by_variant.setdefault(record["variant"], {})[record["seed"]] = (
                 record["conv_filters"])
-    return by_variant
+    return {name: [statistics.mean(widths)
+                   for widths in zip(*by_variant[name].values())]
+            for name in variants if name in by_variant}
 
 
-def layer_means(paths, rename, variants):
-    """{variant: [mean width of each convolution over seeds]}, in order."""
-    means = {}
-    for name, runs in _conv_filters(paths, rename).items():
-        if name in variants:
-            means[name] = [statistics.mean(widths) for widths in
-                           zip(*runs.values())]
-    return {name: means[name] for name in variants if name in means}
-
-
-def plot_layer_widths(means, path, title=None):
+def plot_layer_widths(means, path):
     """Draws `layer_means`' widths to a PNG: each block's inner width, and
     each stage's residual-stream width, one line per variant."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -128,7 +121,7 @@ def plot_layer_widths(means, path, title=None):
                         markersize=3, label=name)
         stream_axes.plot([1, 2, 3], [stream for stream, _ in stages],
                          marker="o", label=name)
-    n = len(stage_widths(next(iter(means.values())))[0][1])
+    n = len(stages[0][1])  # Blocks per stage, the same for every variant.
     for boundary in (n + 0.5, 2 * n + 0.5):
         inner_axes.axvline(boundary, color="grey", linewidth=0.8,
                            linestyle=":")
@@ -141,8 +134,6 @@ def plot_layer_widths(means, path, title=None):
     stream_axes.set_xticks([1, 2, 3])
     stream_axes.set_xlabel("stage")
     stream_axes.set_title("residual stream")
-    if title:
-        figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     return figure
@@ -150,19 +141,12 @@ def plot_layer_widths(means, path, title=None):
 
 def width_rows(paths, rename, variants):
     """Rows: variant, and per stage "stream / inner, ..." (seed means)."""
-    by_variant = {
-        name: {seed: stage_widths(widths) for seed, widths in runs.items()}
-        for name, runs in _conv_filters(paths, rename).items()}
     rows = []
-    for name in variants:
-        runs = list(by_variant.get(name, {}).values())
-        if not runs:
-            continue
+    # stage_widths only picks convolutions, so picking from the seed means
+    # equals averaging each seed's picks.
+    for name, widths in layer_means(paths, rename, variants).items():
         cells = [name]
-        for stage in range(3):
-            stream = statistics.mean(r[stage][0] for r in runs)
-            inner = [statistics.mean(r[stage][1][b] for r in runs)
-                     for b in range(len(runs[0][stage][1]))]
+        for stream, inner in stage_widths(widths):
             cells.append(f"{stream:.0f} / " + ",".join(f"{w:.0f}"
                                                        for w in inner))
         rows.append(cells)
