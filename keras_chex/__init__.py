@@ -30,6 +30,8 @@ from keras_chex.core.analysis import channel_groups  # noqa: E402
 from keras_chex.core.counting import count_macs  # noqa: E402
 from keras_chex.core.masking import ChannelMask  # noqa: E402
 from keras_chex.core.masking import MaskedBatchNormalization  # noqa: E402
+from keras_chex.core.statistics import TrackingBatchNormalization  # noqa: E402,E501
+from keras_chex.core.statistics import recalibrate_batchnorm  # noqa: E402
 from keras_chex.core.stripping import strip  # noqa: E402
 from keras_chex.core.wrapping import PrunableModel  # noqa: E402
 from keras_chex.core.wrapping import is_wrapped  # noqa: E402
@@ -58,6 +60,7 @@ __all__ = [
     "PrunableModel",
     "RelevancePruning",
     "SoftMaskPruning",
+    "TrackingBatchNormalization",
     "build_latency_table",
     "channel_groups",
     "count_macs",
@@ -65,6 +68,7 @@ __all__ = [
     "export_tflite",
     "is_wrapped",
     "plot_widths",
+    "recalibrate_batchnorm",
     "prune_and_regrow",
     "relevance_prune",
     "relevance_scores",

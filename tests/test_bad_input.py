@@ -71,6 +71,35 @@ def test_a_target_of_the_wrong_type_is_named(method):
          "frs": keras_chex.relevance_prune}[method](_net(), flops="0.5")
 
 
+@pytest.mark.parametrize("entry, kwargs, name", [
+    ("prune_and_regrow", {"flops": "half"}, "flops"),
+    ("prune_and_regrow", {"flops": [0.5]}, "flops"),
+    ("prune_and_regrow", {"flops": 0.5, "regrow": "a"}, "regrow"),
+    ("prune_and_regrow", {"flops": 0.5, "interval": "2"}, "interval"),
+    ("prune_and_regrow", {"flops": 0.5, "until": None}, "until"),
+    ("prune_and_regrow", {"flops": 0.5, "exclude": 3}, "exclude"),
+    ("prune_and_regrow", {"flops": 0.5, "seed": "1"}, "seed"),
+    ("prune_and_regrow", {"flops": 0.5, "round_to": 8.0}, "round_to"),
+    ("soft_mask_prune", {"flops": 0.5, "warmup": "0.1"}, "warmup"),
+    ("soft_mask_prune", {"flops": 0.5, "interval_steps": 2.5},
+     "interval_steps"),
+    ("soft_mask_prune", {"flops": 0.5, "pruned_decay": "0"},
+     "pruned_decay"),
+    ("relevance_prune", {"flops": "half"}, "flops"),
+    ("relevance_prune", {"channels": 4.0}, "channels"),
+    ("relevance_prune", {"flops": 0.5, "score_batches": "3"},
+     "score_batches"),
+    ("relevance_prune", {"flops": 0.5, "interval": None}, "interval"),
+    ("wrap", {"mode": 1}, "mode"),
+    ("wrap", {"exclude": 5}, "exclude"),
+    ("wrap", {"fold_batchnorm": "no"}, "fold_batchnorm"),
+])
+def test_every_argument_of_the_wrong_type_is_named(entry, kwargs, name):
+    # Not a raw conversion error from deep inside: the argument, by name.
+    with pytest.raises((ValueError, TypeError), match=f"`{name}`"):
+        getattr(keras_chex, entry)(_net(), **kwargs)
+
+
 def test_exclude_may_name_a_single_layer_as_a_string():
     wrapped = keras_chex.prune_and_regrow(_net(), flops=0.5,
                                           exclude="conv_a")

@@ -214,6 +214,12 @@ def all_layers(model):
     return list(seen.values())
 
 
+def every_layer(model):
+    """Every layer inside `model`, also inside nested models and inside
+    layers made of layers, once each (Keras' own recursive listing)."""
+    return model._flatten_layers(include_self=False, recursive=True)
+
+
 def clone_layer(layer, config=None, cls=None):
     """A new layer of class `cls` (default: `layer`'s) from `config`.
 

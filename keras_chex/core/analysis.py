@@ -17,6 +17,7 @@ import numpy as np
 
 from keras_chex.core import _graph
 from keras_chex.core import layer_rules
+from keras_chex.core import statistics
 
 
 class _UnionFind:
@@ -387,6 +388,8 @@ class ModelAnalysis:
             return masking.MASK_RULE
         if isinstance(op, masking.MaskedBatchNormalization):
             return masking.MASKED_BATCHNORM_RULE
+        if type(op) is masking.TrackingBatchNormalization:
+            return masking.TRACKING_BATCHNORM_RULE
         return layer_rules.rule_for(op)
 
     def _harmful_opaque(self, ctx):
@@ -598,10 +601,14 @@ class ModelAnalysis:
                 "the returned model."
             )
         mask = np.asarray(mask, dtype=bool)
+        changed = mask != self.class_mask()
         if self.mask_sites[0].layer.mode == "permanent":
             self._prune_permanently(mask)
         for site in self.mask_sites:
             site.layer.set_channel_mask(keep_mask(site.classes, mask))
+        if changed.any():
+            # Every activation after a change has a new distribution.
+            statistics.restart_statistics(self.model)
 
     def _prune_permanently(self, mask):
         old = self.class_mask()

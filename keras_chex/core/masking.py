@@ -20,6 +20,7 @@ from keras import ops
 
 from keras_chex.core import _graph
 from keras_chex.core import layer_rules
+from keras_chex.core import statistics
 
 MASK_MODES = ("hard", "straight_through", "permanent")
 # Modes whose masks can fold into a BatchNorm. A straight-through mask must
@@ -30,7 +31,7 @@ FOLDING_MODES = ("hard", "permanent")
 
 def _check_mode(mode, modes=MASK_MODES):
     if mode not in modes:
-        raise ValueError(f"mode must be one of {modes}, got {mode!r}.")
+        raise ValueError(f"`mode` must be one of {modes}, got {mode!r}.")
 
 
 def _add_mask_weight(layer, channels):
@@ -105,14 +106,15 @@ class ChannelMask(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_chex")
-class MaskedBatchNormalization(keras.layers.BatchNormalization):
+class MaskedBatchNormalization(statistics.TrackingBatchNormalization):
     """A BatchNormalization whose output is exactly zero on masked channels.
 
     The mask multiplies gamma and beta rather than the output, which is
     the same in the forward pass and for "hard" gradients, for a fraction
     of the cost. `keras_chex.wrap` puts it in place of a BatchNormalization
     whose output needs masking; `keras_chex.strip` turns it back into a
-    plain BatchNormalization.
+    plain BatchNormalization. Its moving statistics restart after a mask
+    change (see `TrackingBatchNormalization`).
 
     Args:
         mode: "hard" or "permanent", see `ChannelMask`.
@@ -138,34 +140,14 @@ class MaskedBatchNormalization(keras.layers.BatchNormalization):
         self.mask = _add_mask_weight(self, input_shape[-1])
 
     def call(self, inputs, training=None, mask=None):
-        if mask is not None or self.renorm:
+        if self._keras_path(inputs, mask):
             # Rare paths: keep Keras' own maths and mask the output.
             outputs = super().call(inputs, training=training, mask=mask)
             return outputs * ops.cast(self.mask, outputs.dtype)
-        # Upcast as Keras does: BatchNorm overflows in float16.
-        dtype = keras.backend.result_type(inputs.dtype, "float32")
-        inputs = ops.cast(inputs, dtype)
-        keep = ops.cast(self.mask, dtype)
-        scale = ops.cast(self.gamma, dtype) * keep if self.scale else keep
-        offset = ops.cast(self.beta, dtype) * keep if self.center else None
-        moving_mean = ops.cast(self.moving_mean, dtype)
-        moving_variance = ops.cast(self.moving_variance, dtype)
-        if training and self.trainable:
-            axes = [i for i in range(len(inputs.shape))
-                    if i != len(inputs.shape) - 1]
-            mean, variance = ops.moments(inputs, axes=axes,
-                                         synchronized=self.synchronized)
-            m = self.momentum
-            self.moving_mean.assign(moving_mean * m + mean * (1.0 - m))
-            self.moving_variance.assign(
-                moving_variance * m + variance * (1.0 - m))
-        else:
-            mean, variance = moving_mean, moving_variance
-        outputs = ops.batch_normalization(
-            inputs, mean, variance, axis=-1, offset=offset, scale=scale,
-            epsilon=self.epsilon,
-        )
-        return ops.cast(outputs, self.compute_dtype)
+        keep = self.mask
+        return self._normalize(
+            inputs, self.gamma * keep if self.scale else keep,
+            self.beta * keep if self.center else None, training)
 
     def set_channel_mask(self, keep):
         """Sets the mask from a bool array (True = keep)."""
@@ -176,29 +158,15 @@ class MaskedBatchNormalization(keras.layers.BatchNormalization):
         config["mode"] = self.mode
         return config
 
-    @classmethod
-    def replacing(cls, layer, mode):
-        """A new layer with `layer`'s config (a BatchNormalization)."""
-        return cls(mode=mode, **layer.get_config())
-
-    def load_batchnorm_weights(self, layer):
-        """Copies the weights of BatchNormalization `layer` (mask stays)."""
-        for target, value in zip(self.weights, layer.get_weights()):
-            target.assign(value)
-
-    def batchnorm_config(self):
-        """The config of the plain BatchNormalization it stands for."""
-        config = self.get_config()
-        del config["mode"]
-        return config
-
 
 def parameter_weights(layer):
     """`layer`'s weights that are model parameters (not masks)."""
     if isinstance(layer, ChannelMask):
         return []
-    if isinstance(layer, MaskedBatchNormalization):
-        return [w for w in layer.weights if w is not layer.mask]
+    if isinstance(layer, statistics.TrackingBatchNormalization):
+        return [w for w in layer.weights
+                if w is not layer.batches_seen
+                and w is not getattr(layer, "mask", None)]
     return list(layer.weights)
 
 
@@ -222,6 +190,9 @@ class _MaskedBatchNormRule(layer_rules.BatchNormRule):
 
 
 MASKED_BATCHNORM_RULE = _MaskedBatchNormRule()
+TRACKING_BATCHNORM_RULE = layer_rules.BatchNormRule()
+# Where wrapping puts one and analysis looks it up, beside the mask layers.
+TrackingBatchNormalization = statistics.TrackingBatchNormalization
 
 
 def _zeros_like(tensor):

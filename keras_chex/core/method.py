@@ -147,12 +147,14 @@ def is_number(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_fraction(name, value, low_open=True, high_closed=True):
+def check_fraction(name, value, low_open=True, high_closed=True,
+                   optional=False):
     """Raises a ValueError naming `name` unless `value` is in the interval.
 
-    `None` passes (an argument not given). The default interval is (0, 1].
+    The default interval is (0, 1]. `None` passes only when `optional` (a
+    target that was not given).
     """
-    if value is None:
+    if value is None and optional:
         return
     # Type first: comparing a string would raise an unhelpful TypeError, and
     # `True` would pass as 1. NumPy scalars (np.float32) are numbers.Real.
@@ -176,7 +178,8 @@ def one_target(targets, descriptions):
         descriptions: dict name -> what the value means, for the error.
 
     Raises:
-        ValueError: none or several targets are given.
+        ValueError: none or several targets are given, or the one given
+            is not a number.
     """
     given = [k for k, v in targets.items() if v is not None]
     if len(given) != 1:
@@ -185,7 +188,11 @@ def one_target(targets, descriptions):
             f"Give exactly one target: {listing}; got "
             f"{', '.join(given) if given else 'none'}."
         )
-    return given[0], float(targets[given[0]])
+    name = given[0]
+    if not is_number(targets[name]):
+        raise ValueError(f"`{name}` must be a number ({descriptions[name]}), "
+                         f"got {targets[name]!r}.")
+    return name, float(targets[name])
 
 
 def check_positive(name, value, unit):

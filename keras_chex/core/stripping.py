@@ -8,6 +8,7 @@ import numpy as np
 from keras_chex.core import _graph
 from keras_chex.core import analysis as cg
 from keras_chex.core import masking
+from keras_chex.core import statistics
 from keras_chex.core import wrapping
 from keras_chex.core.layer_rules import weight_leaf_name
 
@@ -41,6 +42,12 @@ def strip(model):
     Returns:
         A plain `keras.Model` (Functional; nested models stay nested).
 
+    Warns:
+        When the model's BatchNorm statistics predate its masks (fewer
+        than `SETTLED_BATCHES` training batches since the last change):
+        the compact model would predict with them. Call
+        `keras_chex.recalibrate_batchnorm` first.
+
     Raises:
         ValueError: for a model keras-chex cannot rebuild (subclassed).
         TypeError: for something that is not a Keras model.
@@ -52,7 +59,9 @@ def strip(model):
     compact.save("compact.keras")  # Loads without keras-chex.
     ```
     """
-    if not is_wrapped(model):
+    if is_wrapped(model):
+        statistics.warn_if_stale(model, f"Stripping model '{model.name}'")
+    else:
         with warnings.catch_warnings():
             # Which layers could not be pruned is moot for a copy.
             warnings.simplefilter("ignore", UserWarning)
@@ -76,7 +85,7 @@ def strip(model):
                 elif isinstance(op, keras.layers.Layer):
                     rule = analysis.rule_for(op)
                     config, cls = op.get_config(), None
-                    if isinstance(op, masking.MaskedBatchNormalization):
+                    if isinstance(op, masking.TrackingBatchNormalization):
                         config = op.batchnorm_config()
                         cls = keras.layers.BatchNormalization
                     if rule is not None:

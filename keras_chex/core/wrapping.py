@@ -124,6 +124,21 @@ def is_wrapped(model):
     return isinstance(model, PrunableModel)
 
 
+def check_exclude(exclude):
+    """`exclude` as a tuple of layer names, or a ValueError naming it."""
+    if isinstance(exclude, str):
+        return (exclude,)  # One layer name, not its letters.
+    try:
+        names = tuple(exclude)
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise ValueError(
+            "`exclude` must be a layer name or a list of layer names, got "
+            f"{exclude!r}.")
+    return names
+
+
 def wrap(model, *, mode="hard", exclude=(), pruning=None,
          fold_batchnorm=True):
     """Returns a copy of `model` whose prunable channels carry masks.
@@ -163,11 +178,12 @@ def wrap(model, *, mode="hard", exclude=(), pruning=None,
         )
     if mode not in masking.MASK_MODES:
         raise ValueError(
-            f"mode must be one of {masking.MASK_MODES}, got {mode!r}."
+            f"`mode` must be one of {masking.MASK_MODES}, got {mode!r}."
         )
-    if isinstance(exclude, str):
-        exclude = (exclude,)  # One layer name, not its letters.
-    exclude = tuple(exclude)
+    if not isinstance(fold_batchnorm, bool):
+        raise ValueError(f"`fold_batchnorm` must be True or False, got "
+                         f"{fold_batchnorm!r}.")
+    exclude = check_exclude(exclude)
     analysis = cg.ModelAnalysis(model, exclude=exclude)
     if not analysis.groups:
         warnings.warn(
@@ -211,7 +227,10 @@ def wrap(model, *, mode="hard", exclude=(), pruning=None,
                     clones[id(op)] = copy_graph(op)
                 elif id(op) in folded:
                     clones[id(op)] = masking.MaskedBatchNormalization.replacing(
-                        op, mode)
+                        op, mode=mode)
+                elif type(op) is keras.layers.BatchNormalization:
+                    clones[id(op)] = (
+                        masking.TrackingBatchNormalization.replacing(op))
                 elif isinstance(op, keras.layers.Layer):
                     clones[id(op)] = _graph.clone_layer(op)
                 else:
@@ -219,7 +238,7 @@ def wrap(model, *, mode="hard", exclude=(), pruning=None,
             new_op = clones[id(op)]
             outputs = node.call_with(new_op, tensor_map)
             if fresh and new_op is not op and not _graph.is_graph_model(op):
-                if id(op) in folded:
+                if isinstance(new_op, masking.TrackingBatchNormalization):
                     new_op.load_batchnorm_weights(op)
                 else:
                     _graph.set_layer_weights(new_op, op.get_weights())

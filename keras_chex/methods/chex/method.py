@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_chex.core import method
+from keras_chex.core import statistics
 from keras_chex.core import wrapping
 from keras_chex.methods.chex import allocation
 from keras_chex.methods.chex import regrowth
@@ -85,10 +86,10 @@ def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
          "params": "fraction of parameters to keep",
          "sparsity": "fraction of channels to remove"},
     )
-    method.check_fraction("flops", flops)
-    method.check_fraction("params", params)
+    method.check_fraction("flops", flops, optional=True)
+    method.check_fraction("params", params, optional=True)
     method.check_fraction("sparsity", sparsity, low_open=False,
-                          high_closed=False)
+                          high_closed=False, optional=True)
     method.check_fraction("regrow", regrow, low_open=False,
                           high_closed=False)
     method.check_fraction("until", until)
@@ -145,6 +146,7 @@ class ChexState(method.PruningState):
             trainable=False,
         )  # macs fraction, pruned, regrown, explorations done.
         self._plan_groups(analysis)
+        self._plain["_batchnorms"] = statistics.tracking_batchnorms(model)
         self._cost_fn = self.cost.tf_cost(self.resource())
         self._explore_fn = None
         self.built = True
@@ -205,7 +207,11 @@ class ChexState(method.PruningState):
             [self.num_channels],
         )
 
-    def _write_mask(self, mask):
+    def _write_mask(self, mask, old):
+        changed = tf.reduce_any(tf.not_equal(mask, old))
+        for layer in self._plain["_batchnorms"]:
+            # Every activation after a change has a new distribution.
+            layer.restart_statistics(when=changed)
         for site in self.analysis.mask_sites:
             classes = site.classes
             values = tf.where(classes >= 0,
@@ -351,7 +357,7 @@ class ChexState(method.PruningState):
             new.append(tf.cast(kept | back, tf.float32))
         new = method.keep_a_channel_per_producer_tf(
             tf.concat(new, 0), scores, self.analysis.producer_segments())
-        self._write_mask(new)
+        self._write_mask(new, old)
         for i, (variable, backup) in enumerate(zip(self._vars, self.backups)):
             regrown = self._entry_active(i, new) & ~self._entry_active(i, old)
             variable.assign(tf.where(regrown, backup, variable))

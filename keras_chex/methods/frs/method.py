@@ -75,8 +75,8 @@ def relevance_prune(model, *, flops=None, params=None, channels=None,
          "params": "fraction of parameters to keep",
          "channels": "channels removed per step"},
     )
-    method.check_fraction("flops", flops)
-    method.check_fraction("params", params)
+    method.check_fraction("flops", flops, optional=True)
+    method.check_fraction("params", params, optional=True)
     if channels is not None and (
             isinstance(channels, bool)
             or not isinstance(channels, numbers.Integral) or channels < 1):

@@ -95,7 +95,7 @@ def soft_mask_prune(model, *, latency=None, flops=None, params=None,
     )
     for name, v in (("latency", latency), ("flops", flops),
                     ("params", params)):
-        method.check_fraction(name, v)
+        method.check_fraction(name, v, optional=True)
     importance_lib.check_importance(importance)
     schedule = schedule_lib.SoftMaskSchedule(
         warmup=warmup, ramp=ramp, freeze=freeze,
