@@ -125,6 +125,35 @@ def test_the_users_model_is_never_modified(method):
     assert not keras_chex.is_wrapped(model)
 
 
+CALLBACKS = {"chex": "ChannelExploration", "smcp": "SoftMaskPruning",
+             "frs": "RelevancePruning"}
+
+
+@pytest.mark.parametrize("method", sorted(ENTRY_POINTS))
+def test_fitting_without_the_methods_callback_warns(method):
+    x = np.random.default_rng(0).normal(size=(16, 8, 8, 3)).astype("float32")
+    y = np.zeros(16, "int64")
+    model = ENTRY_POINTS[method](_net())
+    model.compile(optimizer="sgd", loss=keras.losses.
+                  SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.warns(UserWarning,
+                      match=f"without `keras_chex.{CALLBACKS[method]}`"):
+        model.fit(x, y, epochs=1, verbose=0)
+    callback = getattr(keras_chex, CALLBACKS[method])
+    callback = callback((x, y)) if method == "frs" else callback()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    assert not [w for w in caught if "without `keras_chex" in str(w.message)]
+    # A plain `wrap` has no method: its masks are the user's to set.
+    plain = keras_chex.wrap(_net())
+    plain.compile(optimizer="sgd", loss="mse")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plain.fit(x, np.zeros((16, 4), "float32"), epochs=1, verbose=0)
+    assert not [w for w in caught if "without `keras_chex" in str(w.message)]
+
+
 def test_a_file_from_a_newer_keras_chex_is_refused(tmp_path):
     path = tmp_path / "model.keras"
     keras_chex.prune_and_regrow(_net(), flops=0.5).save(path)

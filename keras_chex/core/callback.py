@@ -239,3 +239,30 @@ def share_tensorboard_dir(callbacks):
         if isinstance(c, PruningCallback):
             c._tensorboard_dir = (os.fspath(boards[0].log_dir) if boards
                                   else None)
+
+
+def _callback_classes(cls=None):
+    """Every PruningCallback subclass (the methods' callbacks)."""
+    cls = cls or PruningCallback
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _callback_classes(sub)
+
+
+def warn_if_missing(model, callbacks):
+    """Warns when a method's model is fitted without the method's callback:
+    its masks would then never change, silently."""
+    name = model.pruning_config.get("method")
+    wanted = [c for c in _callback_classes() if c.method == name]
+    if not wanted:
+        return  # `keras_chex.wrap`: masks are the user's to set.
+    listed = callbacks if isinstance(callbacks, (list, tuple)) else (
+        [] if callbacks is None else [callbacks])
+    if any(isinstance(c, tuple(wanted)) for c in listed):
+        return
+    warnings.warn(
+        f"Fitting '{model.name}' (a {name} pruning model) without "
+        f"`keras_chex.{wanted[0].__name__}` in `callbacks=`: its masks will "
+        "not change during this fit. To prune, add the callback; to "
+        "fine-tune with the masks as they are, ignore this.",
+        stacklevel=3)

@@ -107,6 +107,7 @@ class PrunableModel(keras.Model):
         from keras_chex.core import callback as pruning_callback
 
         pruning_callback.share_tensorboard_dir(callbacks)
+        pruning_callback.warn_if_missing(self, callbacks)
         return super().fit(*args, **kwargs)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
