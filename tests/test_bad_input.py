@@ -125,6 +125,29 @@ def test_the_users_model_is_never_modified(method):
     assert not keras_chex.is_wrapped(model)
 
 
+@pytest.mark.parametrize("method", sorted(ENTRY_POINTS))
+def test_a_model_with_nothing_prunable_fits_as_a_plain_fit(method):
+    x, y = _data(16)
+    model = _net()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = ENTRY_POINTS[method](model, exclude=["conv_a", "conv_b"])
+        wrapped.compile(optimizer="sgd", loss=keras.losses.
+                        SparseCategoricalCrossentropy(from_logits=True))
+        callback = getattr(keras_chex, CALLBACKS[method])
+        callback = callback((x, y)) if method == "frs" else callback()
+        wrapped.fit(x, y, epochs=2, batch_size=4, verbose=0,
+                    callbacks=[callback])
+    messages = [str(w.message) for w in caught
+                if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1, messages
+    assert "no channels keras-chex can prune" in messages[0]
+    compact = keras_chex.strip(wrapped)
+    assert keras_chex.count_macs(compact).macs == keras_chex.count_macs(
+        model).macs
+    np.testing.assert_allclose(compact(x), wrapped(x), rtol=1e-4, atol=1e-5)
+
+
 CALLBACKS = {"chex": "ChannelExploration", "smcp": "SoftMaskPruning",
              "frs": "RelevancePruning"}
 

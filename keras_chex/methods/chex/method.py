@@ -383,6 +383,9 @@ class ChexState(method.PruningState):
             A float vector: [kept MACs (or params) fraction, channels pruned,
             channels regrown, explorations done so far].
         """
+        if not self.num_channels:
+            # Nothing to prune (warned at wrapping): the fit is a plain one.
+            return np.asarray(self.last_stats.numpy())
         if self._explore_fn is None:
             # Plain Python control flow over static structure: nothing for
             # AutoGraph to convert (and it cannot parse the method anyway).
