@@ -12,9 +12,11 @@ A mistake is one line on stderr with what to do, and exit code 2; pass
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import time
+import warnings
 
 USAGE_ERROR = 2
 
@@ -302,6 +304,20 @@ COMMANDS = {"count": cmd_count, "strip": cmd_strip, "export": cmd_export,
             "prune": cmd_prune}
 
 
+@contextlib.contextmanager
+def _one_line_warnings(command):
+    """Shows warnings as `keras-chex <command>: warning: ...` on stderr.
+
+    A command-line user has no use for the library's file and line."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"keras-chex {command}: warning: {message}",
+              file=file or sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if not args.verbose:
@@ -310,7 +326,8 @@ def main(argv=None):
         if not args.verbose:
             from keras_chex.deploy import export
 
-            with export.quiet_tensorflow_info():
+            with export.quiet_tensorflow_info(), _one_line_warnings(
+                    args.command):
                 return COMMANDS[args.command](args)
         return COMMANDS[args.command](args)
     except CliError as e:
