@@ -261,6 +261,27 @@ def test_softmax_over_channels_is_not_split(rng):
     assert [g.size for g in groups] == [4]
 
 
+@pytest.mark.parametrize("softmax", [
+    lambda: layers.Activation("softmax", name="predictions"),
+    lambda: layers.Softmax(name="predictions")])
+def test_a_softmax_on_the_output_does_not_warn(rng, softmax):
+    # keras.applications' MobileNetV3 head: a 1x1 conv to the classes,
+    # flattened, then softmax. Those channels are the classes, fixed anyway.
+    inp = keras.Input((8, 8, 3))
+    x = layers.Conv2D(6, 3, name="body")(inp)
+    x = layers.GlobalAveragePooling2D(keepdims=True)(x)
+    x = layers.Conv2D(5, 1, name="logits")(x)
+    out = softmax()(layers.Flatten()(x))
+    model = keras.Model(inp, out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        groups = keras_chex.channel_groups(model)
+    assert [g.size for g in groups] == [6]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _check(model, rng)
+
+
 def test_channels_first_is_left_alone(rng):
     inp = keras.Input((3, 8, 8))
     x = layers.Conv2D(6, 3, data_format="channels_first", name="cf")(inp)
@@ -268,6 +289,45 @@ def test_channels_first_is_left_alone(rng):
     with pytest.warns(UserWarning, match="'cf'.*channels_first"):
         groups = keras_chex.channel_groups(keras.Model(inp, out))
     assert [g.size for g in groups] == [2] or groups == []
+
+
+def _cnn(data_format):
+    first = data_format == "channels_first"
+    inp = keras.Input((3, 16, 16) if first else (16, 16, 3))
+    x = layers.Conv2D(8, 3, padding="same", data_format=data_format,
+                      name="c1")(inp)
+    x = layers.BatchNormalization(axis=1 if first else -1)(x)
+    x = layers.ReLU()(x)
+    x = layers.DepthwiseConv2D(3, data_format=data_format)(x)
+    x = layers.Conv2DTranspose(6, 2, strides=2, data_format=data_format)(x)
+    x = layers.SeparableConv2D(4, 3, data_format=data_format)(x)
+    x = layers.GlobalAveragePooling2D(data_format=data_format)(x)
+    return keras.Model(inp, layers.Dense(3)(x))
+
+
+def test_channels_first_is_counted_like_its_channels_last_twin():
+    first, last = _cnn("channels_first"), _cnn("channels_last")
+    assert keras_chex.count_macs(first).macs == keras_chex.count_macs(
+        last).macs > 10_000
+    assert keras_chex.count_macs(first).params == first.count_params()
+
+
+def test_channels_first_strips_to_an_equal_copy_plain_and_pruned(rng):
+    model = _cnn("channels_first")
+    randomize_weights(model, rng)
+    x = rng.uniform(-1, 1, (2, 3, 16, 16)).astype("float32")
+    copy = keras_chex.strip(model)
+    np.testing.assert_allclose(copy(x), model(x), rtol=1e-5, atol=1e-6)
+    with pytest.warns(UserWarning, match="channels_first"):
+        wrapped = keras_chex.soft_mask_prune(model, flops=0.5)
+    wrapped.compile(optimizer="sgd", loss="mse")
+    wrapped.fit(x, np.zeros((2, 3)), epochs=1, verbose=0,
+                callbacks=[keras_chex.SoftMaskPruning()])
+    keras_chex.recalibrate_batchnorm(wrapped, x)
+    compact = keras_chex.strip(wrapped)
+    np.testing.assert_allclose(compact(x), wrapped(x), rtol=1e-4, atol=1e-5)
+    assert keras_chex.count_macs(compact).macs == keras_chex.count_macs(
+        wrapped).macs
 
 
 def test_subclassed_model_gets_a_clear_error():

@@ -171,6 +171,7 @@ class _Context:
         self._a = analysis
         self.uf = _UnionFind()
         self.blocked = []
+        self.fixed = []  # The blocked ids not blocked by an opaque layer.
         self.block_reasons = {}
         self.layer_blocks = {}
         self.block_order = []  # (layer, ids) in creation order.
@@ -224,6 +225,8 @@ class _Context:
         self.blocked.append(ids)
         if opaque is not None:
             self.opaque_inputs.append((opaque, ids))
+        else:
+            self.fixed.append(ids)
         for i in ids[:1].tolist():
             self.block_reasons.setdefault(i, reason)
 
@@ -306,11 +309,15 @@ class ModelAnalysis:
                 f"'{model.name}': {sorted(unknown)}."
             )
         self._finish(ctx)
-        harmful = self._harmful_opaque(ctx)
+        harmful = self._harmful_opaque(ctx) | {
+            n for n, r in self.unsupported if r == layer_rules.CHANNELS_FIRST}
         if warn and harmful:
-            listing = "; ".join(
-                f"'{n}' ({r})" for n, r in self.unsupported if n in harmful
-            )
+            by_reason = {}
+            for n, r in self.unsupported:
+                if n in harmful:
+                    by_reason.setdefault(r, []).append(f"'{n}'")
+            listing = "; ".join(f"{', '.join(names)} ({r})"
+                                for r, names in by_reason.items())
             warnings.warn(
                 "keras-chex leaves the channels of these layers unpruned "
                 f"because it cannot analyse them: {listing}.",
@@ -350,7 +357,7 @@ class ModelAnalysis:
                 ctx.set_ids(outer, ctx.ids(inner))
             return
         rule = self.rule_for(op)
-        reason = None
+        reason, keeps_channels = None, False
         if rule is None:
             reason = f"{type(op).__name__} is not a supported layer"
         elif any(
@@ -363,13 +370,17 @@ class ModelAnalysis:
                 rule.propagate(ctx, node)
             except layer_rules.Unsupported as e:
                 reason = str(e)
+                keeps_channels = e.keeps_channels
         if reason is not None:
-            self._opaque(node, reason)
+            self._opaque(node, reason, keeps_channels)
+            for coef, name in rule.opaque_macs(node) if rule else ():
+                if coef is not None:
+                    ctx.add_macs(node, coef, op, name)
         elif op.name in self.exclude:
             for t in node.inputs + node.outputs:
                 ctx.block(ctx.ids(t), "excluded by the user")
 
-    def _opaque(self, node, reason):
+    def _opaque(self, node, reason, keeps_channels=False):
         ctx = self._ctx
         if node.operation.name not in [n for n, _ in self.unsupported]:
             self.unsupported.append((node.operation.name, reason))
@@ -377,6 +388,9 @@ class ModelAnalysis:
             if id(t) in self._tensor_ids:
                 ctx.block(ctx.ids(t), f"used by '{node.operation.name}'",
                           opaque=node.operation.name)
+        if keeps_channels:
+            ctx.set_ids(node.outputs[0], ctx.ids(node.inputs[0]))
+            return
         for t in node.outputs:
             ctx.fresh(t, f"written by '{node.operation.name}'")
 
@@ -399,11 +413,9 @@ class ModelAnalysis:
         are fixed anyway; warning about it would be noise.
         """
         roots = ctx.uf.roots()
-        opaque_ids = {id(ids) for _, ids in ctx.opaque_inputs}
         fixed = np.zeros(len(roots), dtype=bool)
-        for ids in ctx.blocked:
-            if id(ids) not in opaque_ids:
-                fixed[roots[ids]] = True
+        for ids in ctx.fixed:
+            fixed[roots[ids]] = True
         return {
             name for name, ids in ctx.opaque_inputs
             if len(ids) and not fixed[roots[ids]].all()

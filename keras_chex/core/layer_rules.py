@@ -30,7 +30,19 @@ ALL_DIRTY = "all"  # Merge that is zero if any input is zero (Multiply).
 
 
 class Unsupported(Exception):
-    """Raised by a rule when one particular call cannot be analysed."""
+    """Raised by a rule when one particular call cannot be analysed.
+
+    Args:
+        reason: why, as the warning about unpruned layers shows it.
+        keeps_channels: the output has the input's channels, mixed (a
+            softmax over them): they stay unprunable through the layer
+            instead of the output starting afresh, so a layer whose output
+            is fixed anyway (a model's output) costs nothing.
+    """
+
+    def __init__(self, reason, keeps_channels=False):
+        super().__init__(reason)
+        self.keeps_channels = keeps_channels
 
 
 class LayerRule:
@@ -50,6 +62,11 @@ class LayerRule:
         """Declares channel identities, weight slices and costs of `node`."""
         ctx.set_ids(node.outputs[0], ctx.ids(node.inputs[0]))
 
+    def opaque_macs(self, node):
+        """`(coefficient, weight name)` MACs terms of a call the analysis
+        could not read (all channels kept), so it still counts right."""
+        return []
+
     def stripped_config(self, config, node, kept):
         """Returns `config` updated for the kept channels.
 
@@ -61,10 +78,25 @@ class LayerRule:
         return config
 
 
+# Why a channels_first layer is left whole. The analysis warns about every
+# such layer: its channels are the ones a user wanted pruned.
+CHANNELS_FIRST = ("data_format='channels_first' is not supported: build the "
+                  "model channels_last (the Keras default) to prune it")
+
+
 def _channels_last(layer):
     fmt = getattr(layer, "data_format", "channels_last")
     if fmt not in (None, "channels_last"):
-        raise Unsupported("data_format='channels_first' is not supported")
+        raise Unsupported(CHANNELS_FIRST)
+
+
+def _positions(tensor, layer):
+    """Positions per sample of `layer`'s data, in its own data format."""
+    first = getattr(layer, "data_format", None) == "channels_first"
+    dims = tensor.shape[2:] if first else tensor.shape[1:-1]
+    if any(d is None for d in dims):
+        return None
+    return int(np.prod(dims, dtype=np.int64)) if dims else 1
 
 
 def _spatial_size(tensor):
@@ -79,6 +111,9 @@ class ConvRule(LayerRule):
 
     kind = PRODUCER
     mixes_input = True
+
+    def opaque_macs(self, node):
+        return [(_positions(node.outputs[0], node.operation), "kernel")]
 
     def propagate(self, ctx, node):
         layer = node.operation
@@ -108,6 +143,9 @@ class ConvRule(LayerRule):
 class ConvTransposeRule(ConvRule):
     """Conv1DTranspose/2D/3D (kernel is [..., out, in])."""
 
+    def opaque_macs(self, node):
+        return [(_positions(node.inputs[0], node.operation), "kernel")]
+
     def propagate(self, ctx, node):
         layer = node.operation
         _channels_last(layer)
@@ -126,6 +164,9 @@ class DepthwiseRule(LayerRule):
 
     kind = PRODUCER
 
+    def opaque_macs(self, node):
+        return [(_positions(node.outputs[0], node.operation), "kernel")]
+
     def propagate(self, ctx, node):
         layer = node.operation
         _channels_last(layer)
@@ -139,6 +180,11 @@ class DepthwiseRule(LayerRule):
 
 class SeparableRule(ConvRule):
     """SeparableConv1D/2D: depthwise on the input, pointwise to new channels."""
+
+    def opaque_macs(self, node):
+        positions = _positions(node.outputs[0], node.operation)
+        return [(positions, "depthwise_kernel"),
+                (positions, "pointwise_kernel")]
 
     def propagate(self, ctx, node):
         layer = node.operation
@@ -161,6 +207,9 @@ class DenseRule(LayerRule):
 
     kind = PRODUCER
     mixes_input = True
+
+    def opaque_macs(self, node):
+        return [(_spatial_size(node.outputs[0]), "kernel")]
 
     def propagate(self, ctx, node):
         layer = node.operation
@@ -251,7 +300,8 @@ class ActivationRule(LayerRule):
         fn = getattr(layer, "activation", None)
         name = getattr(fn, "__name__", "")
         if name in ("softmax", "log_softmax"):
-            raise Unsupported(f"'{name}' mixes all channels")
+            raise Unsupported(f"'{name}' mixes all channels",
+                              keeps_channels=True)
         super().propagate(ctx, node)
 
 
@@ -262,7 +312,8 @@ class SoftmaxRule(LayerRule):
         rank = len(node.inputs[0].shape)
         axes = np.atleast_1d(node.operation.axis)
         if any(a in (-1, rank - 1) for a in axes):
-            raise Unsupported("softmax over the channel axis mixes channels")
+            raise Unsupported("softmax over the channel axis mixes channels",
+                              keeps_channels=True)
         super().propagate(ctx, node)
 
 

@@ -68,6 +68,9 @@ def strip(model):
             model = wrapping.wrap(model)
     analysis = model.analysis
     class_mask = analysis.class_mask()
+    # Layers the analysis could not read keep their config: their channels
+    # are all kept, and a rule's reading of them would be wrong.
+    opaque = {name for name, _ in analysis.unsupported}
     memo = {}
 
     def kept(tensor):
@@ -88,7 +91,7 @@ def strip(model):
                     if isinstance(op, masking.TrackingBatchNormalization):
                         config = op.batchnorm_config()
                         cls = keras.layers.BatchNormalization
-                    if rule is not None:
+                    if rule is not None and op.name not in opaque:
                         config = rule.stripped_config(config, node, kept)
                     memo[id(op)] = _graph.clone_layer(op, config, cls=cls)
                 else:
