@@ -34,6 +34,22 @@ TENSORFLOW_STARTUP = tuple(re.compile(p) for p in (
     r"TF-TRT Warning: Could not find TensorRT",
 ))
 
+# What the TFLite converter prints from C++ on every conversion: reading and
+# loading its temporary SavedModel, flags it ignores, MLIR pass notes and the
+# quantizer's settings line. Progress notes, none a user can act on.
+TFLITE_CONVERTER = tuple(re.compile(p) for p in (
+    r"tf_tfl_flatbuffer_helpers\.cc:\d+\] Ignored (output_format|"
+    r"drop_control_dependency)",
+    r"reader\.cc:\d+\] Reading (SavedModel|meta graph)",
+    r"loader\.cc:\d+\] (Restoring SavedModel bundle|Running initialization "
+    r"op|SavedModel load for tags)",
+    r"mlir_graph_optimization_pass\.cc:\d+\] MLIR V1 optimization pass is "
+    r"not enabled",
+    r"dump_mlir_util\.cc:\d+\] disabling MLIR crash reproducer",
+    r"^fully_quantize: \d+, inference_type: ",
+    r"flatbuffer_export\.cc:\d+\] Skipping runtime version metadata",
+))
+
 
 def start_tensorflow_quietly(drop_all=False):
     """Imports TensorFlow and lists its devices, hiding the start-up notes.

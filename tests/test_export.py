@@ -691,3 +691,69 @@ def test_dropping_native_lines_keeps_everything_else(capfd):
     with _native_stderr.drop_native_lines(drop_all=True):
         os.write(2, b"start-up note\n")
     assert capfd.readouterr().err == ""
+
+
+_CONVERT = """
+import sys
+import keras_chex
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers
+
+inp = keras.Input((8, 8, 3))
+x = layers.BatchNormalization()(layers.Conv2D(8, 3)(inp))
+model = keras.Model(inp, layers.Dense(2)(layers.GlobalAveragePooling2D()(x)))
+calibration = np.random.default_rng(0).uniform(size=(4, 8, 8, 3))
+if sys.argv[1] == "raw":
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        model.export(d, verbose=False)
+        tf.lite.TFLiteConverter.from_saved_model(d).convert()
+else:
+    keras_chex.export_tflite(model, sys.argv[2] + "/f.tflite")
+    keras_chex.export_tflite(
+        model, sys.argv[2] + "/q.tflite", quantization="int8",
+        representative_data=calibration.astype("float32"))
+    # A pruning model saved right after its masks changed: a real warning.
+    keras_chex.export_tflite(keras_chex.prune_and_regrow(model, flops=0.5),
+                             sys.argv[2] + "/p.tflite")
+print("ran")
+"""
+
+
+def test_export_from_python_hides_the_converters_notes_not_warnings(
+        tmp_path):
+    from keras_chex import _native_stderr
+
+    err = {}
+    for mode in ("raw", "ours"):
+        result = subprocess.run(
+            [sys.executable, "-c", _CONVERT, mode, str(tmp_path)],
+            capture_output=True, text=True, timeout=300,
+            env=dict(os.environ, CUDA_VISIBLE_DEVICES="",
+                     TF_CPP_MIN_LOG_LEVEL="0"))
+        assert result.stdout.strip() == "ran", result.stderr[-3000:]
+        err[mode] = result.stderr
+
+    def notes(text):
+        return [line for line in text.splitlines()
+                if any(p.search(line) for p in _native_stderr.TFLITE_CONVERTER)]
+
+    assert len(notes(err["raw"])) >= 5  # Control: the converter prints them.
+    assert notes(err["ours"]) == [], err["ours"]
+    assert "fully_quantize" not in err["ours"]
+    assert "recalibrate_batchnorm" in err["ours"]  # The real warning stays.
+
+
+def test_converter_filter_keeps_other_lines(capfd):
+    from keras_chex import _native_stderr
+
+    with _native_stderr.drop_native_lines(*_native_stderr.TFLITE_CONVERTER):
+        os.write(2, b"I0000 00:00:1.0 1 reader.cc:83] Reading SavedModel "
+                    b"from: /tmp/x\n")
+        os.write(2, b"fully_quantize: 0, inference_type: 6, "
+                    b"input_inference_type: FLOAT32\n")
+        os.write(2, b"W0000 00:00:1.0 1 convert.cc:1] op not supported\n")
+    assert capfd.readouterr().err == (
+        "W0000 00:00:1.0 1 convert.cc:1] op not supported\n")

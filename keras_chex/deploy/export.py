@@ -625,7 +625,9 @@ def _convert(model, names, quantization, calibration, int8_io):
             warnings.filterwarnings(
                 "ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated"
             )
-            return converter.convert()
+            with _native_stderr.drop_native_lines(
+                    *_native_stderr.TFLITE_CONVERTER):
+                return converter.convert()
 
 
 def _input_structure(model):
