@@ -152,6 +152,33 @@ CALLBACKS = {"chex": "ChannelExploration", "smcp": "SoftMaskPruning",
              "frs": "RelevancePruning"}
 
 
+@pytest.mark.parametrize("method, epochs, consequence", [
+    ("chex", 1, "never regrows"), ("frs", 2, "at once, not gradually")])
+def test_a_fit_too_short_for_the_schedule_says_so_once(method, epochs,
+                                                       consequence):
+    x, y = _data(16)
+
+    def fit(**kwargs):
+        wrapped = ENTRY_POINTS[method](_net(), **kwargs)
+        wrapped.compile(optimizer="sgd", loss=keras.losses.
+                        SparseCategoricalCrossentropy(from_logits=True))
+        callback = getattr(keras_chex, CALLBACKS[method])
+        callback = callback((x, y)) if method == "frs" else callback()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            wrapped.fit(x, y, epochs=epochs, batch_size=4, verbose=0,
+                        callbacks=[callback])
+        return [str(w.message) for w in caught
+                if "one pruning step only" in str(w.message)]
+
+    # The default `interval=2` (epochs) leaves one step in this fit.
+    (message,) = fit()
+    assert consequence in message
+    assert "`interval=2`" in message and "smaller `interval`" in message
+    suggested = float(message.split("(e.g. interval=")[1].split(" ")[0])
+    assert fit(interval=suggested) == []
+
+
 @pytest.mark.parametrize("method", sorted(ENTRY_POINTS))
 def test_fitting_without_the_methods_callback_warns(method):
     x = np.random.default_rng(0).normal(size=(16, 8, 8, 3)).astype("float32")

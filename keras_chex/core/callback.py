@@ -110,8 +110,12 @@ class PruningCallback(keras.callbacks.Callback):
             # Steps already trained (a run resumed by BackupAndRestore, or a
             # second `fit`) had their pruning steps then.
             done = self._current_step()
-            self._plan = [(step, payload)
-                          for step, payload in self.plan(*self._length)
+            plan = self.plan(*self._length)
+            if done == 0 and self.model.analysis.num_channels:
+                message = self.short_plan_warning(plan, *self._length)
+                if message:
+                    warnings.warn(message, stacklevel=2)
+            self._plan = [(step, payload) for step, payload in plan
                           if step > done]
             if not self.widths:
                 self._record(done)
@@ -214,6 +218,14 @@ class PruningCallback(keras.callbacks.Callback):
 
     def run_step(self, step, payload):
         raise NotImplementedError
+
+    def short_plan_warning(self, plan, steps_per_epoch, epochs):
+        """What the fit is too short for, if it is: a message, or None.
+
+        Called once at the start of a fresh fit with the whole plan; the
+        message is shown as a warning.
+        """
+        return None
 
     def epoch_logs(self):
         return {}

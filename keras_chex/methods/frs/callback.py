@@ -69,6 +69,12 @@ class RelevancePruning(callback.PruningCallback):
         return [(step, (step, i + 1, len(steps)))
                 for i, step in enumerate(steps)]
 
+    def short_plan_warning(self, plan, steps_per_epoch, epochs):
+        return schedule_lib.single_step_warning(
+            plan, steps_per_epoch, epochs, self.model.pruning_config, "FRS",
+            "it removes every channel it prunes at once, not gradually",
+            self.entry_point.split("(")[0])
+
     def run_step(self, step, payload):
         planned, index, total = payload
         stats = self.state.prune_step(self.data, index, total)
