@@ -143,6 +143,38 @@ def test_recalibrate_leaves_frozen_batchnorms_and_settles(rng):
     assert statistics.stale_batchnorms(model) == []
 
 
+@pytest.mark.parametrize("recalibrate", [False, True])
+def test_the_callback_leaves_the_final_weights_statistics(recalibrate, rng):
+    model = _two_batchnorm_model()
+    x = rng.normal(1.0, 2.0, size=(32, 6, 6, 2)).astype("float32")
+    y = rng.normal(size=(32, 2, 2, 3)).astype("float32")
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    callbacks = ([keras_chex.RecalibrateBatchNorm(x, batches=4, batch_size=8)]
+                 if recalibrate else [])
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=callbacks)
+    expected = _exact_statistics(model, [x[i:i + 8] for i in range(0, 32, 8)])
+    gap = max(float(np.max(np.abs(model.get_layer(name).moving_mean - mean)))
+              for name, (mean, _) in expected.items())
+    if not recalibrate:
+        # The control: the moving average lags the moving weights.
+        assert gap > 0.05
+        return
+    for name, (mean, variance) in expected.items():
+        layer = model.get_layer(name)
+        np.testing.assert_allclose(layer.moving_mean, mean, rtol=1e-3,
+                                   atol=1e-3)
+        np.testing.assert_allclose(layer.moving_variance, variance,
+                                   rtol=1e-3, atol=1e-3)
+
+
+def test_the_callback_has_a_config_and_checks_batches():
+    callback = keras_chex.RecalibrateBatchNorm(np.zeros((2, 2)), batches=7)
+    assert callback.get_config() == {"batches": 7, "batch_size": 32,
+                                     "verbose": 0}
+    with pytest.raises(ValueError, match="`batches`"):
+        keras_chex.RecalibrateBatchNorm(np.zeros((2, 2)), batches=0)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"data": np.zeros((4, 6, 6, 2), "float32"), "batches": 0}, "`batches`"),
     ({"data": np.zeros((4, 6, 6, 2), "float32"), "batch_size": "8"},

@@ -296,6 +296,61 @@ def recalibrate_batchnorm(model, data, *, batches=None, batch_size=32):
     return [layer.name for layer in norms]
 
 
+@keras.saving.register_keras_serializable(package="keras_chex")
+class RecalibrateBatchNorm(keras.callbacks.Callback):
+    """Re-estimates the BatchNorm statistics from data when `fit` ends.
+
+    Runs `recalibrate_batchnorm(model, data, batches=batches)` in
+    `on_train_end`, so the model `fit` returns predicts with the statistics
+    of its final weights. Useful for any model whose weights still move at
+    the end of `fit` (a constant or high learning rate, a short fine-tuning
+    after pruning), plain Keras models too. List it after callbacks that
+    restore weights when training ends (`EarlyStopping(
+    restore_best_weights=True)`), so it sees the weights that stay.
+
+    Args:
+        data: training inputs, as for `recalibrate_batchnorm`: a
+            `tf.data.Dataset` or an iterable of batches (`x` or `(x, y[,
+            sample_weight])`), or an array of inputs.
+        batches: how many batches to average (None: all of `data`).
+        batch_size: batch size when `data` is an array.
+        verbose: 1 prints one line when done.
+
+    Example:
+
+    ```python
+    model.fit(train_ds, epochs=30, callbacks=[
+        keras_chex.ChannelExploration(),
+        keras_chex.RecalibrateBatchNorm(train_ds, batches=50)])
+    ```
+    """
+
+    def __init__(self, data, batches=50, batch_size=32, verbose=0):
+        super().__init__()
+        if batches is not None and (isinstance(batches, bool) or not
+                                    isinstance(batches, numbers.Integral)
+                                    or batches < 1):
+            raise ValueError(f"`batches` must be an int >= 1 or None, got "
+                             f"{batches!r}.")
+        self.data = data
+        self.batches = batches
+        self.batch_size = batch_size
+        self.verbose = verbose
+
+    def on_train_end(self, logs=None):
+        names = recalibrate_batchnorm(self.model, self.data,
+                                      batches=self.batches,
+                                      batch_size=self.batch_size)
+        if self.verbose:
+            print(f"RecalibrateBatchNorm: re-estimated the statistics of "
+                  f"{len(names)} BatchNorm layer(s).")
+
+    def get_config(self):
+        # The data is not part of the config: pass it again when rebuilding.
+        return {"batches": self.batches, "batch_size": self.batch_size,
+                "verbose": self.verbose}
+
+
 def _input_batches(data, batches, batch_size):
     """Yields the input part of up to `batches` batches of `data`."""
     import numpy as np
