@@ -76,6 +76,7 @@ def test_report_tiny(bench):
     train = _table(text, "| Run ")
     assert [(r[0], r[1]) for r in train] == [
         (bench.UNWRAPPED, "default"),
+        (bench.TRACKING, "default"),
         (bench.WRAPPED, "default"),
         (bench.WRAPPED_MASKED, "default"),
         (bench.UNFOLDED_MASKED, "default"),

@@ -117,6 +117,7 @@ UNWRAPPED = "unwrapped"
 WRAPPED = "wrapped, masks all ones"
 WRAPPED_MASKED = "wrapped, 50% masks"
 UNFOLDED_MASKED = "wrapped, 50% masks, fold_batchnorm=False"
+TRACKING = "unwrapped, TrackingBatchNormalization"
 
 
 # ---------------------------------------------------------------------------
@@ -305,9 +306,11 @@ def _step_timer():
 def training_configs(jit=True):
     """(label, compile label, wrapped?, masked?, fold?, jit_compile) of
     each run. The unfolded run shows what folding masks into BatchNorms
-    saves."""
+    saves; the tracking run, what the BatchNorms that restart their
+    statistics after a mask change cost without any mask."""
     configs = [
         (UNWRAPPED, "default", False, False, True, False),
+        (TRACKING, "default", False, False, True, False),
         (WRAPPED, "default", True, False, True, False),
         (WRAPPED_MASKED, "default", True, True, True, False),
         (UNFOLDED_MASKED, "default", True, True, False, False),
@@ -318,6 +321,25 @@ def training_configs(jit=True):
             (WRAPPED, "XLA", True, False, True, True),
         ]
     return configs
+
+
+def _with_tracking_batchnorms(plain):
+    """A copy of `plain` whose BatchNorms are `TrackingBatchNormalization`."""
+    import keras  # pylint: disable=g-import-not-at-top
+    from keras_chex.core import statistics  # pylint: disable=g-import-not-at-top
+
+    def clone(layer):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            return statistics.TrackingBatchNormalization.replacing(layer)
+        return layer.__class__.from_config(layer.get_config())
+
+    model = keras.models.clone_model(plain, clone_function=clone)
+    for old, new in zip(plain.layers, model.layers):
+        if isinstance(new, statistics.TrackingBatchNormalization):
+            new.load_batchnorm_weights(old)
+        else:
+            new.set_weights(old.get_weights())
+    return model
 
 
 def time_training(
@@ -368,6 +390,8 @@ def time_training(
             if masked:
                 rng = np.random.default_rng(seed)
                 random_masks(keras_chex.channel_groups(model), rng, keep)
+        elif label == TRACKING:
+            model = _with_tracking_batchnorms(plain)
         else:
             model = keras.models.clone_model(plain)
             model.set_weights(plain.get_weights())
