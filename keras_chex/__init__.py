@@ -19,7 +19,15 @@ from keras_chex import _native_stderr as _native_stderr_module
 # any other line is kept. The `keras-chex` command hides every start-up
 # line (not with `--verbose`).
 _command = (_os.path.basename(_sys.argv[0] if _sys.argv else "") ==
-            "keras-chex" and "--verbose" not in _sys.argv)
+            "keras-chex")
+if _command:
+    # `--help` and mistyped arguments answer before TensorFlow loads (6 s
+    # here): the parser exits on them.
+    from keras_chex import cli as _cli
+
+    _cli.build_parser().parse_args()
+    del _cli
+_command = _command and "--verbose" not in _sys.argv
 if _command:
     _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 _native_stderr_module.start_tensorflow_quietly(drop_all=_command)
@@ -30,6 +38,7 @@ from keras_chex.core.analysis import channel_groups  # noqa: E402
 from keras_chex.core.counting import count_macs  # noqa: E402
 from keras_chex.core.masking import ChannelMask  # noqa: E402
 from keras_chex.core.masking import MaskedBatchNormalization  # noqa: E402
+from keras_chex.core.statistics import RecalibrateBatchNorm  # noqa: E402
 from keras_chex.core.statistics import TrackingBatchNormalization  # noqa: E402,E501
 from keras_chex.core.statistics import recalibrate_batchnorm  # noqa: E402
 from keras_chex.core.stripping import strip  # noqa: E402
@@ -58,6 +67,7 @@ __all__ = [
     "LatencyTable",
     "MaskedBatchNormalization",
     "PrunableModel",
+    "RecalibrateBatchNorm",
     "RelevancePruning",
     "SoftMaskPruning",
     "TrackingBatchNormalization",

@@ -19,6 +19,8 @@ import time
 import warnings
 
 USAGE_ERROR = 2
+# Batches `prune` re-estimates the BatchNorm statistics on after fitting.
+RECALIBRATION_BATCHES = 50
 
 
 class CliError(Exception):
@@ -257,24 +259,41 @@ def cmd_prune(args):
     train = datasets.make_dataset(x, y, args.batch_size, training=True,
                                   seed=args.seed)
     val = datasets.make_dataset(xv, yv, 256, training=False)
+    print(f"data: {len(x)} training, {len(xv)} held-out images "
+          f"({args.data or 'bundled sample'})")
+    print(f"{args.method.upper()}: keep {args.flops:.0%} of the MACs of "
+          f"{args.model}; {args.epochs} epoch(s), batch {args.batch_size}, "
+          f"learning rate {args.learning_rate}")
     if args.method == "chex":
         wrapped = keras_chex.prune_and_regrow(model, flops=args.flops,
                                               seed=args.seed)
-        callback = keras_chex.ChannelExploration()
+        callback = keras_chex.ChannelExploration(verbose=1)
     elif args.method == "smcp":
         wrapped = keras_chex.soft_mask_prune(model, flops=args.flops,
                                              seed=args.seed)
-        callback = keras_chex.SoftMaskPruning()
+        callback = keras_chex.SoftMaskPruning(verbose=1)
     else:
         wrapped = keras_chex.relevance_prune(model, flops=args.flops,
                                              seed=args.seed)
-        callback = keras_chex.RelevancePruning(train)
+        callback = keras_chex.RelevancePruning(train, verbose=1)
     loss = keras.losses.SparseCategoricalCrossentropy(
         from_logits=_ends_in_logits(model))
     wrapped.compile(optimizer=keras.optimizers.SGD(
         args.learning_rate, momentum=0.9), loss=loss, metrics=["accuracy"])
+    # A progress bar only where someone watches it: in a redirected log it
+    # is kilobytes of control codes.
     wrapped.fit(train, epochs=args.epochs, validation_data=val,
-                shuffle=False, callbacks=[callback], verbose=1)
+                shuffle=False, callbacks=[callback],
+                verbose=1 if sys.stdout.isatty() else 2)
+    # The moving averages lag weights that moved to the last step (and any
+    # late mask change); the final weights' statistics are a cheap pass
+    # away (docs/benchmarks.md, "BatchNorm statistics").
+    moving = datasets.accuracy(wrapped, val)
+    batches = min(RECALIBRATION_BATCHES, len(train))
+    keras_chex.recalibrate_batchnorm(wrapped, train, batches=batches)
+    print(f"BatchNorm statistics re-estimated on {batches} training "
+          f"batches: held-out accuracy {moving:.4f} -> "
+          f"{datasets.accuracy(wrapped, val):.4f}")
     os.makedirs(args.output_dir, exist_ok=True)
     compact = keras_chex.strip(wrapped)
     wrapped.save(os.path.join(args.output_dir, "pruning.keras"))
@@ -285,7 +304,8 @@ def cmd_prune(args):
     dense, after = keras_chex.count_macs(model), keras_chex.count_macs(
         compact)
     print(after.table(top=10, reference=dense))
-    print(f"MACs kept {after.macs / dense.macs:.3f}; "
+    print(f"MACs kept {after.macs / dense.macs:.3f}; held-out accuracy of "
+          f"the compact model {datasets.accuracy(compact, val):.4f}; "
           f"compact.tflite {report.size_bytes / 1024:.1f} KB; files in "
           f"{args.output_dir}")
     return 0

@@ -47,6 +47,24 @@ def test_the_command_is_installed_and_has_help():
         assert command in result.stdout
 
 
+@pytest.mark.parametrize("args", [("--help",), ("prune", "--help"),
+                                  ("prune", "m.keras", "--flops=2")])
+def test_help_and_argument_errors_answer_without_loading_tensorflow(args):
+    # The installed command run in a process that reports, on exit,
+    # whether TensorFlow was imported.
+    probe = (
+        "import atexit, runpy, sys\n"
+        "atexit.register(lambda: print('tensorflow loaded:', "
+        "'tensorflow' in sys.modules))\n"
+        f"sys.argv = {[COMMAND, *args]!r}\n"
+        f"runpy.run_path({COMMAND!r}, run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", probe],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode in (0, 2)
+    assert "usage: keras-chex" in result.stdout + result.stderr
+    assert "tensorflow loaded: False" in result.stdout, result.stdout
+
+
 def test_count_prints_a_per_layer_table(files):
     result = run("count", files / "plain.keras", "--top", "3")
     assert result.returncode == 0, result.stderr
@@ -132,6 +150,18 @@ def test_prune_fits_strips_and_exports(files, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     kept = float(result.stdout.split("MACs kept ")[1].split(";")[0])
     assert 0.45 <= kept <= 0.5
+    # What the user reads: a header, the method's steps, the re-estimated
+    # statistics and the compact model's held-out accuracy; one line per
+    # epoch in a redirected log, no progress-bar control codes.
+    assert result.stdout.startswith("data: ")
+    assert "FRS: keep 50% of the MACs" in result.stdout
+    assert "FRS pruning step 1/" in result.stdout
+    assert "BatchNorm statistics re-estimated on " in result.stdout
+    accuracy = float(result.stdout.split(
+        "held-out accuracy of the compact model ")[1].split(";")[0])
+    assert 0.0 <= accuracy <= 1.0
+    assert "\x08" not in result.stdout and "\r" not in result.stdout
+    assert "recalibrate_batchnorm" not in result.stderr
     for name in ("pruning.keras", "compact.keras", "compact.tflite"):
         assert (out / name).stat().st_size > 0, name
 

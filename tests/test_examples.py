@@ -33,6 +33,11 @@ def test_cifar10_example_trains_strips_exports_and_reports(tmp_path):
         r"accuracy: ([0-9.]+) \(compact\) = ([0-9.]+)", text).groups())
     # The compact model is the pruning model with channels removed.
     assert abs(compact - wrapped) < 1e-3
+    # Evaluated with the statistics of its final weights.
+    before, after = map(float, re.search(
+        r"BatchNorm statistics re-estimated on \d+ training batches: "
+        r"held-out accuracy ([0-9.]+) -> ([0-9.]+)", text).groups())
+    assert after == wrapped
     assert f"widths per group: {out / 'widths.png'}" in text
     # TensorFlow's C++ start-up notes are not part of the summary.
     for note in ("InitializeLog", "cudart_stub", "cuInit", "cpu_feature"):
