@@ -645,25 +645,32 @@ print("ran")
 """
 
 
+def _stderr_of(script, *args):
+    """stderr of `python -c script *args` with TensorFlow's full log; the
+    script must print "ran"."""
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES="",
+                 TF_CPP_MIN_LOG_LEVEL="0"))
+    assert result.stdout.strip() == "ran", result.stderr[-3000:]
+    return result.stderr
+
+
+def _lines_matching(text, patterns):
+    return [line for line in text.splitlines()
+            if any(p.search(line) for p in patterns)]
+
+
 def test_importing_keras_chex_hides_tensorflows_start_up_notes():
-    err = {}
-    for module in ("tensorflow", "keras_chex"):
-        result = subprocess.run(
-            [sys.executable, "-c", _STARTUP.format(module=module)],
-            capture_output=True, text=True, timeout=300,
-            env=dict(os.environ, CUDA_VISIBLE_DEVICES="",
-                     TF_CPP_MIN_LOG_LEVEL="0"))
-        assert result.stdout.strip() == "ran", result.stderr[-2000:]
-        err[module] = result.stderr
-    # Control: on this machine a plain import writes some of them.
     from keras_chex import _native_stderr
 
-    def notes(text):
-        return [line for line in text.splitlines()
-                if any(p.search(line) for p in _native_stderr.TENSORFLOW_STARTUP)]
-
-    assert notes(err["tensorflow"])
-    assert notes(err["keras_chex"]) == []
+    err = {module: _stderr_of(_STARTUP.format(module=module))
+           for module in ("tensorflow", "keras_chex")}
+    notes = _native_stderr.TENSORFLOW_STARTUP
+    # Control: on this machine a plain import writes some of them.
+    assert _lines_matching(err["tensorflow"], notes)
+    assert _lines_matching(err["keras_chex"], notes) == []
 
 
 def test_start_up_filter_keeps_other_lines(capfd):
@@ -726,22 +733,12 @@ def test_export_from_python_hides_the_converters_notes_not_warnings(
         tmp_path):
     from keras_chex import _native_stderr
 
-    err = {}
-    for mode in ("raw", "ours"):
-        result = subprocess.run(
-            [sys.executable, "-c", _CONVERT, mode, str(tmp_path)],
-            capture_output=True, text=True, timeout=300,
-            env=dict(os.environ, CUDA_VISIBLE_DEVICES="",
-                     TF_CPP_MIN_LOG_LEVEL="0"))
-        assert result.stdout.strip() == "ran", result.stderr[-3000:]
-        err[mode] = result.stderr
-
-    def notes(text):
-        return [line for line in text.splitlines()
-                if any(p.search(line) for p in _native_stderr.TFLITE_CONVERTER)]
-
-    assert len(notes(err["raw"])) >= 5  # Control: the converter prints them.
-    assert notes(err["ours"]) == [], err["ours"]
+    err = {mode: _stderr_of(_CONVERT, mode, str(tmp_path))
+           for mode in ("raw", "ours")}
+    notes = _native_stderr.TFLITE_CONVERTER
+    # Control: the converter prints them.
+    assert len(_lines_matching(err["raw"], notes)) >= 5
+    assert _lines_matching(err["ours"], notes) == [], err["ours"]
     assert "fully_quantize" not in err["ours"]
     assert "recalibrate_batchnorm" in err["ours"]  # The real warning stays.
 

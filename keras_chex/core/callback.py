@@ -9,6 +9,7 @@ one `steps_per_execution` window, and the errors a user sees when the model
 or the fit does not fit the method.
 """
 
+import math
 import os
 import warnings
 
@@ -226,6 +227,26 @@ class PruningCallback(keras.callbacks.Callback):
         message is shown as a warning.
         """
         return None
+
+    def single_step_warning(self, plan, steps_per_epoch, epochs,
+                            consequence):
+        """`short_plan_warning` of a method on a periodic schedule
+        (`interval` epochs, `until`): a message if the plan has collapsed to
+        one step, where `consequence` says what that means for the method.
+        """
+        if len(plan) > 1:
+            return None
+        config = self.model.pruning_config
+        until = config["until"]
+        suggested = max(0.01, math.floor(100 * until * epochs / 4) / 100)
+        return (
+            f"{self.method.upper()}: this fit ({epochs} epoch(s) of "
+            f"{steps_per_epoch} steps) has room for one pruning step only "
+            f"(at step {plan[0][0]}) with `interval={config['interval']:g}` "
+            f"epochs and `until={until:g}`, so {consequence}. For gradual "
+            "pruning pass a smaller `interval` to "
+            f"`{self.entry_point.split('(')[0]}` (e.g. interval="
+            f"{suggested:g} for about four steps) or fit for more epochs.")
 
     def epoch_logs(self):
         return {}

@@ -90,17 +90,11 @@ def _channels_last(layer):
         raise Unsupported(CHANNELS_FIRST)
 
 
-def _positions(tensor, layer):
-    """Positions per sample of `layer`'s data, in its own data format."""
+def _spatial_size(tensor, layer=None):
+    """Positions per sample of `tensor` (None if unknown), channels last
+    unless `layer` says channels_first."""
     first = getattr(layer, "data_format", None) == "channels_first"
     dims = tensor.shape[2:] if first else tensor.shape[1:-1]
-    if any(d is None for d in dims):
-        return None
-    return int(np.prod(dims, dtype=np.int64)) if dims else 1
-
-
-def _spatial_size(tensor):
-    dims = tensor.shape[1:-1]
     if any(d is None for d in dims):
         return None
     return int(np.prod(dims, dtype=np.int64)) if dims else 1
@@ -113,7 +107,7 @@ class ConvRule(LayerRule):
     mixes_input = True
 
     def opaque_macs(self, node):
-        return [(_positions(node.outputs[0], node.operation), "kernel")]
+        return [(_spatial_size(node.outputs[0], node.operation), "kernel")]
 
     def propagate(self, ctx, node):
         layer = node.operation
@@ -144,7 +138,7 @@ class ConvTransposeRule(ConvRule):
     """Conv1DTranspose/2D/3D (kernel is [..., out, in])."""
 
     def opaque_macs(self, node):
-        return [(_positions(node.inputs[0], node.operation), "kernel")]
+        return [(_spatial_size(node.inputs[0], node.operation), "kernel")]
 
     def propagate(self, ctx, node):
         layer = node.operation
@@ -165,7 +159,7 @@ class DepthwiseRule(LayerRule):
     kind = PRODUCER
 
     def opaque_macs(self, node):
-        return [(_positions(node.outputs[0], node.operation), "kernel")]
+        return [(_spatial_size(node.outputs[0], node.operation), "kernel")]
 
     def propagate(self, ctx, node):
         layer = node.operation
@@ -182,7 +176,7 @@ class SeparableRule(ConvRule):
     """SeparableConv1D/2D: depthwise on the input, pointwise to new channels."""
 
     def opaque_macs(self, node):
-        positions = _positions(node.outputs[0], node.operation)
+        positions = _spatial_size(node.outputs[0], node.operation)
         return [(positions, "depthwise_kernel"),
                 (positions, "pointwise_kernel")]
 

@@ -102,34 +102,6 @@ class PeriodicSchedule:
                 f"until={self.until})")
 
 
-def single_step_warning(plan, steps_per_epoch, epochs, config, method,
-                        consequence, entry_point):
-    """The warning for a periodic plan that has collapsed to one step.
-
-    Args:
-        plan: the method's planned steps.
-        steps_per_epoch, epochs: the planned fit.
-        config: the model's pruning config (`interval`, `until`).
-        method: the method's name, as the message starts.
-        consequence: what one step means for the method.
-        entry_point: the function whose `interval` to change.
-
-    Returns:
-        A message, or None when the plan has two steps or more.
-    """
-    if len(plan) > 1:
-        return None
-    until = config["until"]
-    suggested = max(0.01, math.floor(100 * until * epochs / 4) / 100)
-    return (
-        f"{method}: this fit ({epochs} epoch(s) of {steps_per_epoch} steps) "
-        f"has room for one pruning step only (at step {plan[0][0]}) with "
-        f"`interval={config['interval']:g}` epochs and `until={until:g}`, "
-        f"so {consequence}. For gradual pruning pass a smaller `interval` to "
-        f"`{entry_point}` (e.g. interval={suggested:g} for about four steps) "
-        "or fit for more epochs.")
-
-
 def _freeze_step(until, steps_per_epoch, epochs):
     return max(1, _round_half_up(until * epochs * steps_per_epoch))
 

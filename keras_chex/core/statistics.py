@@ -262,10 +262,7 @@ def recalibrate_batchnorm(model, data, *, batches=None, batch_size=32):
     keras_chex.recalibrate_batchnorm(model, x_train[:2048])
     ```
     """
-    if batches is not None and (isinstance(batches, bool) or not isinstance(
-            batches, numbers.Integral) or batches < 1):
-        raise ValueError(f"`batches` must be an int >= 1 or None, got "
-                         f"{batches!r}.")
+    _check_batches(batches)
     if not isinstance(model, keras.Model):
         raise TypeError(f"`model` must be a Keras model, got "
                         f"{type(model).__name__}.")
@@ -327,11 +324,7 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
 
     def __init__(self, data, batches=50, batch_size=32, verbose=0):
         super().__init__()
-        if batches is not None and (isinstance(batches, bool) or not
-                                    isinstance(batches, numbers.Integral)
-                                    or batches < 1):
-            raise ValueError(f"`batches` must be an int >= 1 or None, got "
-                             f"{batches!r}.")
+        _check_batches(batches)
         self.data = data
         self.batches = batches
         self.batch_size = batch_size
@@ -349,6 +342,13 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
         # The data is not part of the config: pass it again when rebuilding.
         return {"batches": self.batches, "batch_size": self.batch_size,
                 "verbose": self.verbose}
+
+
+def _check_batches(batches):
+    if batches is not None and (isinstance(batches, bool) or not isinstance(
+            batches, numbers.Integral) or batches < 1):
+        raise ValueError(f"`batches` must be an int >= 1 or None, got "
+                         f"{batches!r}.")
 
 
 def _input_batches(data, batches, batch_size):

@@ -4,7 +4,6 @@ import keras
 import numpy as np
 
 from keras_chex.core import callback
-from keras_chex.core import schedule as core_schedule
 from keras_chex.methods.chex import schedules
 
 
@@ -61,10 +60,9 @@ class ChannelExploration(callback.PruningCallback):
         return plan
 
     def short_plan_warning(self, plan, steps_per_epoch, epochs):
-        return core_schedule.single_step_warning(
-            plan, steps_per_epoch, epochs, self.model.pruning_config, "CHEX",
-            "it prunes once to the budget and never regrows a channel",
-            self.entry_point.split("(")[0])
+        return self.single_step_warning(
+            plan, steps_per_epoch, epochs,
+            "it prunes once to the budget and never regrows a channel")
 
     def run_step(self, step, payload):
         planned, t, delta = payload

@@ -70,10 +70,9 @@ class RelevancePruning(callback.PruningCallback):
                 for i, step in enumerate(steps)]
 
     def short_plan_warning(self, plan, steps_per_epoch, epochs):
-        return schedule_lib.single_step_warning(
-            plan, steps_per_epoch, epochs, self.model.pruning_config, "FRS",
-            "it removes every channel it prunes at once, not gradually",
-            self.entry_point.split("(")[0])
+        return self.single_step_warning(
+            plan, steps_per_epoch, epochs,
+            "it removes every channel it prunes at once, not gradually")
 
     def run_step(self, step, payload):
         planned, index, total = payload
