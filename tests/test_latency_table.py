@@ -33,15 +33,23 @@ def built(tmp_path_factory):
     return model, table, path
 
 
+def _entry(table, model, layer):
+    """The entry that prices layer `layer` of `model`."""
+    for name, node in latency_table._timed_nodes(model):
+        if name == f"{layer}#0":
+            return table.entries[table.key_for(name, node)]
+    raise KeyError(layer)
+
+
 def test_every_timed_call_has_a_grid_of_measured_times(built):
     model, table, path = built
-    assert set(table.layers) == {"c1#0", "dw#0", "c2#0", "head#0"}
-    c1 = table.entries[table.layers["c1#0"]]
+    assert len(table.entries) == 4
+    c1 = _entry(table, model, "c1")
     assert c1["cin"] == [3]  # The input's channels are never pruned.
     assert c1["cout"] == [1, 4, 8]
-    c2 = table.entries[table.layers["c2#0"]]
+    c2 = _entry(table, model, "c2")
     assert c2["cin"] == [1, 4, 8] and c2["cout"] == [1, 4, 8]
-    dw = table.entries[table.layers["dw#0"]]
+    dw = _entry(table, model, "dw")
     assert dw["cout"] == [None]  # Depthwise: out follows in.
     total = 0.0
     for entry in table.entries.values():
@@ -58,11 +66,12 @@ def test_every_timed_call_has_a_grid_of_measured_times(built):
 
 def test_predicting_the_dense_model_gives_its_measured_time(built):
     model, table, _ = built
-    parts = sum(table.layer_ms(table.layers[n], *latency_table._channels(nd))
+    parts = sum(table.layer_ms(table.key_for(n, nd),
+                               *latency_table._channels(nd))
                 for n, nd in latency_table._timed_nodes(model))
-    assert table.predict(model) == pytest.approx(
-        table.other_ms + table.scale * parts)
-    assert table.other_ms >= 0 and table.scale > 0
+    scale, other_ms = table.calibration(model)
+    assert table.predict(model) == pytest.approx(other_ms + scale * parts)
+    assert other_ms >= 0 and scale > 0
 
 
 def test_a_compact_model_is_priced_from_the_grid(built):
@@ -71,11 +80,10 @@ def test_a_compact_model_is_priced_from_the_grid(built):
     groups = {g.name: g for g in keras_chex.channel_groups(wrapped)}
     groups["c1"].set_mask(np.arange(8) < 4)
     compact = keras_chex.strip(wrapped)
-    c2 = table.entries[table.layers["c2#0"]]
-    c1 = table.entries[table.layers["c1#0"]]
-    dw = table.entries[table.layers["dw#0"]]
-    head = table.entries[table.layers["head#0"]]
-    expected = table.other_ms + table.scale * (
+    c1, dw, c2, head = (_entry(table, model, n)
+                        for n in ("c1", "dw", "c2", "head"))
+    scale, other_ms = table.calibration(model)
+    expected = other_ms + scale * (
         c1["ms"][0][1] + dw["ms"][1][0] + c2["ms"][1][2] + head["ms"][2][0])
     assert table.predict(compact) == pytest.approx(expected)
     # The group cost of the wrapped model agrees with `predict`.
@@ -106,7 +114,7 @@ def test_a_second_build_with_the_cache_measures_only_the_whole_model(
     # Nothing measured again, calibration included.
     assert exported == [] and converted == []
     assert again.entries == table.entries
-    assert (again.scale, again.other_ms) == (table.scale, table.other_ms)
+    assert again.calibrations == table.calibrations
     # A table of other settings is never replaced.
     before = path.read_text()
     with pytest.raises(ValueError, match="round_to=4"):
@@ -131,8 +139,8 @@ def test_table_round_trips_and_bad_files_are_refused(built, tmp_path):
     _, table, path = built
     loaded = keras_chex.LatencyTable.load(str(path))
     assert loaded.entries == table.entries
-    assert loaded.other_ms == pytest.approx(table.other_ms)
-    assert loaded.scale == pytest.approx(table.scale)
+    assert loaded.calibrations == table.calibrations
+    assert loaded.path == str(path)
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     with pytest.raises(ValueError, match="Not a keras-chex latency table"):
@@ -149,3 +157,107 @@ def test_build_refuses_a_wrapped_model_and_bad_arguments():
         keras_chex.build_latency_table(keras_chex.wrap(_model()))
     with pytest.raises(ValueError, match="threads"):
         keras_chex.build_latency_table(_model(), threads=0)
+
+
+def _renamed_instance():
+    """Another instance of `_model()`'s architecture: other layer names,
+    other weights."""
+    keras.utils.set_random_seed(1)
+    x = keras.Input((8, 8, 3))
+    h = layers.Conv2D(8, 3, padding="same", use_bias=False)(x)
+    h = layers.BatchNormalization()(h)
+    h = layers.ReLU()(h)
+    h = layers.DepthwiseConv2D(3, padding="same")(h)
+    h = layers.Conv2D(8, 1)(h)
+    h = layers.GlobalAveragePooling2D()(h)
+    return keras.Model(x, layers.Dense(4)(h))
+
+
+def test_a_table_serves_another_instance_of_the_architecture(
+        built, monkeypatch):
+    model, table, path = built
+    other = _renamed_instance()
+    assert table.predict(other) == pytest.approx(table.predict(model))
+    # Its compacts too, and pruning it under a latency budget.
+    pruned = keras_chex.soft_mask_prune(other, latency=0.6, cost_table=table)
+    assert pruned.pruning_state.group_cost().total(
+        pruned.pruning_state.group_sizes) == pytest.approx(
+            table.predict(model))
+    # Building "again" for it measures nothing at all.
+    measured = []
+    monkeypatch.setattr(latency_table, "layer_tflite",
+                        lambda *a: measured.append(a))
+    monkeypatch.setattr(export, "export_tflite",
+                        lambda *a, **k: measured.append(a))
+    again = keras_chex.build_latency_table(other, str(path), round_to=4)
+    assert measured == [] and again.entries == table.entries
+
+
+def test_a_missing_layer_is_named_with_how_to_measure_just_that(
+        built, tmp_path, monkeypatch):
+    model, table, path = built
+    x = keras.Input((8, 8, 3))
+    h = layers.Conv2D(8, 3, padding="same", use_bias=False, name="c1")(x)
+    h = layers.Conv2D(8, 5, padding="same", name="new_conv")(h)
+    h = layers.GlobalAveragePooling2D()(h)
+    grown = keras.Model(x, layers.Dense(4, name="head")(h))
+    loaded = keras_chex.LatencyTable.load(str(path))
+    with pytest.raises(ValueError) as info:
+        loaded.predict(grown)
+    message = str(info.value)
+    assert "'new_conv'" in message
+    assert "Conv2D, 8 -> 8 channels" in message
+    assert repr(str(path)) in message and "only the layers" in message
+    # Doing what it says measures the new computation and nothing else.
+    copy = tmp_path / "copy.json"
+    copy.write_text(path.read_text())
+    converted = []
+    real_layer = latency_table.layer_tflite
+
+    def counting_layer(layer, shape):
+        converted.append(layer.__class__.__name__)
+        return real_layer(layer, shape)
+
+    monkeypatch.setattr(latency_table, "layer_tflite", counting_layer)
+    grown_table = keras_chex.build_latency_table(
+        grown, str(copy), round_to=4, runs=2, rounds=1, warmup=1)
+    # The empty-invoke probe is a ReLU; every other file is new_conv's grid
+    # (c1 and the head compute what they computed in the first model).
+    assert set(converted) == {"ReLU", "Conv2D"}
+    assert len(grown_table.entries) == len(table.entries) + 1
+    assert grown_table.predict(grown) > 0
+    # The first model is still priced as before, from the same file.
+    assert grown_table.predict(model) == pytest.approx(table.predict(model))
+
+
+def test_a_compact_uses_the_calibration_of_its_dense_architecture(built):
+    model, table, _ = built
+    other = keras.Sequential([keras.Input((8, 8, 3)),
+                              layers.Conv2D(8, 3, padding="same",
+                                            use_bias=False)])
+    assert latency_table.architecture_key(other) != (
+        latency_table.architecture_key(model))
+    with pytest.raises(ValueError, match="no calibration for the archi"):
+        table.predict(other)
+    wrapped = keras_chex.wrap(model)
+    keras_chex.channel_groups(wrapped)[0].set_mask(np.arange(8) < 4)
+    compact = keras_chex.strip(wrapped)
+    for m in (wrapped, compact, _renamed_instance()):
+        assert latency_table.architecture_key(m) == (
+            latency_table.architecture_key(model))
+
+
+def test_a_version_1_table_still_loads_and_prices(built, tmp_path):
+    model, table, _ = built
+    scale, other_ms = table.calibration(model)
+    names = {}
+    for name, node in latency_table._timed_nodes(model):
+        names[name] = table.key_for(name, node)
+    old = {"format": "keras-chex-latency-table", "version": 1, "threads": 1,
+           "machine": {}, "round_to": 4, "created": None,
+           "other_ms": other_ms, "scale": scale, "layers": names,
+           "entries": table.entries}
+    file = tmp_path / "v1.json"
+    file.write_text(json.dumps(old))
+    loaded = keras_chex.LatencyTable.load(str(file))
+    assert loaded.predict(model) == pytest.approx(table.predict(model))

@@ -82,7 +82,7 @@ def blocking_row(model, table):
     """The widest square conv's time over output widths, vs MACs."""
     best = None
     for name, node in latency_table._timed_nodes(model):
-        key = table.layers[name]
+        key = table.key_for(name, node)
         entry = table.entries[key]
         if entry["cout"] != [None] and len(entry["cout"]) > 2 and (
                 best is None or len(entry["cout"]) > len(best[1]["cout"])):
@@ -114,7 +114,7 @@ def main(argv):
             max_points=max_points)
         build_s = time.time() - start
         print(f"{name}: table {table} in {build_s:.0f} s "
-              f"(other ops {table.other_ms:.3f} ms)", flush=True)
+              f"(other ops {table.calibration(model)[1]:.3f} ms)", flush=True)
         layer, cin, couts, row = blocking_row(model, table)
         print(f"{name}: {layer} at {cin} input channels, ms by output "
               "channels (MACs grow linearly):")

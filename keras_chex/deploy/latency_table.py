@@ -19,6 +19,7 @@ boundary costs nearly a whole extra block.
 """
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -33,39 +34,69 @@ from keras_chex.core import costs
 from keras_chex.core import layer_rules
 
 FORMAT = "keras-chex-latency-table"
-VERSION = 1
+VERSION = 2
 TIMED = (layer_rules.ConvRule, layer_rules.DepthwiseRule,
          layer_rules.DenseRule)
 # Grid points per axis at most; widths in between are interpolated.
 DEFAULT_MAX_POINTS = 16
+# The calibration of a version-1 file, which did not record its model.
+_LEGACY = "version 1"
 
 
 class LatencyTable:
-    """Measured per-layer latencies of one model on one machine.
+    """Measured per-layer latencies on one machine, keyed by what each
+    layer computes.
+
+    An entry is one layer computation (layer type, input size, kernel,
+    strides, ... and its full input and output widths) timed over a grid of
+    widths, whatever the layer is called: a table measured on one model
+    prices any model whose layers compute the same, a second instance of
+    the same architecture or its pruned compacts. A layer the table lacks
+    is named in the error, and `build_latency_table(model, path)` with the
+    table's file measures only what is missing.
+
+    Isolated layers do not add up to a whole model; each architecture (its
+    sequence of timed layers, widths left out, so that a model and its
+    compacts share it) has a calibration `(scale, other_ms)` fitted on two
+    whole models: predicted latency = `other_ms + scale * sum(layers)`.
 
     Build with `keras_chex.build_latency_table`; load a cached one with
     `LatencyTable.load(path)`.
 
-    Attributes:
+    Args:
+        entries: dict entry key -> {"cin": [...], "cout": [...],
+            "ms": [[...]]}.
+        calibrations: dict architecture key (`architecture_key(model)`) ->
+            {"scale": float, "other_ms": float}.
         threads: LiteRT threads the times were measured with.
         machine: a description of the machine.
-        layers: dict "layer name#call" -> entry key.
-        entries: dict key -> {"cin": [...], "cout": [...], "ms": [[...]]}.
-        other_ms: the time outside the table's layers (a constant).
-        scale: what a layer's isolated time is worth inside the whole
-            model (fitted; see `build_latency_table`).
+        round_to: the channel step of the grids.
+        created: when it was measured (ISO time), or None.
+
+    Example:
+
+    ```python
+    table = keras_chex.build_latency_table(model, "latency.json")
+    same = keras_chex.LatencyTable.load("latency.json")
+    same.predict(another_instance_of_the_architecture)  # ms
+    ```
     """
 
-    def __init__(self, layers, entries, other_ms, threads, machine,
-                 round_to, created=None, scale=1.0):
-        self.layers = dict(layers)
+    def __init__(self, entries, calibrations, threads, machine, round_to,
+                 created=None):
         self.entries = dict(entries)
-        self.other_ms = float(other_ms)
-        self.scale = float(scale)
+        self.calibrations = {k: {"scale": float(v["scale"]),
+                                 "other_ms": float(v["other_ms"])}
+                             for k, v in dict(calibrations).items()}
         self.threads = int(threads)
         self.machine = machine
         self.round_to = int(round_to)
         self.created = created
+        self.path = None  # Set by `load` and `save`: named in errors.
+        self._by_signature = {}
+        for key in self.entries:
+            self._by_signature.setdefault(_signature_of_key(key), []).append(
+                key)
 
     # -- lookups -------------------------------------------------------------
     def layer_ms(self, key, cin, cout):
@@ -74,33 +105,99 @@ class LatencyTable:
         return float(_bilinear(entry, np.asarray([cin], float),
                                np.asarray([cout], float))[0])
 
+    def calibration(self, model):
+        """`(scale, other_ms)` of `model`'s architecture.
+
+        Raises:
+            ValueError: if the table was not calibrated on this
+                architecture (the error says how to add it).
+        """
+        key = architecture_key(model)
+        found = self.calibrations.get(key) or self.calibrations.get(_LEGACY)
+        if found is None:
+            raise ValueError(
+                f"The latency table{self._where()} has no calibration for "
+                f"the architecture of model '{model.name}': its layers are "
+                "timed one by one, and how they add up is measured once per "
+                "architecture. Run `keras_chex.build_latency_table(model, "
+                f"path={self._path_hint()})` on the target device with the "
+                "dense model: it measures only the whole model and any "
+                "layer the table lacks.")
+        return found["scale"], found["other_ms"]
+
     def predict(self, model):
-        """Predicted LiteRT latency (ms) of a plain (stripped) model.
+        """Predicted LiteRT latency (ms) of a plain model.
 
         Args:
-            model: a model with the same layer names as the one the table
-                was built from (a `keras_chex.strip` result, say).
+            model: the dense model the table was built on, another instance
+                of its architecture, or a `keras_chex.strip` result of
+                either.
 
         Returns:
             Milliseconds, for `threads` threads.
         """
-        return self.other_ms + self.scale * self._layers_ms(model)
+        layers_ms = self._layers_ms(model)  # A missing layer first.
+        scale, other_ms = self.calibration(model)
+        return other_ms + scale * layers_ms
 
     def _layers_ms(self, model):
         total = 0.0
         for name, node in _timed_nodes(model):
-            key = self._key_for(name)
             cin, cout = _channels(node)
-            total += self.layer_ms(key, cin, cout)
+            total += self.layer_ms(self.key_for(name, node), cin, cout)
         return total
 
-    def _key_for(self, name):
-        if name not in self.layers:
-            raise ValueError(
-                f"The latency table has no entry for layer call '{name}'. "
-                "Build the table from the model you prune "
-                "(`keras_chex.build_latency_table(model)`).")
-        return self.layers[name]
+    def key_for(self, name, node):
+        """The entry that prices layer call `node` (named `name` in errors):
+        the one measured for this exact computation, or else one of the same
+        computation at larger widths whose grid covers the node's widths
+        (a pruned compact's layer)."""
+        key = _entry_key(node)
+        if key in self.entries:
+            return key
+        cin, cout = _channels(node)
+        covering = []
+        for other in self._by_signature.get(_signature_of_key(key), ()):
+            entry = self.entries[other]
+            if entry["cin"][-1] >= cin and (
+                    entry["cout"] == [None] or entry["cout"][-1] >= cout):
+                covering.append((entry["cin"][-1], entry["cout"][-1] or 0,
+                                 other))
+        if covering:
+            return min(covering)[2]
+        layer = name.rsplit("#", 1)[0]
+        raise ValueError(
+            f"The latency table{self._where()} has no entry for layer "
+            f"'{layer}' ({type(node.operation).__name__}, {cin} -> {cout} "
+            f"channels on input {tuple(node.inputs[0].shape[1:])}). Run "
+            "`keras_chex.build_latency_table(model, "
+            f"path={self._path_hint()})` on the target device with the "
+            "dense model: it measures only the layers the table lacks.")
+
+    def _where(self):
+        return f" at {self.path!r}" if self.path else ""
+
+    def _path_hint(self):
+        return repr(self.path) if self.path else "<the table's file>"
+
+    def subset(self, model):
+        """A table with only the entries and calibration `model` uses.
+
+        Args:
+            model: a model this table prices (plain or wrapped).
+
+        Returns:
+            A new `LatencyTable` (what a pruning model stores in its
+            config, so that its `.keras` file prices itself anywhere).
+        """
+        keys = {self.key_for(name, node) for name, node in _timed_nodes(model)}
+        scale, other_ms = self.calibration(model)
+        table = LatencyTable(
+            {k: self.entries[k] for k in sorted(keys)},
+            {architecture_key(model): {"scale": scale, "other_ms": other_ms}},
+            self.threads, self.machine, self.round_to, self.created)
+        table.path = self.path
+        return table
 
     def group_cost(self, analysis):
         """The predicted latency as a `costs.GroupCost` of group widths.
@@ -124,9 +221,10 @@ class LatencyTable:
 
         keys, i0, i1 = [], [], []
         for name, node in _timed_nodes(analysis.model):
-            keys.append(self._key_for(name))
+            keys.append(self.key_for(name, node))
             i0.append(form(node.inputs[0]))
             i1.append(form(node.outputs[0]))
+        scale, other_ms = self.calibration(analysis.model)
         # The constant rest: one more term on the constant form.
         keys.append(None)
         i0.append(0)
@@ -139,12 +237,11 @@ class LatencyTable:
             for j, t in enumerate(np.asarray(terms)):
                 key = keys[t]
                 if key is None:
-                    out[..., j] = self.other_ms
+                    out[..., j] = other_ms
                 else:
                     flat = _bilinear(self.entries[key],
                                      a0[..., j].ravel(), a1[..., j].ravel())
-                    out[..., j] = self.scale * flat.reshape(
-                        a0[..., j].shape)
+                    out[..., j] = scale * flat.reshape(a0[..., j].shape)
             return out
 
         return costs.GroupCost(np.array(fixed), np.stack(weights), i0, i1,
@@ -155,9 +252,8 @@ class LatencyTable:
         return {
             "format": FORMAT, "version": VERSION, "threads": self.threads,
             "machine": self.machine, "round_to": self.round_to,
-            "created": self.created, "other_ms": self.other_ms,
-            "scale": self.scale,
-            "layers": self.layers, "entries": self.entries,
+            "created": self.created, "calibrations": self.calibrations,
+            "entries": self.entries,
         }
 
     @classmethod
@@ -172,9 +268,15 @@ class LatencyTable:
                 f"This latency table has format version {data['version']}, "
                 f"newer than this keras-chex reads ({VERSION}). Upgrade "
                 "keras-chex or rebuild the table.")
-        return cls(data["layers"], data["entries"], data["other_ms"],
-                   data["threads"], data["machine"], data["round_to"],
-                   data.get("created"), data.get("scale", 1.0))
+        if data.get("version", 1) == 1:
+            # Entries were already keyed by computation; the one calibration
+            # did not record its model and serves every model.
+            calibrations = {_LEGACY: {"scale": data.get("scale", 1.0),
+                                      "other_ms": data["other_ms"]}}
+        else:
+            calibrations = data["calibrations"]
+        return cls(data["entries"], calibrations, data["threads"],
+                   data["machine"], data["round_to"], data.get("created"))
 
     def save(self, path):
         directory = os.path.dirname(os.path.abspath(path))
@@ -182,6 +284,7 @@ class LatencyTable:
                                          delete=False) as f:
             json.dump(self.to_json(), f, indent=1)
         os.replace(f.name, path)
+        self.path = os.fspath(path)
 
     @classmethod
     def load(cls, path):
@@ -196,11 +299,14 @@ class LatencyTable:
                 raise ValueError(
                     f"{path!r} is not a keras-chex latency table (not JSON: "
                     f"{e}).") from None
-        return cls.from_json(data)
+        table = cls.from_json(data)
+        table.path = path
+        return table
 
     def __repr__(self):
-        return (f"<LatencyTable {len(self.layers)} layer calls, "
-                f"{len(self.entries)} entries, {self.threads} thread(s)>")
+        return (f"<LatencyTable {len(self.entries)} entries, "
+                f"{len(self.calibrations)} architecture(s), "
+                f"{self.threads} thread(s)>")
 
 
 def build_latency_table(model, path=None, threads=1, *, round_to=8,
@@ -213,11 +319,15 @@ def build_latency_table(model, path=None, threads=1, *, round_to=8,
     threads, batch 1, the fastest of `runs`) at every input and output
     channel count pruning can give it: multiples of `round_to` up to the
     full width (`max_points` of them at most per axis; widths in between
-    are interpolated). Equal calls are timed once. With `path`, entries
-    already in that file are reused: a second call for the same model
-    returns the cached table without measuring anything, one for another
-    model measures only what is new (and calibrates again); a file measured
-    with other `threads` or `round_to` is refused, never replaced.
+    are interpolated). Equal computations are timed once, whatever the
+    layers are called. Then the dense model and a uniformly half-wide copy
+    are timed whole, to calibrate how the isolated times add up for this
+    architecture. With `path`, what that file holds is reused: a second
+    call for the same model, or for another instance of its architecture,
+    returns the cached table without measuring anything; one for another
+    model measures only the layer computations that are new, and calibrates
+    that architecture. A file measured with other `threads` or `round_to`
+    is refused, never replaced.
 
     Args:
         model: a plain Functional or Sequential model with fixed input
@@ -259,7 +369,7 @@ def build_latency_table(model, path=None, threads=1, *, round_to=8,
                 value < low):
             raise ValueError(f"`{name}` must be an int >= {low}, got "
                              f"{value!r}.")
-    cached, old = {}, None
+    cached, calibrations, old = {}, {}, None
     if path is not None and os.path.exists(path):
         old = LatencyTable.load(path)
         if (old.threads, old.round_to) != (threads, round_to):
@@ -269,17 +379,17 @@ def build_latency_table(model, path=None, threads=1, *, round_to=8,
                 f"threads={threads}, round_to={round_to}. Pass another "
                 "`path` (or delete that file) to measure a new table.")
         cached = old.entries
+        calibrations = {k: v for k, v in old.calibrations.items()
+                        if k != _LEGACY}
     analysis = analysis_lib.ModelAnalysis(model, warn=False)
     options = _width_options(analysis, round_to, max_points)
-    layers, entries, todo = {}, {}, {}
-    for name, node in _timed_nodes(model):
+    architecture = architecture_key(model)
+    entries, todo = dict(cached), {}
+    for _, node in _timed_nodes(model):
         key = _entry_key(node)
-        layers[name] = key
-        if key in cached:
-            entries[key] = cached[key]
-        elif key not in todo:
+        if key not in entries and key not in todo:
             todo[key] = (node, options(node))
-    if old is not None and not todo and set(layers) == set(old.layers):
+    if old is not None and not todo and architecture in calibrations:
         # Everything is measured, calibration included: measuring the
         # whole models again would only move it with the machine's load.
         return old
@@ -333,10 +443,15 @@ def build_latency_table(model, path=None, threads=1, *, round_to=8,
         # Timed longer than a layer point: the calibration scales them all.
         dense_ms, half_ms = time_files(whole, runs=max(runs, 100),
                                        rounds=max(rounds, 5))
-    table = LatencyTable(layers, entries, 0.0, threads, _machine(), round_to,
-                         datetime.datetime.now().isoformat(timespec="seconds"))
-    table.scale, table.other_ms = _calibrate(
-        dense_ms, table._layers_ms(model), half_ms, table._layers_ms(half))
+    unit = {architecture: {"scale": 1.0, "other_ms": 0.0}}
+    sums = LatencyTable(entries, unit, threads, None, round_to)
+    scale, other_ms = _calibrate(dense_ms, sums._layers_ms(model),
+                                 half_ms, sums._layers_ms(half))
+    calibrations[architecture] = {"scale": scale, "other_ms": other_ms}
+    table = LatencyTable(
+        entries, calibrations, threads,
+        old.machine if old is not None else _machine(), round_to,
+        datetime.datetime.now().isoformat(timespec="seconds"))
     if path is not None:
         table.save(path)
     return table
@@ -400,6 +515,20 @@ def _timed_nodes(model):
 
     visit(model)
     return out
+
+
+def architecture_key(model):
+    """What a latency calibration is valid for: the sequence of `model`'s
+    timed layer computations, names and widths left out, so that a model,
+    another instance of it and their pruned compacts share one key."""
+    parts = [_signature_of_key(_entry_key(node))
+             for _, node in _timed_nodes(model)]
+    return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def _signature_of_key(key):
+    """An entry key without its widths: the computation alone."""
+    return json.dumps(json.loads(key)[:3], sort_keys=True)
 
 
 def _channels(node):

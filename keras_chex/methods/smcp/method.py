@@ -110,7 +110,7 @@ def soft_mask_prune(model, *, latency=None, flops=None, params=None,
                          f"{bn_rescale!r}.")
     table_json = None
     if target == "latency":
-        table_json = _table_json(cost_table)
+        table_json = _table_json(cost_table, model)
     elif cost_table is not None:
         raise ValueError(
             "`cost_table` is used with a `latency` target only; drop it, or "
@@ -137,7 +137,7 @@ def soft_mask_prune(model, *, latency=None, flops=None, params=None,
     return wrapped
 
 
-def _table_json(cost_table):
+def _table_json(cost_table, model):
     from keras_chex.deploy import latency_table  # Loads LiteRT lazily.
 
     if cost_table is None:
@@ -151,7 +151,10 @@ def _table_json(cost_table):
         raise ValueError(
             "`cost_table` must be a LatencyTable or the path of its JSON "
             f"file, got {type(cost_table).__name__}.")
-    return cost_table.to_json()
+    # What this model uses, not the whole file: the `.keras` file then
+    # prices itself on any machine, and a shared table measured for many
+    # models does not grow every model's config.
+    return cost_table.subset(model).to_json()
 
 
 class SmcpState(method.PruningState):
