@@ -36,6 +36,7 @@ del _command, _native_stderr_module
 from keras_chex.core.analysis import ChannelGroup  # noqa: E402
 from keras_chex.core.analysis import channel_groups  # noqa: E402
 from keras_chex.core.counting import count_macs  # noqa: E402
+from keras_chex.core.layer_rules import register_layer_rule  # noqa: E402
 from keras_chex.core.masking import ChannelMask  # noqa: E402
 from keras_chex.core.masking import MaskedBatchNormalization  # noqa: E402
 from keras_chex.core.statistics import RecalibrateBatchNorm  # noqa: E402
@@ -78,8 +79,9 @@ __all__ = [
     "export_tflite",
     "is_wrapped",
     "plot_widths",
-    "recalibrate_batchnorm",
     "prune_and_regrow",
+    "recalibrate_batchnorm",
+    "register_layer_rule",
     "relevance_prune",
     "relevance_scores",
     "soft_mask_prune",

@@ -296,5 +296,6 @@ def test_public_api_is_complete():
                  "export_saved_model", "ChannelGroup", "ChannelMask",
                  "MaskedBatchNormalization", "soft_mask_prune",
                  "SoftMaskPruning", "build_latency_table", "LatencyTable",
-                 "relevance_prune", "RelevancePruning", "relevance_scores"):
+                 "relevance_prune", "RelevancePruning", "relevance_scores",
+                 "register_layer_rule"):
         assert name in keras_chex.__all__ and hasattr(keras_chex, name)

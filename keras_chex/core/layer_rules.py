@@ -503,18 +503,128 @@ def _build_registry():
     return reg
 
 
+class ChannelwiseRule(LayerRule):
+    """A user's layer that maps every channel to itself, with per-channel
+    weights indexed on their last axis (see `register_layer_rule`)."""
+
+    # It may turn a zero channel into a non-zero one (a bias): masks sit
+    # after it, which is always correct.
+    kind = PRODUCER
+
+    def __init__(self, weights=()):
+        self.weights = tuple(weights)
+
+    def propagate(self, ctx, node):
+        layer = node.operation
+        if len(node.inputs) != 1 or len(node.outputs) != 1:
+            raise Unsupported("registered as channel-wise, but it is called "
+                              "on several tensors")
+        ids = ctx.ids(node.inputs[0])
+        if node.outputs[0].shape[-1] != len(ids):
+            raise Unsupported(
+                "registered as channel-wise, but its output has "
+                f"{node.outputs[0].shape[-1]} channels for {len(ids)} in")
+        have = {weight_leaf_name(v): v for v in layer.weights}
+        for name in self.weights:
+            if name not in have or have[name].shape[-1] != len(ids):
+                raise Unsupported(
+                    f"registered with channel-wise weight '{name}', but it "
+                    f"has no weight '{name}' with {len(ids)} entries on its "
+                    f"last axis (its weights: {sorted(have)})")
+            ctx.weight_slice(layer, name, -1, ids)
+        ctx.set_ids(node.outputs[0], ids)
+
+
 _REGISTRY = None
+
+
+def _registry():
+    global _REGISTRY
+    if _REGISTRY is None:
+        _REGISTRY = _build_registry()
+    return _REGISTRY
 
 
 def rule_for(operation):
     """Returns the `LayerRule` for an operation, or None if unsupported.
 
-    Exact classes only: a subclass may compute something else entirely.
+    Exact classes only: a subclass may compute something else entirely
+    (`register_layer_rule` says when it does not).
     """
-    global _REGISTRY
-    if _REGISTRY is None:
-        _REGISTRY = _build_registry()
-    return _REGISTRY.get(type(operation))
+    return _registry().get(type(operation))
+
+
+def register_layer_rule(layer_class, *, like=None, channelwise_weights=None):
+    """Lets keras-chex prune through a layer class of your own.
+
+    Layers keras-chex has no rule for are left whole, with a warning
+    naming them, and so are the channels they touch. Register your class
+    once per process, before `wrap` (or `prune_and_regrow`, ...) and
+    before loading a wrapped `.keras` file that contains it, with one of:
+
+    - `like=`: your class treats channels exactly as a Keras layer class
+      keras-chex supports (a `keras.layers.Conv2D` subclass with weight
+      standardisation, say). Its config must name widths as that class's
+      does (`filters` for convolutions, `units` for `Dense`), since the
+      compact model re-creates it with fewer.
+    - `channelwise_weights=`: your layer maps every channel to itself, one
+      input to one output of the same shape (a learned per-channel scale,
+      a custom activation), and these are the names of its weights that
+      hold one value per channel on their last axis (`()` for none).
+
+    Args:
+        layer_class: a `keras.layers.Layer` subclass.
+        like: a Keras layer class keras-chex supports.
+        channelwise_weights: a list of weight names.
+
+    Raises:
+        ValueError: for anything but one of the two forms above, or a class
+            keras-chex already has a rule for.
+
+    Example:
+
+    ```python
+    @keras.saving.register_keras_serializable()
+    class Scale(keras.layers.Layer):
+        def build(self, shape):
+            self.scale = self.add_weight(shape=shape[-1:], name="scale")
+        def call(self, x):
+            return x * self.scale
+
+    keras_chex.register_layer_rule(Scale, channelwise_weights=["scale"])
+    ```
+    """
+    import keras  # pylint: disable=g-import-not-at-top
+
+    if not (isinstance(layer_class, type)
+            and issubclass(layer_class, keras.layers.Layer)):
+        raise ValueError(
+            "`layer_class` must be a keras.layers.Layer subclass (the class, "
+            f"not an instance), got {layer_class!r}.")
+    registry = _registry()
+    if (like is None) == (channelwise_weights is None):
+        raise ValueError(
+            "Give exactly one of `like` (a Keras layer class your layer "
+            "treats channels like) and `channelwise_weights` (the names of "
+            "its per-channel weights, [] for none).")
+    if like is not None:
+        rule = registry.get(like) if isinstance(like, type) else None
+        if rule is None or isinstance(rule, (OpRule, ChannelwiseRule)):
+            raise ValueError(
+                f"`like` must be a Keras layer class keras-chex supports, such "
+                f"as keras.layers.Conv2D or keras.layers.Dense; got {like!r}.")
+    else:
+        if isinstance(channelwise_weights, str) or not all(
+                isinstance(n, str) for n in channelwise_weights):
+            raise ValueError(
+                "`channelwise_weights` must be a list of weight names, got "
+                f"{channelwise_weights!r}.")
+        rule = ChannelwiseRule(channelwise_weights)
+    if layer_class in _build_registry():
+        raise ValueError(
+            f"keras-chex already has a rule for {layer_class.__name__}; "
+            "register your own subclass instead.")
+    registry[layer_class] = rule
 
 
 def weight_leaf_name(variable):
