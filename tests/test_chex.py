@@ -735,8 +735,8 @@ def test_steps_per_execution_runs_every_planned_exploration():
 def _assert_rounded(model, round_to, where):
     for g in keras_chex.channel_groups(model):
         k = int(g.mask.sum())
-        minimum = max(1, math.ceil(0.05 * g.size))
-        assert k % round_to == 0 or k == minimum or g.size < round_to, (
+        # The one rounding rule: a multiple, or the whole group.
+        assert k % round_to == 0 or k == g.size or g.size < round_to, (
             where, g.name, g.size, k)
 
 

@@ -256,19 +256,32 @@ def min_counts(min_channels, sizes):
 
 
 def round_counts(counts, sizes, round_to, minimums, ops=np):
-    """Rounds keep counts down to multiples of `round_to`.
+    """Rounds keep counts down to the widths `width_options` allows.
 
-    A count below one multiple becomes `round_to` (groups smaller than
-    `round_to` keep their count); the result is never below `minimums`.
-    `ops` is `numpy` or `tensorflow.experimental.numpy`-like (`tf` works:
-    it needs `where` and `maximum`), so CHEX's compiled step and the NumPy
-    planners round the same way.
+    The one rounding rule of every method: a group keeps a multiple of
+    `round_to` or its full size (so it can always be kept whole), never
+    fewer than its minimum (a minimum between two multiples rounds up to
+    the next), and a count below the narrowest allowed width becomes that
+    width. Groups smaller than `round_to` keep their count. `ops` is
+    `numpy` or `tensorflow` (it needs `where`, `maximum` and `minimum`), so
+    CHEX's compiled step and the NumPy planners round the same way.
+
+    Returns:
+        For every group, the largest allowed width that is at most
+        `max(count, minimum)` (or the narrowest allowed width).
     """
     if round_to <= 1:
         return counts
+    sizes, minimums = np.asarray(sizes), np.asarray(minimums)
+    if ops is not np:
+        dtype = counts.dtype.as_numpy_dtype
+        sizes, minimums = sizes.astype(dtype), minimums.astype(dtype)
+    counts = ops.minimum(ops.maximum(counts, minimums), sizes)
     down = (counts // round_to) * round_to
-    up = ops.where(sizes >= round_to, round_to, counts)
-    return ops.maximum(ops.where(down > 0, down, up), minimums)
+    narrowest = np.minimum(
+        -(-np.maximum(minimums, 1) // round_to) * round_to, sizes)
+    rounded = ops.where(counts >= sizes, sizes, ops.maximum(down, narrowest))
+    return ops.where(sizes < round_to, counts, rounded)
 
 
 def width_options(size, minimum, round_to):
