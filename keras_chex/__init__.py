@@ -36,7 +36,7 @@ del _command, _native_stderr_module
 from keras_chex.core.analysis import ChannelGroup  # noqa: E402
 from keras_chex.core.analysis import channel_groups  # noqa: E402
 from keras_chex.core.counting import count_macs  # noqa: E402
-from keras_chex.core.layer_rules import register_layer_rule  # noqa: E402
+from keras_chex.core.layer_registry import register_layer_rule  # noqa: E402
 from keras_chex.core.masking import ChannelMask  # noqa: E402
 from keras_chex.core.masking import MaskedBatchNormalization  # noqa: E402
 from keras_chex.core.statistics import RecalibrateBatchNorm  # noqa: E402
@@ -46,7 +46,7 @@ from keras_chex.core.stripping import strip  # noqa: E402
 from keras_chex.core.wrapping import PrunableModel  # noqa: E402
 from keras_chex.core.wrapping import is_wrapped  # noqa: E402
 from keras_chex.core.wrapping import wrap  # noqa: E402
-from keras_chex.deploy.export import export_saved_model  # noqa: E402
+from keras_chex.deploy.saved_model import export_saved_model  # noqa: E402
 from keras_chex.deploy.export import export_tflite  # noqa: E402
 from keras_chex.deploy.latency_table import LatencyTable  # noqa: E402
 from keras_chex.deploy.latency_table import build_latency_table  # noqa: E402

@@ -19,6 +19,7 @@ import keras_chex
 from keras_chex.core import _graph
 from keras_chex.cifar import resnet as cifar_resnet
 from keras_chex.deploy import export
+from keras_chex.deploy import litert
 
 from conftest import random_masks
 from conftest import randomize_weights
@@ -131,7 +132,7 @@ def test_float32_tflite_of_wrapped_model_matches_keras(wrapped, float32_file):
 
     # Independent check on other inputs, batch of 3.
     x = _images(wrapped, 3, seed=11)
-    (actual,) = export.run_tflite(report.path, {report.inputs[0].name: x})
+    (actual,) = litert.run_tflite(report.path, {report.inputs[0].name: x})
     assert _relative_diff(_keras_output(wrapped, x), actual) <= 1e-4
 
     # The channels are physically gone: the file holds about the compact
@@ -151,7 +152,7 @@ def test_float16_tflite_of_wrapped_model(wrapped, float32_file, tmp_path):
     assert report.stripped
     assert report.max_rel_diff <= 1e-2
     x = _images(wrapped, 2, seed=12)
-    (actual,) = export.run_tflite(report.path, {report.inputs[0].name: x})
+    (actual,) = litert.run_tflite(report.path, {report.inputs[0].name: x})
     assert _relative_diff(_keras_output(wrapped, x), actual) <= 1e-2
     assert report.size_bytes < 0.7 * float32_file.size_bytes
 
@@ -170,7 +171,7 @@ def test_int8_tflite_of_wrapped_model_is_4x_smaller_and_runs(
     assert report.stripped
     assert float32_file.size_bytes / report.size_bytes >= 3.0
     x = calibration[:4]
-    (actual,) = export.run_tflite(report.path, {report.inputs[0].name: x})
+    (actual,) = litert.run_tflite(report.path, {report.inputs[0].name: x})
     expected = _keras_output(wrapped, x)
     assert actual.shape == expected.shape
     assert np.all(np.isfinite(actual))
@@ -184,7 +185,7 @@ def test_int8_tflite_of_wrapped_model_is_4x_smaller_and_runs(
 @pytest.mark.parametrize("wrapped", SMALL, indirect=True)
 def test_saved_model_of_compact_model_serves_same_outputs(wrapped, tmp_path):
     compact = keras_chex.strip(wrapped)
-    directory = export.export_saved_model(compact, tmp_path / "sm")
+    directory = keras_chex.export_saved_model(compact, tmp_path / "sm")
     x = _images(wrapped, 2, seed=14)
     # Keep the loaded object alive: its functions hold weak references to
     # the variables.
@@ -272,7 +273,7 @@ def test_cli_export_of_a_saved_wrapped_model(tmp_path):
 
     assert tflite_path.read_bytes()[4:8] == b"TFL3"
     x = _images(wrapped, 2, seed=16)
-    (actual,) = export.run_tflite(
+    (actual,) = litert.run_tflite(
         str(tflite_path), {_single_input_name(tflite_path): x}
     )
     assert _relative_diff(_keras_output(wrapped, x), actual) <= 1e-4

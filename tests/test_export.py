@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from keras_chex.deploy import export
+from keras_chex.deploy.saved_model import export_saved_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -455,7 +456,7 @@ def test_wrapped_model_is_stripped_first(small_cnn, tmp_path, monkeypatch):
     assert report.inputs[0].name == "stripped_image"
     assert "stripped:      yes" in str(report)
 
-    path = export.export_saved_model(small_cnn, tmp_path / "sm")
+    path = export_saved_model(small_cnn, tmp_path / "sm")
     reloaded = tf.saved_model.load(path)
     signature = reloaded.signatures["serve"].structured_input_signature
     assert "stripped_image" in str(signature)
@@ -477,7 +478,7 @@ def test_verification_compares_with_the_wrapped_model(
 
 
 def test_saved_model_round_trip(small_cnn, tmp_path):
-    path = export.export_saved_model(small_cnn, tmp_path / "sm")
+    path = export_saved_model(small_cnn, tmp_path / "sm")
     assert path == str(tmp_path / "sm")
     x = np.random.default_rng(9).normal(size=(2, 16, 16, 3)).astype("float32")
     reloaded = tf.saved_model.load(path)
@@ -487,7 +488,7 @@ def test_saved_model_round_trip(small_cnn, tmp_path):
 
 
 def test_saved_model_round_trip_two_inputs(two_input_model, tmp_path):
-    path = export.export_saved_model(two_input_model, tmp_path / "sm")
+    path = export_saved_model(two_input_model, tmp_path / "sm")
     a, b = np.random.default_rng(10).normal(size=(2, 3, 8)).astype("float32")
     # Keep the loaded object alive: its functions only hold weak references
     # to the variables.
@@ -501,17 +502,17 @@ def test_saved_model_round_trip_two_inputs(two_input_model, tmp_path):
 
 
 def test_saved_model_overwrite_rules(small_cnn, tmp_path):
-    path = export.export_saved_model(small_cnn, tmp_path / "sm")
+    path = export_saved_model(small_cnn, tmp_path / "sm")
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        export.export_saved_model(small_cnn, path)
-    assert export.export_saved_model(small_cnn, path, overwrite=True) == path
+        export_saved_model(small_cnn, path)
+    assert export_saved_model(small_cnn, path, overwrite=True) == path
     assert os.path.exists(os.path.join(path, "saved_model.pb"))
 
     other = tmp_path / "notes"
     other.mkdir()
     (other / "todo.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="saved_model.pb"):
-        export.export_saved_model(small_cnn, other, overwrite=True)
+        export_saved_model(small_cnn, other, overwrite=True)
     assert (other / "todo.txt").read_text() == "mine"
 
 
@@ -576,7 +577,7 @@ def test_export_hides_tensorflow_info_lines_but_not_warnings(
     tf_logger.setLevel(std_logging.INFO)
     try:
         export.export_tflite(small_cnn, tmp_path / "m.tflite")
-        export.export_saved_model(small_cnn, tmp_path / "sm")
+        export_saved_model(small_cnn, tmp_path / "sm")
         with export.quiet_tensorflow_info():
             tf_logger.warning("a real warning")
     finally:
@@ -612,11 +613,11 @@ _ALLOCATE = """
 import sys
 from ai_edge_litert.interpreter import Interpreter
 import numpy as np
-from keras_chex.deploy import export
+from keras_chex.deploy import litert
 if sys.argv[2] == "raw":
     Interpreter(model_path=sys.argv[1]).allocate_tensors()
 else:
-    export.run_tflite(sys.argv[1], {"image": np.zeros((2, 16, 16, 3),
+    litert.run_tflite(sys.argv[1], {"image": np.zeros((2, 16, 16, 3),
                                                      np.float32)})
 print("ran")
 """

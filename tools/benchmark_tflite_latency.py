@@ -239,6 +239,7 @@ def make_variants(name, fraction, round_tos, seed):
 def export_variants(name, variants, directory, saved_model):
     """Exports every variant to float32 TFLite (and optionally SavedModel)."""
     from keras_chex.deploy import export  # pylint: disable=g-import-not-at-top
+    from keras_chex.deploy.saved_model import export_saved_model  # noqa: E501 pylint: disable=g-import-not-at-top
 
     for v in variants:
         slug = v.label.replace(" ", "_").replace("=", "")
@@ -253,7 +254,7 @@ def export_variants(name, variants, directory, saved_model):
         if saved_model:
             saved_dir = os.path.join(directory, f"{name}_{slug}_saved_model")
             start = time.perf_counter()
-            export.export_saved_model(v.model, saved_dir, overwrite=True)
+            export_saved_model(v.model, saved_dir, overwrite=True)
             v.saved_model_s = time.perf_counter() - start
             shutil.rmtree(saved_dir, ignore_errors=True)
 

@@ -4,7 +4,8 @@
 which is stripped first) to a `.tflite` file with `tf.lite.TFLiteConverter`,
 optionally quantized, then runs the file with the LiteRT interpreter
 (`ai_edge_litert`) and compares it with Keras inference before keeping it.
-`export_saved_model()` writes a TensorFlow SavedModel with `model.export()`.
+(`saved_model.py` writes SavedModels, `litert.py` runs files, `input_data.py`
+reads the batches users pass.)
 
 Conversion path: the model is first written to a temporary SavedModel through
 `keras.export.ExportArchive` with an endpoint that calls the model with
@@ -36,8 +37,6 @@ import contextlib
 import dataclasses
 import logging as std_logging
 import os
-import re
-import shutil
 import tempfile
 import time
 import uuid
@@ -49,6 +48,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_chex import _native_stderr
+from keras_chex.deploy import input_data
+from keras_chex.deploy import litert
 
 QUANTIZATION_MODES = (None, "float16", "dynamic", "int8")
 
@@ -66,47 +67,9 @@ DEFAULT_TOLERANCES = {
     "int8": 2e-1,
 }
 
-# Calibration statistics (min/max ranges) stop improving after a few hundred
-# samples, and the cap also ends an infinite (`repeat()`ed) dataset.
-MAX_CALIBRATION_SAMPLES = 500
-
-# Default verification input for int8: this many calibration samples. Data the
-# ranges were calibrated on can't be clipped, so a difference means a broken
-# conversion rather than too little calibration data.
-_INT8_DEFAULT_SAMPLES = 4
-
-_SIGNATURE_KEY = "serving_default"
-_OUTPUT_PREFIX = "output_"
-
 
 class ExportVerificationError(RuntimeError):
     """The exported file's outputs differ from Keras beyond the tolerance."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    """One input or output tensor of a TFLite file.
-
-    Attributes:
-        name: Signature name of the tensor (the name to feed or read it by).
-        shape: Shape with `None` for dynamic dimensions (usually the batch).
-        dtype: NumPy dtype name, e.g. `"float32"` or `"int8"`.
-        quantization: `(scale, zero_point)` for a quantized tensor, else
-            `None`.
-    """
-
-    name: str
-    shape: tuple
-    dtype: str
-    quantization: tuple | None = None
-
-    def __str__(self):
-        dims = ", ".join("None" if d is None else str(d) for d in self.shape)
-        text = f"{self.name} ({dims}) {self.dtype}"
-        if self.quantization is not None:
-            scale, zero_point = self.quantization
-            text += f" scale={scale:.4g} zero_point={zero_point}"
-        return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +83,9 @@ class ExportReport:
         int8_io: Whether the file's inputs and outputs are int8 (else float32).
         stripped: Whether the model was a keras-chex pruning model that was
             stripped to plain Keras layers before conversion.
-        inputs: `TensorInfo` per input, in the model's input order.
-        outputs: `TensorInfo` per output, in `keras.tree.flatten()` order of
-            the model outputs.
+        inputs: `litert.TensorInfo` per input, in the model's input order.
+        outputs: `litert.TensorInfo` per output, in `keras.tree.flatten()`
+            order of the model outputs.
         verified: Whether the file was run and compared with Keras.
         max_abs_diff: Max absolute difference over all outputs (`None` if not
             verified).
@@ -259,8 +222,7 @@ def export_tflite(
             an array (single input), a list/tuple with one array per model
             input, or a dict keyed by input name; `(x, y)` and
             `(x, y, sample_weight)` tuples are accepted as in `Model.fit()`
-            and the targets ignored. At most `MAX_CALIBRATION_SAMPLES` samples
-            are used.
+            and the targets ignored. At most 500 samples are used.
         verify: Whether to run and compare the file before keeping it.
         sample_input: Verification input in the same forms as a batch above.
             Defaults to a deterministic random batch of 1 (standard normal for
@@ -313,29 +275,30 @@ def export_tflite(
                      + ["convert"] + (["verify"] if verify else []))
     with stages.run("strip", "stripping the pruning model"):
         model, stripped = strip_if_wrapped(reference)
-    names = _signature_input_names(model)
+    names = input_data.signature_input_names(model)
     # Argument errors surface before the slow conversion, not after it.
     if representative_data is not None:
-        _check_representative_data(representative_data, model)
+        input_data.check_representative_data(representative_data, model)
     if verify and sample_input is not None:
-        sample_input = _as_input_arrays(
+        sample_input = input_data.as_input_arrays(
             sample_input, model, names, "sample_input"
         )
 
     calibration = None
     if quantization == "int8":
-        calibration = _Calibration(representative_data, model, names)
+        calibration = input_data.Calibration(representative_data, model, names)
     with stages.run("convert", "converting to TFLite ("
                     f"{_describe_quantization(quantization, int8_io)})"):
         tflite_bytes = _convert(model, names, quantization, calibration,
                                 int8_io)
 
     with _staged_file(path, tflite_bytes) as staged_path:
-        inputs, outputs = _tensor_infos(staged_path, names)
+        inputs, outputs = litert.tensor_infos(staged_path, names)
         if verify:
             if sample_input is None:
-                sample_input = _default_sample_input(model, calibration)
-            sample = _as_input_arrays(
+                sample_input = input_data.default_sample_input(
+                    model, calibration)
+            sample = input_data.as_input_arrays(
                 sample_input, model, names, "sample_input"
             )
             with stages.run("verify", "verifying the file against Keras "
@@ -358,44 +321,6 @@ def export_tflite(
         tolerance=tolerance if verify else None,
         num_samples=len(sample[0]) if verify else 0,
     )
-
-
-def export_saved_model(model, directory, *, overwrite=False):
-    """Writes a TensorFlow SavedModel with a `serve` endpoint.
-
-    A keras-chex pruning model is stripped to plain Keras layers first. The
-    artifact is written with `model.export(directory, format="tf_saved_model")`
-    and needs no Keras or keras-chex code to load.
-
-    Args:
-        model: A built `keras.Model`, plain or a keras-chex pruning model.
-        directory: Destination directory (str or path-like).
-        overwrite: Whether to replace an existing SavedModel at `directory`.
-            Only a directory holding a `saved_model.pb` is ever deleted.
-
-    Returns:
-        The directory path as a string.
-
-    Raises:
-        TypeError: `model` is not a Keras model.
-        FileExistsError: `directory` exists, is not empty and `overwrite` is
-            False, or it is not a SavedModel directory.
-
-    Example:
-
-    ```python
-    path = export_saved_model(model, "export/my_model")
-    reloaded = tf.saved_model.load(path)
-    y = reloaded.serve(x)
-    ```
-    """
-    directory = os.fspath(directory)
-    model, _ = strip_if_wrapped(_check_model(model))
-    # Cleared only now, so a failure above leaves an old export in place.
-    _check_directory_destination(directory, overwrite)
-    with quiet_tensorflow_info():
-        model.export(directory, format="tf_saved_model", verbose=False)
-    return directory
 
 
 class _Stages:
@@ -559,47 +484,6 @@ def _check_file_destination(path, overwrite):
         )
 
 
-def _check_directory_destination(directory, overwrite):
-    """Clears or rejects an existing `directory`."""
-    if not os.path.exists(directory):
-        return
-    if not os.path.isdir(directory):
-        raise FileExistsError(
-            f"{directory!r} exists and is not a directory; choose another "
-            "path for the SavedModel."
-        )
-    if not os.listdir(directory):
-        return
-    if not overwrite:
-        raise FileExistsError(
-            f"{directory!r} already exists and is not empty. Pass "
-            "`overwrite=True` to replace the SavedModel in it, or choose "
-            "another directory."
-        )
-    # Deleting a whole tree on the user's behalf is only safe when it is
-    # clearly a previous export.
-    if not os.path.exists(os.path.join(directory, "saved_model.pb")):
-        raise FileExistsError(
-            f"{directory!r} is not empty and holds no saved_model.pb, so it is "
-            "not replaced even with `overwrite=True`. Choose another "
-            "directory."
-        )
-    shutil.rmtree(directory)
-
-
-def _signature_input_names(model):
-    """Returns one valid, unique TFLite signature name per model input."""
-    names = []
-    for i, tensor in enumerate(model.inputs):
-        name = re.sub(r"[^A-Za-z0-9_]", "_", tensor.name or "")
-        if not re.match(r"[A-Za-z]", name):
-            name = f"input_{i}"
-        while name in names or name.startswith(_OUTPUT_PREFIX):
-            name = f"{name}_{i}"
-        names.append(name)
-    return names
-
-
 def _convert(model, names, quantization, calibration, int8_io):
     """Converts `model` to TFLite flatbuffer bytes."""
     with tempfile.TemporaryDirectory() as saved_model_dir, \
@@ -630,16 +514,6 @@ def _convert(model, names, quantization, calibration, int8_io):
                 return converter.convert()
 
 
-def _input_structure(model):
-    """Returns the structure `model` expects its inputs in."""
-    try:
-        return model.input
-    except AttributeError:
-        # A Sequential model started with keras.Input() has `inputs` but no
-        # `input` until it is first called.
-        return model.inputs[0] if len(model.inputs) == 1 else model.inputs
-
-
 def _write_inference_saved_model(model, names, directory):
     """Writes a SavedModel whose endpoint runs `model` with training=False."""
     specs = [
@@ -649,10 +523,10 @@ def _write_inference_saved_model(model, names, directory):
 
     def serve(*flat_inputs):
         inputs = keras.tree.pack_sequence_as(
-            _input_structure(model), list(flat_inputs)
+            input_data.input_structure(model), list(flat_inputs)
         )
         outputs = keras.tree.flatten(model(inputs, training=False))
-        return {f"{_OUTPUT_PREFIX}{i}": t for i, t in enumerate(outputs)}
+        return {f"{litert.OUTPUT_PREFIX}{i}": t for i, t in enumerate(outputs)}
 
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -660,204 +534,16 @@ def _write_inference_saved_model(model, names, directory):
     archive.write_out(directory, verbose=False)
 
 
-class _Calibration:
-    """Feeds calibration samples to the converter, keeping the first few.
-
-    The kept samples become the default int8 verification input. Keeping them,
-    rather than calling `representative_data` again, also works for callables
-    that return different data on each call (e.g. a shared random generator)
-    and reads expensive data only once.
-
-    Args:
-        representative_data: The user's `representative_data`.
-        model: The Keras model being converted.
-        names: Signature input names, in model input order.
-    """
-
-    def __init__(self, representative_data, model, names):
-        self._representative_data = representative_data
-        self._model = model
-        self._names = names
-        self.first_samples = []
-
-    def __call__(self):
-        """Yields batch-1 samples keyed by signature input name."""
-        samples = _calibration_samples(
-            self._representative_data, self._model, self._names
-        )
-        for sample in samples:
-            if len(self.first_samples) < _INT8_DEFAULT_SAMPLES:
-                self.first_samples.append(sample)
-            yield dict(zip(self._names, sample))
-
-
-def _calibration_samples(representative_data, model, names):
-    """Yields lists of batch-1 input arrays from `representative_data`."""
-    count = 0
-    for batch in _iterate_batches(representative_data):
-        arrays = _as_input_arrays(batch, model, names, "representative_data")
-        for i in range(len(arrays[0])):
-            if count == MAX_CALIBRATION_SAMPLES:
-                return
-            # Batch-1 samples: the calibrator fixes the input shape from the
-            # first sample it sees, so all samples must share one shape.
-            yield [a[i : i + 1] for a in arrays]
-            count += 1
-    if count == 0:
-        raise ValueError("`representative_data` yielded no samples.")
-
-
-def _check_representative_data(representative_data, model):
-    """Raises unless `representative_data` is of an accepted type."""
-    if isinstance(representative_data, tf.data.Dataset):
-        return
-    if isinstance(representative_data, np.ndarray):
-        if len(model.inputs) != 1:
-            raise ValueError(
-                f"A NumPy array as `representative_data` only fits a "
-                f"single-input model; {model.name!r} has "
-                f"{len(model.inputs)} inputs. Pass a callable or a "
-                "tf.data.Dataset yielding one array per input instead."
-            )
-        return
-    if callable(representative_data):
-        return
-    hint = ""
-    if hasattr(representative_data, "__next__"):
-        hint = (
-            " It looks like a generator or iterator, which can only be read "
-            "once: pass the function that creates it instead."
-        )
-    raise TypeError(
-        "`representative_data` must be a callable returning an iterable of "
-        "input batches, a tf.data.Dataset, or a NumPy array; got "
-        f"{type(representative_data).__name__}.{hint}"
-    )
-
-
-def _iterate_batches(representative_data):
-    """Returns an iterable of raw batches from `representative_data`."""
-    if isinstance(representative_data, tf.data.Dataset):
-        return representative_data.as_numpy_iterator()
-    if isinstance(representative_data, np.ndarray):
-        return [representative_data]
-    batches = representative_data()
-    try:
-        return iter(batches)
-    except TypeError:
-        raise TypeError(
-            "`representative_data` is a callable, so it must return an "
-            f"iterable of input batches; it returned {type(batches).__name__}."
-        ) from None
-
-
-def _is_array(value):
-    return isinstance(value, (np.ndarray, np.generic)) or tf.is_tensor(value)
-
-
-def _as_input_arrays(value, model, names, arg_name):
-    """Turns one batch into a list of arrays in model input order.
-
-    Args:
-        value: An array, a list/tuple of arrays (one per input), a dict keyed
-            by Keras or signature input name, or an `(x, y[, w])` tuple.
-        model: The Keras model the arrays are for.
-        names: Signature input names, in model input order.
-        arg_name: The user-facing argument name, for error messages.
-
-    Returns:
-        A list of NumPy arrays with the model's input dtypes.
-    """
-    arrays = _structure_to_list(value, model, names, arg_name)
-    result = []
-    for array, tensor in zip(arrays, model.inputs):
-        array = np.asarray(array, dtype=tensor.dtype)
-        expected = tuple(tensor.shape)
-        fits = array.ndim == len(expected) and all(
-            e is None or e == a for e, a in zip(expected, array.shape)
-        )
-        if not fits:
-            raise ValueError(
-                f"`{arg_name}`: input {tensor.name!r} has shape {array.shape}, "
-                f"but the model expects {expected} (None = any size; the "
-                "first axis is the batch)."
-            )
-        result.append(array)
-    if len({a.shape[0] for a in result}) > 1:
-        raise ValueError(
-            f"`{arg_name}`: the inputs have different batch sizes "
-            f"{[a.shape[0] for a in result]}."
-        )
-    return result
-
-
-def _structure_to_list(value, model, names, arg_name):
-    """Flattens one batch structure to a list with one entry per input."""
-    num_inputs = len(model.inputs)
-    if isinstance(value, dict):
-        keras_names = [t.name for t in model.inputs]
-        by_name = {}
-        for keras_name, name in zip(keras_names, names):
-            if keras_name in value:
-                by_name[name] = value[keras_name]
-            elif name in value:
-                by_name[name] = value[name]
-        if len(by_name) != num_inputs:
-            raise ValueError(
-                f"`{arg_name}`: a dict must have one entry per model input "
-                f"{keras_names}; got keys {sorted(value)}."
-            )
-        return [by_name[name] for name in names]
-    if _is_array(value):
-        if num_inputs == 1:
-            return [value]
-    elif isinstance(value, (list, tuple)):
-        if len(value) == num_inputs and all(_is_array(v) for v in value):
-            return list(value)
-        if 1 <= len(value) <= 3:
-            # `(x,)`, `(x, y)` or `(x, y, sample_weight)` as in Model.fit().
-            return _structure_to_list(value[0], model, names, arg_name)
-    raise ValueError(
-        f"`{arg_name}` must give {num_inputs} input array(s) for model "
-        f"{model.name!r}: an array (single-input model), a list/tuple with one "
-        "array per input, a dict keyed by input name, or an (x, y) tuple; got "
-        f"{type(value).__name__}."
-    )
-
-
-def _default_sample_input(model, calibration):
-    """Returns a deterministic verification batch."""
-    if calibration is not None:
-        samples = calibration.first_samples
-        return [np.concatenate(parts) for parts in zip(*samples)]
-    rng = np.random.default_rng(0)
-    arrays = []
-    for tensor in model.inputs:
-        shape = (1,) + tuple(tensor.shape[1:])
-        if None in shape:
-            raise ValueError(
-                f"Input {tensor.name!r} has shape {tuple(tensor.shape)} with "
-                "unknown non-batch dimensions, so no default verification "
-                "input can be made: pass `sample_input=`."
-            )
-        dtype = np.dtype(tensor.dtype)
-        if dtype.kind in "iub":
-            arrays.append(rng.integers(0, 2, size=shape).astype(dtype))
-        else:
-            arrays.append(rng.standard_normal(shape).astype(dtype))
-    return arrays
-
-
 def _compare_with_keras(model, tflite_path, names, inputs):
     """Returns (max abs diff, max rel diff) of the file versus `model`."""
     keras_inputs = keras.tree.pack_sequence_as(
-        _input_structure(model), list(inputs)
+        input_data.input_structure(model), list(inputs)
     )
     expected = [
         keras.ops.convert_to_numpy(t)
         for t in keras.tree.flatten(model(keras_inputs, training=False))
     ]
-    actual = run_tflite(tflite_path, dict(zip(names, inputs)))
+    actual = litert.run_tflite(tflite_path, dict(zip(names, inputs)))
     if len(actual) != len(expected):
         raise ExportVerificationError(
             f"{tflite_path!r} has {len(actual)} outputs, Keras {len(expected)}."
@@ -876,108 +562,6 @@ def _compare_with_keras(model, tflite_path, names, inputs):
         rel_diff = abs_diff / scale if scale > 0 else abs_diff
         max_abs, max_rel = max(max_abs, abs_diff), max(max_rel, rel_diff)
     return max_abs, max_rel
-
-
-def run_tflite(path, inputs, num_threads=None):
-    """Runs a `.tflite` file written by `export_tflite()` once.
-
-    Float inputs are quantized and int8 outputs dequantized with the file's
-    scales, so an `int8_io=True` file is used exactly like a float one.
-
-    Args:
-        path: Path of the `.tflite` file.
-        inputs: Dict from signature input name (see `ExportReport.inputs`) to
-            a NumPy array with a batch axis.
-        num_threads: Interpreter threads; `None` uses the LiteRT default.
-
-    Returns:
-        A list of float NumPy arrays, one per output, in the model's output
-        order.
-
-    Example:
-
-    ```python
-    (logits,) = run_tflite("model.tflite", {"image": x})
-    ```
-    """
-    interpreter = _make_interpreter(path, num_threads)
-    runner = interpreter.get_signature_runner(_SIGNATURE_KEY)
-    details = runner.get_input_details()
-    feed = {
-        name: _quantize(np.asarray(value), details[name])
-        for name, value in inputs.items()
-    }
-    results = runner(**feed)
-    output_details = runner.get_output_details()
-    names = sorted(results, key=lambda n: int(n[len(_OUTPUT_PREFIX) :]))
-    # Copy: the arrays may alias interpreter memory that the next call reuses.
-    return [
-        _dequantize(np.array(results[n], copy=True), output_details[n])
-        for n in names
-    ]
-
-
-def _make_interpreter(path, num_threads=None):
-    # Imported here so importing keras_chex does not load LiteRT.
-    from ai_edge_litert import interpreter as litert
-
-    interpreter = litert.Interpreter(model_path=path, num_threads=num_threads)
-    # LiteRT applies its delegate, and prints that it did, on the first
-    # allocation; later resizes reuse it silently.
-    with _native_stderr.drop_native_lines(_native_stderr.XNNPACK_INFO):
-        interpreter.allocate_tensors()
-    return interpreter
-
-
-def _quantize(array, detail):
-    """Quantizes a float array for an integer input tensor."""
-    dtype = np.dtype(detail["dtype"])
-    scale, zero_point = detail["quantization"]
-    if dtype.kind not in "iu" or scale == 0 or array.dtype.kind in "iu":
-        return array.astype(dtype)
-    info = np.iinfo(dtype)
-    q = np.round(array / scale + zero_point)
-    return np.clip(q, info.min, info.max).astype(dtype)
-
-
-def _dequantize(array, detail):
-    """Dequantizes an integer output tensor to float32."""
-    scale, zero_point = detail["quantization"]
-    if array.dtype.kind not in "iu" or scale == 0:
-        return array
-    return ((array.astype(np.float32) - zero_point) * scale).astype(np.float32)
-
-
-def _tensor_infos(path, names):
-    """Returns (inputs, outputs) as tuples of `TensorInfo`, in model order."""
-    interpreter = _make_interpreter(path)
-    runner = interpreter.get_signature_runner(_SIGNATURE_KEY)
-    input_details = runner.get_input_details()
-    inputs = tuple(_tensor_info(name, input_details[name]) for name in names)
-    outputs = tuple(
-        sorted(
-            (
-                _tensor_info(name, detail)
-                for name, detail in runner.get_output_details().items()
-            ),
-            key=lambda t: int(t.name[len(_OUTPUT_PREFIX) :]),
-        )
-    )
-    return inputs, outputs
-
-
-def _tensor_info(name, detail):
-    shape = tuple(
-        None if d < 0 else int(d) for d in detail["shape_signature"]
-    )
-    scale, zero_point = detail["quantization"]
-    quantization = (float(scale), int(zero_point)) if scale else None
-    return TensorInfo(
-        name=name,
-        shape=shape,
-        dtype=np.dtype(detail["dtype"]).name,
-        quantization=quantization,
-    )
 
 
 def _describe_quantization(quantization, int8_io):

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from keras_chex import _native_stderr
+from keras_chex.deploy import litert
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,18 +124,11 @@ def _check_int(name, value, minimum):
 
 def _prepared_interpreter(path, num_threads, batch_size):
     """Returns an interpreter with random input of `batch_size` set."""
-    # Imported here so importing keras_chex does not load LiteRT.
-    from ai_edge_litert import interpreter as litert
-
-    interpreter = litert.Interpreter(model_path=path, num_threads=num_threads)
-    details = interpreter.get_input_details()
-    for detail in details:
-        shape = _input_shape(detail, batch_size, path)
-        interpreter.resize_tensor_input(detail["index"], shape)
-    with _native_stderr.drop_native_lines(_native_stderr.XNNPACK_INFO):
-        interpreter.allocate_tensors()
+    interpreter = litert.make_interpreter(
+        path, num_threads,
+        input_shape=lambda detail: _input_shape(detail, batch_size, path))
     rng = np.random.default_rng(0)
-    for detail in details:
+    for detail in interpreter.get_input_details():
         shape = _input_shape(detail, batch_size, path)
         array = _random_array(rng, shape, detail)
         interpreter.set_tensor(detail["index"], array)

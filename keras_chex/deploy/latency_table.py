@@ -31,6 +31,7 @@ import numpy as np
 from keras_chex.core import _graph
 from keras_chex.core import analysis as analysis_lib
 from keras_chex.core import costs
+from keras_chex.core import layer_registry
 from keras_chex.core import layer_rules
 
 FORMAT = "keras-chex-latency-table"
@@ -507,7 +508,7 @@ def _timed_nodes(model):
             if _graph.is_graph_model(op):
                 visit(op)
                 continue
-            if isinstance(layer_rules.rule_for(op), TIMED) and (
+            if isinstance(layer_registry.rule_for(op), TIMED) and (
                     len(node.inputs) == 1):
                 call = seen.get(op.name, 0)
                 seen[op.name] = call + 1
@@ -569,7 +570,7 @@ def _width_options(analysis, round_to, max_points):
 
     def options(node):
         cins = grid(node.inputs[0])
-        if isinstance(layer_rules.rule_for(node.operation),
+        if isinstance(layer_registry.rule_for(node.operation),
                       layer_rules.DepthwiseRule):
             # Output channels follow the input: a diagonal, kept 2-D.
             return cins, [None]
@@ -582,7 +583,7 @@ def _variant(node, cin, cout):
     """`node`'s layer rebuilt at `cin` -> `cout` channels, and its input
     shape (batch 1)."""
     op = node.operation
-    rule = layer_rules.rule_for(op)
+    rule = layer_registry.rule_for(op)
     kept = {id(node.inputs[0]): cin,
             id(node.outputs[0]): cin if cout is None else cout}
     config = rule.stripped_config(op.get_config(), node,
