@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 
 from keras_chex.core import _graph
+from keras_chex.core import layer_registry
 from keras_chex.core import layer_rules
 from keras_chex.core import statistics
 
@@ -404,7 +405,7 @@ class ModelAnalysis:
             return masking.MASKED_BATCHNORM_RULE
         if type(op) is masking.TrackingBatchNormalization:
             return masking.TRACKING_BATCHNORM_RULE
-        return layer_rules.rule_for(op)
+        return layer_registry.rule_for(op)
 
     def _harmful_opaque(self, ctx):
         """Unsupported layers that cost prunable channels (worth a warning).
