@@ -18,6 +18,8 @@ import sys
 import time
 import warnings
 
+from keras_chex.methods import registry
+
 USAGE_ERROR = 2
 # Batches `prune` re-estimates the BatchNorm statistics on after fitting.
 RECALIBRATION_BATCHES = 50
@@ -89,8 +91,10 @@ def build_parser():
     prune = sub.add_parser("prune", help="fit with a pruning method, strip, "
                                          "export")
     prune.add_argument("model", help="a .keras classifier (plain)")
-    prune.add_argument("--method", choices=["chex", "smcp", "frs"],
-                       default="chex")
+    prune.add_argument(
+        "--method", choices=registry.names(), default="chex",
+        help="; ".join(f"{n}: {registry.get(n).summary}"
+                       for n in registry.names()))
     prune.add_argument("--flops", type=_fraction, default=0.5,
                        help="fraction of the MACs to keep (default 0.5)")
     prune.add_argument("--data", default=None,
@@ -264,18 +268,10 @@ def cmd_prune(args):
     print(f"{args.method.upper()}: keep {args.flops:.0%} of the MACs of "
           f"{args.model}; {args.epochs} epoch(s), batch {args.batch_size}, "
           f"learning rate {args.learning_rate}")
-    if args.method == "chex":
-        wrapped = keras_chex.prune_and_regrow(model, flops=args.flops,
-                                              seed=args.seed)
-        callback = keras_chex.ChannelExploration(verbose=1)
-    elif args.method == "smcp":
-        wrapped = keras_chex.soft_mask_prune(model, flops=args.flops,
-                                             seed=args.seed)
-        callback = keras_chex.SoftMaskPruning(verbose=1)
-    else:
-        wrapped = keras_chex.relevance_prune(model, flops=args.flops,
-                                             seed=args.seed)
-        callback = keras_chex.RelevancePruning(train, verbose=1)
+    method = registry.get(args.method)
+    prune, callback_class = method.load()
+    wrapped = prune(model, flops=args.flops, seed=args.seed)
+    callback = method.make_callback(callback_class, train, verbose=1)
     loss = keras.losses.SparseCategoricalCrossentropy(
         from_logits=_ends_in_logits(model))
     wrapped.compile(optimizer=keras.optimizers.SGD(
