@@ -10,6 +10,7 @@ from keras import layers
 import keras_chex
 from keras_chex.deploy import export
 from keras_chex.deploy import latency_table
+from keras_chex.deploy import table_builder
 
 
 def _model():
@@ -97,7 +98,7 @@ def test_a_second_build_with_the_cache_measures_only_the_whole_model(
         built, monkeypatch):
     model, table, path = built
     exported, converted = [], []
-    real_export, real_layer = export.export_tflite, latency_table.layer_tflite
+    real_export, real_layer = export.export_tflite, table_builder.layer_tflite
 
     def counting_export(m, *args, **kwargs):
         exported.append(m.name)
@@ -108,7 +109,7 @@ def test_a_second_build_with_the_cache_measures_only_the_whole_model(
         return real_layer(layer, shape)
 
     monkeypatch.setattr(export, "export_tflite", counting_export)
-    monkeypatch.setattr(latency_table, "layer_tflite", counting_layer)
+    monkeypatch.setattr(table_builder, "layer_tflite", counting_layer)
     again = keras_chex.build_latency_table(model, str(path), round_to=4,
                                            runs=3, warmup=1)
     # Nothing measured again, calibration included.
@@ -123,16 +124,16 @@ def test_a_second_build_with_the_cache_measures_only_the_whole_model(
 
 
 def test_calibration_passes_through_both_whole_models():
-    scale, other = latency_table._calibrate(1.0, 1.2, 0.6, 0.6)
+    scale, other = table_builder._calibrate(1.0, 1.2, 0.6, 0.6)
     assert other + scale * 1.2 == pytest.approx(1.0)
     assert other + scale * 0.6 == pytest.approx(0.6)
     # A negative rest would be needed: proportional instead, between both.
-    scale, other = latency_table._calibrate(0.8, 1.0, 0.35, 0.5)
+    scale, other = table_builder._calibrate(0.8, 1.0, 0.35, 0.5)
     assert other == 0.0 and 0.35 / 0.5 <= scale <= 0.8 / 1.0
     # Degenerate (the half model is slower): a constant rest instead.
-    assert latency_table._calibrate(1.0, 0.8, 1.1, 0.4) == pytest.approx(
+    assert table_builder._calibrate(1.0, 0.8, 1.1, 0.4) == pytest.approx(
         (1.0, 0.2))
-    assert latency_table._calibrate(1.0, 1.2, 1.0, 1.2) == (1.0, 0.0)
+    assert table_builder._calibrate(1.0, 1.2, 1.0, 1.2) == (1.0, 0.0)
 
 
 def test_table_round_trips_and_bad_files_are_refused(built, tmp_path):
@@ -185,7 +186,7 @@ def test_a_table_serves_another_instance_of_the_architecture(
             table.predict(model))
     # Building "again" for it measures nothing at all.
     measured = []
-    monkeypatch.setattr(latency_table, "layer_tflite",
+    monkeypatch.setattr(table_builder, "layer_tflite",
                         lambda *a: measured.append(a))
     monkeypatch.setattr(export, "export_tflite",
                         lambda *a, **k: measured.append(a))
@@ -212,13 +213,13 @@ def test_a_missing_layer_is_named_with_how_to_measure_just_that(
     copy = tmp_path / "copy.json"
     copy.write_text(path.read_text())
     converted = []
-    real_layer = latency_table.layer_tflite
+    real_layer = table_builder.layer_tflite
 
     def counting_layer(layer, shape):
         converted.append(layer.__class__.__name__)
         return real_layer(layer, shape)
 
-    monkeypatch.setattr(latency_table, "layer_tflite", counting_layer)
+    monkeypatch.setattr(table_builder, "layer_tflite", counting_layer)
     grown_table = keras_chex.build_latency_table(
         grown, str(copy), round_to=4, runs=2, rounds=1, warmup=1)
     # The empty-invoke probe is a ReLU; every other file is new_conv's grid
