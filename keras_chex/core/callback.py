@@ -20,15 +20,20 @@ import numpy as np
 class PruningCallback(keras.callbacks.Callback):
     """Runs a pruning method's planned steps during `model.fit`.
 
-    Subclasses set `method` (the registered method name) and
-    `entry_point` (how a user makes a model for it, for error messages),
-    and implement:
+    Subclasses set `method` (the registered method name), `entry_point`
+    (how a user makes a model for it, for error messages) and the names of
+    their epoch logs (`cost_log`, `pruned_log`, and `regrown_log` unless
+    the method never regrows), and implement:
 
     - `plan(steps_per_epoch, epochs)`: a list of `(step, payload)` sorted
       by step, `step` counting completed optimizer updates;
     - `run_step(step, payload)`: one planned step, given the current step;
-    - `epoch_logs()`: a dict of numbers added to the epoch's logs (then
-      reset for the next epoch by the subclass).
+      returns `(stats, message)`: `stats` starts with the cost kept, the
+      channels pruned and the channels regrown by the step, `message` is
+      the line `verbose=1` prints.
+
+    Each epoch's logs then get the cost kept at its end and the channels
+    pruned and regrown by its steps.
 
     The plan is made at the first batch, not in `on_train_begin`: a
     `BackupAndRestore` callback listed after this one restores the step
@@ -51,9 +56,13 @@ class PruningCallback(keras.callbacks.Callback):
 
     method = None
     entry_point = None
+    cost_log = None
+    pruned_log = None
+    regrown_log = None
 
     def __init__(self, verbose=0, log_dir=None):
         super().__init__()
+        self._changed = np.zeros(2)  # Pruned, regrown this epoch.
         self.verbose = verbose
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         if self.log_dir is not None:
@@ -102,6 +111,7 @@ class PruningCallback(keras.callbacks.Callback):
             )
         self._length = (steps, epochs)
         self._plan = None
+        self._changed = np.zeros(2)
 
     def _current_step(self):
         return int(self.model.optimizer.iterations.numpy())
@@ -133,7 +143,12 @@ class PruningCallback(keras.callbacks.Callback):
             if broken:
                 self._skip(step, broken)
                 continue
-            self.run_step(step, payload)
+            stats, message = self.run_step(step, payload)
+            pruned_regrown = np.zeros(2)
+            pruned_regrown[:len(stats) - 1] = np.asarray(stats, float)[1:3]
+            self._changed += pruned_regrown
+            if self.verbose:
+                print(f"\n{message}")
             self._record(step)
 
     # -- what was pruned when ------------------------------------------------
@@ -249,7 +264,13 @@ class PruningCallback(keras.callbacks.Callback):
             f"{suggested:g} for about four steps) or fit for more epochs.")
 
     def epoch_logs(self):
-        return {}
+        """The numbers added to an epoch's logs (and reset for the next)."""
+        logs = {self.cost_log: float(self.state.kept_fraction()),
+                self.pruned_log: float(self._changed[0])}
+        if self.regrown_log:
+            logs[self.regrown_log] = float(self._changed[1])
+        self._changed = np.zeros(2)
+        return logs
 
     def get_config(self):
         return {"verbose": self.verbose, "log_dir": self.log_dir}

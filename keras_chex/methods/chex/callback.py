@@ -37,14 +37,8 @@ class ChannelExploration(callback.PruningCallback):
 
     method = "chex"
     entry_point = "keras_chex.prune_and_regrow(model, ...)"
-
-    def __init__(self, verbose=0, log_dir=None):
-        super().__init__(verbose=verbose, log_dir=log_dir)
-        self._changed = np.zeros(2)
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        self._changed = np.zeros(2)
+    cost_log, pruned_log, regrown_log = "chex_macs", "chex_pruned", (
+        "chex_regrown")
 
     def plan(self, steps_per_epoch, epochs):
         config = self.model.pruning_config
@@ -67,20 +61,7 @@ class ChannelExploration(callback.PruningCallback):
     def run_step(self, step, payload):
         planned, t, delta = payload
         stats = np.asarray(self.state.explore(delta, t))
-        self._changed += stats[1:3]
-        if self.verbose:
-            print(
-                f"\nCHEX exploration {t} at step {step} (planned "
-                f"{planned}): regrow {delta:.3f}, kept {stats[0]:.3f} of "
-                f"dense cost, pruned {int(stats[1])}, regrown "
-                f"{int(stats[2])}"
-            )
-
-    def epoch_logs(self):
-        logs = {
-            "chex_macs": float(self.state.kept_fraction()),
-            "chex_pruned": float(self._changed[0]),
-            "chex_regrown": float(self._changed[1]),
-        }
-        self._changed = np.zeros(2)
-        return logs
+        return stats, (
+            f"CHEX exploration {t} at step {step} (planned {planned}): "
+            f"regrow {delta:.3f}, kept {stats[0]:.3f} of dense cost, pruned "
+            f"{int(stats[1])}, regrown {int(stats[2])}")

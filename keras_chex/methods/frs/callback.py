@@ -40,6 +40,7 @@ class RelevancePruning(callback.PruningCallback):
 
     method = "frs"
     entry_point = "keras_chex.relevance_prune(model, ...)"
+    cost_log, pruned_log = "frs_macs", "frs_pruned"
 
     def __init__(self, data=None, verbose=0, log_dir=None):
         super().__init__(verbose=verbose, log_dir=log_dir)
@@ -49,7 +50,6 @@ class RelevancePruning(callback.PruningCallback):
         if data is not None and not isinstance(data, tf.data.Dataset):
             data = scores_lib.as_dataset(data)
         self.data = data
-        self._pruned = 0.0
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
@@ -59,7 +59,6 @@ class RelevancePruning(callback.PruningCallback):
                 "RelevancePruning needs the data to score channels on: "
                 "`keras_chex.RelevancePruning(train_dataset)` (a dataset of "
                 "(x, y) batches or an (x, y) tuple of arrays).")
-        self._pruned = 0.0
 
     def plan(self, steps_per_epoch, epochs):
         config = self.model.pruning_config
@@ -77,17 +76,7 @@ class RelevancePruning(callback.PruningCallback):
     def run_step(self, step, payload):
         planned, index, total = payload
         stats = self.state.prune_step(self.data, index, total)
-        self._pruned += float(stats[1])
-        if self.verbose:
-            print(
-                f"\nFRS pruning step {index}/{total} at step {step} "
-                f"(planned {planned}): removed {int(stats[1])} channels, "
-                f"kept {stats[0]:.3f} of dense"
-            )
-
-    def epoch_logs(self):
-        logs = {"frs_macs": float(self.state.kept_fraction()),
-                "frs_pruned": self._pruned}
-        self._pruned = 0.0
-        return logs
-
+        return stats, (
+            f"FRS pruning step {index}/{total} at step {step} (planned "
+            f"{planned}): removed {int(stats[1])} channels, kept "
+            f"{stats[0]:.3f} of dense")

@@ -33,15 +33,8 @@ class SoftMaskPruning(callback.PruningCallback):
 
     method = "smcp"
     entry_point = "keras_chex.soft_mask_prune(model, ...)"
-
-    def __init__(self, verbose=0, log_dir=None):
-        super().__init__(verbose=verbose, log_dir=log_dir)
-        self._pruned = 0.0
-        self._regrown = 0.0
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        self._pruned = self._regrown = 0.0
+    cost_log, pruned_log, regrown_log = "smcp_cost", "smcp_pruned", (
+        "smcp_regrown")
 
     def plan(self, steps_per_epoch, epochs):
         config = self.model.pruning_config
@@ -59,20 +52,7 @@ class SoftMaskPruning(callback.PruningCallback):
     def run_step(self, step, payload):
         planned, budget = payload
         stats = self.state.recompute(budget)
-        self._pruned += float(stats[1])
-        self._regrown += float(stats[2])
-        if self.verbose:
-            print(
-                f"\nSMCP recomputation at step {step} (planned {planned}): "
-                f"budget {budget:.3f}, kept {stats[0]:.3f} of dense cost, "
-                f"pruned {int(stats[1])}, regrown {int(stats[2])}"
-            )
-
-    def epoch_logs(self):
-        logs = {
-            "smcp_cost": float(self.state.kept_fraction()),
-            "smcp_pruned": self._pruned,
-            "smcp_regrown": self._regrown,
-        }
-        self._pruned = self._regrown = 0.0
-        return logs
+        return stats, (
+            f"SMCP recomputation at step {step} (planned {planned}): "
+            f"budget {budget:.3f}, kept {stats[0]:.3f} of dense cost, "
+            f"pruned {int(stats[1])}, regrown {int(stats[2])}")
