@@ -16,8 +16,10 @@ import warnings
 import numpy as np
 
 from keras_chex.core import _graph
+from keras_chex.core import _trainer
 from keras_chex.core import layer_registry
 from keras_chex.core import layer_rules
+from keras_chex.core import masking
 from keras_chex.core import statistics
 
 
@@ -397,8 +399,7 @@ class ModelAnalysis:
 
     @staticmethod
     def rule_for(op):
-        from keras_chex.core import masking  # Mask layers know their own rule.
-
+        # Mask layers know their own rule.
         if isinstance(op, masking.ChannelMask):
             return masking.MASK_RULE
         if isinstance(op, masking.MaskedBatchNormalization):
@@ -536,8 +537,6 @@ class ModelAnalysis:
 
         Masks are not parameters (see `masking.parameter_weights`).
         """
-        from keras_chex.core import masking
-
         return [(layer, masking.parameter_weights(layer))
                 for layer in _graph.all_layers(self.model)]
 
@@ -658,8 +657,6 @@ class ModelAnalysis:
             channels: bool array over all channels, True for the ones to
                 clear.
         """
-        from keras_chex.core import _trainer
-
         channels = np.asarray(channels, dtype=bool)
         others = self.model.trainable_variables
         for s in self.weight_slices:

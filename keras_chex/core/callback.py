@@ -16,6 +16,9 @@ import warnings
 import keras
 import numpy as np
 
+from keras_chex.core import method as method_lib
+from keras_chex.core import wrapping
+
 
 class PruningCallback(keras.callbacks.Callback):
     """Runs a pruning method's planned steps during `model.fit`.
@@ -60,6 +63,11 @@ class PruningCallback(keras.callbacks.Callback):
     pruned_log = None
     regrown_log = None
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.method is not None and "method" in cls.__dict__:
+            method_lib.register_callback(cls.method, cls)
+
     def __init__(self, verbose=0, log_dir=None):
         super().__init__()
         self._changed = np.zeros(2)  # Pruned, regrown this epoch.
@@ -87,10 +95,8 @@ class PruningCallback(keras.callbacks.Callback):
         return self.model.pruning_state
 
     def on_train_begin(self, logs=None):
-        from keras_chex.core import method  # wrapping imports callbacks' users.
-
         model = self.model
-        if not method.is_method(model, self.method):
+        if not wrapping.is_method(model, self.method):
             got = (model.pruning_config.get("method")
                    if hasattr(model, "pruning_config") else None)
             raise ValueError(
@@ -274,49 +280,3 @@ class PruningCallback(keras.callbacks.Callback):
 
     def get_config(self):
         return {"verbose": self.verbose, "log_dir": self.log_dir}
-
-
-def share_tensorboard_dir(callbacks):
-    """Lends a listed TensorBoard's `log_dir` to pruning callbacks without one.
-
-    Called by `PrunableModel.fit`; a later fit without a TensorBoard
-    callback takes the loan back.
-
-    Args:
-        callbacks: the `callbacks` argument of `fit` (None, a list, or a
-            `keras.callbacks.CallbackList`).
-    """
-    listed = list(getattr(callbacks, "callbacks", callbacks) or [])
-    boards = [c for c in listed
-              if isinstance(c, keras.callbacks.TensorBoard)]
-    for c in listed:
-        if isinstance(c, PruningCallback):
-            c._tensorboard_dir = (os.fspath(boards[0].log_dir) if boards
-                                  else None)
-
-
-def _callback_classes(cls=None):
-    """Every PruningCallback subclass (the methods' callbacks)."""
-    cls = cls or PruningCallback
-    for sub in cls.__subclasses__():
-        yield sub
-        yield from _callback_classes(sub)
-
-
-def warn_if_missing(model, callbacks):
-    """Warns when a method's model is fitted without the method's callback:
-    its masks would then never change, silently."""
-    name = model.pruning_config.get("method")
-    wanted = [c for c in _callback_classes() if c.method == name]
-    if not wanted:
-        return  # `keras_chex.wrap`: masks are the user's to set.
-    listed = callbacks if isinstance(callbacks, (list, tuple)) else (
-        [] if callbacks is None else [callbacks])
-    if any(isinstance(c, tuple(wanted)) for c in listed):
-        return
-    warnings.warn(
-        f"Fitting '{model.name}' (a {name} pruning model) without "
-        f"`keras_chex.{wanted[0].__name__}` in `callbacks=`: its masks will "
-        "not change during this fit. To prune, add the callback; to "
-        "fine-tune with the masks as they are, ignore this.",
-        stacklevel=3)

@@ -7,7 +7,9 @@ between steps in Keras variables (so `.keras` files, `BackupAndRestore`
 and `MirroredStrategy` keep it for free), and a `callback.PruningCallback`
 subclass that runs its steps during `fit`. The wrapped model names its
 method in `pruning_config["method"]`; `register_method` maps that name to
-the state class, so a loaded model gets its state back.
+the state class, so a loaded model gets its state back, and
+`register_callback` to its callbacks, so `fit` can tell when one is
+missing.
 
 The argument checks every method shares (a fraction of the dense cost, a
 minimum width, a multiple to round widths to, a seed) live here once, with
@@ -36,6 +38,27 @@ def register_method(name, state_class):
             `state_class(model)`.
     """
     _METHOD_STATES[name] = state_class
+
+
+# method name -> its `fit` callback classes (`PruningCallback` subclasses
+# register themselves as they are defined).
+_METHOD_CALLBACKS = {}
+
+
+def register_callback(name, callback_class):
+    """Records `callback_class` as a `fit` callback of method `name`."""
+    _METHOD_CALLBACKS.setdefault(name, []).append(callback_class)
+
+
+def callback_classes(name):
+    """The callback classes of method `name`, the first registered first
+    (none for a model wrapped without a method)."""
+    return list(_METHOD_CALLBACKS.get(name, ()))
+
+
+def every_callback_class():
+    """The callback classes of every method."""
+    return [c for classes in _METHOD_CALLBACKS.values() for c in classes]
 
 
 def state_class(name, model_name):
@@ -131,14 +154,6 @@ def warn_unreachable(target, value, reachable):
         "`min_channels` and `round_to` floors). The model is pruned to "
         "those widths. Lower `min_channels` or `round_to`, or raise the "
         "target.", stacklevel=3)
-
-
-def is_method(model, name):
-    """True if `model` is wrapped for pruning method `name`."""
-    from keras_chex.core import wrapping  # wrapping imports this module.
-
-    return (wrapping.is_wrapped(model)
-            and model.pruning_config.get("method") == name)
 
 
 # -- argument checks ----------------------------------------------------------

@@ -1,6 +1,7 @@
 """Wrapping a model for pruning: a copy of it that carries channel masks."""
 
 import json
+import os
 import warnings
 
 import keras
@@ -104,10 +105,8 @@ class PrunableModel(keras.Model):
         # callback of the same fit; only `fit` sees both.
         callbacks = (kwargs.get("callbacks") if "callbacks" in kwargs
                      else args[5] if len(args) > 5 else None)
-        from keras_chex.core import callback as pruning_callback
-
-        pruning_callback.share_tensorboard_dir(callbacks)
-        pruning_callback.warn_if_missing(self, callbacks)
+        _share_tensorboard_dir(callbacks)
+        _warn_if_missing(self, callbacks)
         return super().fit(*args, **kwargs)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
@@ -123,6 +122,50 @@ class PrunableModel(keras.Model):
 def is_wrapped(model):
     """True if `model` carries keras-chex channel masks."""
     return isinstance(model, PrunableModel)
+
+
+def is_method(model, name):
+    """True if `model` is wrapped for pruning method `name`."""
+    return is_wrapped(model) and model.pruning_config.get("method") == name
+
+
+def _share_tensorboard_dir(callbacks):
+    """Lends a listed TensorBoard's `log_dir` to pruning callbacks without one.
+
+    Called by `PrunableModel.fit`; a later fit without a TensorBoard
+    callback takes the loan back.
+
+    Args:
+        callbacks: the `callbacks` argument of `fit` (None, a list, or a
+            `keras.callbacks.CallbackList`).
+    """
+    listed = list(getattr(callbacks, "callbacks", callbacks) or [])
+    boards = [c for c in listed
+              if isinstance(c, keras.callbacks.TensorBoard)]
+    pruning = tuple(pruning_method.every_callback_class())
+    for c in listed:
+        if pruning and isinstance(c, pruning):
+            c._tensorboard_dir = (os.fspath(boards[0].log_dir) if boards
+                                  else None)
+
+
+def _warn_if_missing(model, callbacks):
+    """Warns when a method's model is fitted without the method's callback:
+    its masks would then never change, silently."""
+    name = model.pruning_config.get("method")
+    wanted = pruning_method.callback_classes(name)
+    if not wanted:
+        return  # `keras_chex.wrap`: masks are the user's to set.
+    listed = callbacks if isinstance(callbacks, (list, tuple)) else (
+        [] if callbacks is None else [callbacks])
+    if any(isinstance(c, tuple(wanted)) for c in listed):
+        return
+    warnings.warn(
+        f"Fitting '{model.name}' (a {name} pruning model) without "
+        f"`keras_chex.{wanted[0].__name__}` in `callbacks=`: its masks will "
+        "not change during this fit. To prune, add the callback; to "
+        "fine-tune with the masks as they are, ignore this.",
+        stacklevel=3)
 
 
 def check_exclude(exclude):

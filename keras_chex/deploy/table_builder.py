@@ -20,6 +20,11 @@ from keras_chex.core import _graph
 from keras_chex.core import analysis as analysis_lib
 from keras_chex.core import layer_registry
 from keras_chex.core import layer_rules
+from keras_chex.core import method
+from keras_chex.core import stripping
+from keras_chex.core import wrapping
+from keras_chex.deploy import export
+from keras_chex.deploy import latency
 from keras_chex.deploy import latency_table
 
 
@@ -67,10 +72,7 @@ def build_latency_table(model, path=None, threads=1, *, round_to=8,
     print(table.predict(model))  # ms, dense
     ```
     """
-    from keras_chex.deploy import export
-    from keras_chex.deploy import latency
-
-    if _is_wrapped(model):
+    if wrapping.is_wrapped(model):
         raise ValueError(
             f"Model '{model.name}' is a keras-chex wrapped model; build the "
             "latency table from the plain model you are about to prune.")
@@ -188,10 +190,6 @@ def _calibrate(dense_ms, dense_sum, half_ms, half_sum):
 
 def _uniform_compact(model, analysis, keep, round_to):
     """`model` stripped to about `keep` of every group's channels."""
-    from keras_chex.core import stripping
-    from keras_chex.core import wrapping
-    from keras_chex.core import method
-
     wrapped = wrapping.wrap(model)
     mask = []
     for g in wrapped.analysis.groups:
@@ -203,13 +201,6 @@ def _uniform_compact(model, analysis, keep, round_to):
     return stripping.strip(wrapped)
 
 
-def _is_wrapped(model):
-    from keras_chex.core import wrapping
-
-    return wrapping.is_wrapped(model)
-
-
-# -- graph side ---------------------------------------------------------------
 def _width_options(analysis, round_to, max_points):
     """options(node) -> (cin grid, cout grid) of a timed call."""
 
@@ -266,7 +257,6 @@ def layer_tflite(layer, shape):
     """
     import tensorflow as tf
 
-    from keras_chex.deploy import export
 
     trainable = [tf.constant(v.numpy()) for v in layer.trainable_variables]
     fixed = [tf.constant(v.numpy()) for v in layer.non_trainable_variables]
