@@ -70,7 +70,7 @@ def plot_widths(source, path, *, overwrite=False, title=None):
         final = history[:, -1]
     elif wrapping.is_wrapped(source):
         analysis = source.analysis
-        mask = analysis.class_mask()
+        mask = source.masks.numpy()
         names = [g.name for g in analysis.groups]
         sizes = np.array([g.size for g in analysis.groups])
         final = np.array([int(mask[g.start:g.start + g.size].sum())

@@ -104,15 +104,15 @@ def assert_keras_file_continues(model, make_callback, x, y, directory,
     model.save(path)
     loaded = keras.saving.load_model(path)
     assert loaded.pruning_config == model.pruning_config
-    np.testing.assert_array_equal(loaded.analysis.class_mask(),
-                                  model.analysis.class_mask())
+    np.testing.assert_array_equal(loaded.masks.numpy(),
+                                  model.masks.numpy())
     for a, b in zip(loaded.pruning_state.weights, model.pruning_state.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     for m in (model, loaded):
         m.fit(x, y, batch_size=16, epochs=epochs, initial_epoch=1, verbose=0,
               shuffle=False, callbacks=[make_callback()])
-    np.testing.assert_array_equal(loaded.analysis.class_mask(),
-                                  model.analysis.class_mask())
+    np.testing.assert_array_equal(loaded.masks.numpy(),
+                                  model.masks.numpy())
     for a, b in zip(loaded.get_weights(), model.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -150,8 +150,8 @@ def assert_resumes_exactly(make_model, make_callback, x, y, directory,
     keras.utils.set_random_seed(5)
     resumed = make_model()
     run(resumed, callbacks(directory / "backup"))
-    np.testing.assert_array_equal(resumed.analysis.class_mask(),
-                                  reference.analysis.class_mask())
+    np.testing.assert_array_equal(resumed.masks.numpy(),
+                                  reference.masks.numpy())
     np.testing.assert_array_equal(
         resumed.pruning_state.last_stats.numpy(),
         reference.pruning_state.last_stats.numpy())

@@ -299,7 +299,7 @@ def test_a_diverged_step_skips_pruning_with_a_clear_warning(method):
     masks = []
     recorder = keras.callbacks.LambdaCallback(
         on_train_batch_end=lambda batch, logs: masks.append(
-            model.analysis.class_mask()))
+            model.masks.numpy()))
     # Listed first, so the poison is in place when the pruning step runs.
     poison = _Poison(step=3)
     with pytest.warns(UserWarning, match="skipped the pruning step.*"

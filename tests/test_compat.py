@@ -25,7 +25,7 @@ def test_a_0_1_0_file_loads_with_its_masks_outputs_and_state():
     model, expected = _load()
     assert keras_chex.is_wrapped(model)
     assert model.pruning_config["method"] == "chex"
-    np.testing.assert_array_equal(model.analysis.class_mask(),
+    np.testing.assert_array_equal(model.masks.numpy(),
                                   expected["mask"])
     np.testing.assert_allclose(np.asarray(model(expected["x"],
                                                 training=False)),
@@ -43,7 +43,7 @@ def test_a_0_1_0_file_saves_in_the_new_format_and_strips(tmp_path):
     model.save(path)
     again = keras.saving.load_model(path)
     assert "pruning" in again.get_config()
-    np.testing.assert_array_equal(again.analysis.class_mask(),
+    np.testing.assert_array_equal(again.masks.numpy(),
                                   expected["mask"])
     np.testing.assert_array_equal(again.pruning_state.last_stats.numpy(),
                                   expected["stats"])

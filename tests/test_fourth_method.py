@@ -30,7 +30,7 @@ class L1State(method.PruningState):
     def prune(self):
         """Uniform sparsity by bisection, the lowest-L1 filters removed."""
         scores = importance.ImportancePlan(self.analysis, True).magnitude()
-        old = self.analysis.class_mask()
+        old = self.masks.numpy()
         budget = self.config["target_value"] * self.cost.dense_macs
 
         def mask_at(keep):
@@ -50,8 +50,8 @@ class L1State(method.PruningState):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if self.cost.macs(mask_at(mid)) <= budget else (
                 lo, mid)
-        self.analysis.set_class_mask(mask_at(lo))
-        new = self.analysis.class_mask()
+        self.masks.assign(mask_at(lo))
+        new = self.masks.numpy()
         return [self.kept_fraction(), float(np.sum(old & ~new)), 0.0]
 
 
@@ -99,8 +99,8 @@ def test_a_fourth_method_is_one_short_file(monkeypatch, tmp_path):
     model.save(tmp_path / "l1.keras")
     loaded = keras.saving.load_model(tmp_path / "l1.keras")
     assert isinstance(loaded.pruning_state, L1State)
-    np.testing.assert_array_equal(loaded.analysis.class_mask(),
-                                  model.analysis.class_mask())
+    np.testing.assert_array_equal(loaded.masks.numpy(),
+                                  model.masks.numpy())
 
 
 def test_this_file_stays_short():

@@ -496,7 +496,7 @@ class MaskRecorder(keras.callbacks.Callback):
         self.masks = []
 
     def on_epoch_end(self, epoch, logs=None):
-        self.masks.append(self.model.analysis.class_mask())
+        self.masks.append(self.model.masks.numpy())
 
 
 def _fit(model, epochs=4, callbacks=(), data=None):
@@ -534,7 +534,7 @@ def test_removed_channels_have_zero_weights_and_stay_zero():
     # zeroed weights afterwards.
     model = _compile(_frs())
     _fit(model)
-    mask = model.analysis.class_mask()
+    mask = model.masks.numpy()
     assert not mask.all()
     for s in model.analysis.weight_slices:
         value = np.asarray(s.variable().numpy())
@@ -548,7 +548,7 @@ def test_channels_target_removes_x_per_step():
     model = _compile(_frs(channels=5))
     history = _fit(model)
     assert history.history["frs_pruned"] == [5.0, 5.0, 5.0, 0.0]
-    assert (~model.analysis.class_mask()).sum() == 15
+    assert (~model.masks.numpy()).sum() == 15
 
 
 def test_strip_is_exact_after_relevance_pruning():
@@ -567,9 +567,9 @@ def test_l1_criterion_prunes_the_smallest_filters():
     model = _frs(criterion="l1", channels=3)
     state = model.pruning_state
     values = state.channel_scores(None)
-    kept = model.analysis.class_mask()
+    kept = model.masks.numpy()
     state.prune_step(None, 1, 1)
-    removed = np.flatnonzero(kept & ~model.analysis.class_mask())
+    removed = np.flatnonzero(kept & ~model.masks.numpy())
     np.testing.assert_array_equal(np.sort(removed),
                                   np.sort(np.argsort(values)[:3]))
 

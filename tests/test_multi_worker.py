@@ -75,7 +75,7 @@ WORKER = textwrap.dedent(
     name = "model.keras" if task == 0 else f"scratch_{task}.keras"
     model.save(os.path.join(OUT, name))
     print("RESULT " + json.dumps({
-        "mask": model.analysis.class_mask().astype(int).tolist(),
+        "mask": model.masks.numpy().astype(int).tolist(),
         "weights": {v.path: np.asarray(v.numpy()).ravel().tolist()
                     for v in model.weights},
         "loss": [float(v) for v in history.history["loss"]],
@@ -133,4 +133,4 @@ def test_two_workers_end_with_the_same_masks_and_weights(tmp_path, method):
     import keras_chex  # noqa: F401 (registers the classes to load)
 
     loaded = keras.saving.load_model(tmp_path / "model.keras")
-    assert loaded.analysis.class_mask().astype(int).tolist() == chief["mask"]
+    assert loaded.masks.numpy().astype(int).tolist() == chief["mask"]

@@ -251,11 +251,11 @@ def test_a_pruned_channel_comes_back_when_it_ranks_high_again():
     importance[first.start] = 0.0  # Least important: pruned.
     state.importance.assign(importance)
     state.recompute(0.5)
-    assert not model.analysis.class_mask()[first.start]
+    assert not model.masks.numpy()[first.start]
     importance[first.start] = 100.0  # Now the most important.
     state.importance.assign(importance)
     stats = state.recompute(0.5)
-    assert model.analysis.class_mask()[first.start]
+    assert model.masks.numpy()[first.start]
     assert stats[2] >= 1  # Counted as regrown.
 
 
@@ -265,7 +265,7 @@ def test_pruned_channels_keep_learning_and_decay():
     state.importance.assign(np.linspace(1.0, 2.0, state.num_channels)
                             .astype("float32"))
     state.recompute(0.5)
-    mask = model.analysis.class_mask()
+    mask = model.masks.numpy()
     conv = model.get_layer("stage1_block1_conv1")
     group = {g.name: g for g in model.analysis.groups}["stage1_block1_conv1"]
     pruned = np.flatnonzero(~mask[group.start:group.start + group.size])
@@ -369,7 +369,7 @@ def test_bn_rescale_keeps_each_batchnorms_summed_gamma():
         state.importance.assign(np.linspace(1.0, 2.0, state.num_channels)
                                 .astype("float32"))
         state.recompute(0.5)
-        mask = model.analysis.class_mask()
+        mask = model.masks.numpy()
         lost_somewhere = False
         for s, old in zip(slices, before):
             new = np.abs(np.asarray(s.variable().numpy()))

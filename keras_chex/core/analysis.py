@@ -16,11 +16,10 @@ import warnings
 import numpy as np
 
 from keras_chex.core import _graph
-from keras_chex.core import _trainer
 from keras_chex.core import layer_registry
 from keras_chex.core import layer_rules
 from keras_chex.core import masking
-from keras_chex.core import statistics
+from keras_chex.core import masks as masks_lib
 
 
 class _UnionFind:
@@ -123,7 +122,7 @@ class ChannelGroup:
     @property
     def mask(self):
         """Bool array of length `size`: True for kept channels."""
-        full = self._analysis.class_mask()
+        full = masks_lib.Masks.of(self._analysis).numpy()
         return full[self.start:self.start + self.size].copy()
 
     def set_mask(self, mask):
@@ -148,9 +147,10 @@ class ChannelGroup:
                 f"{self.size} channels; keep at least one (removing a whole "
                 "group would disconnect the network)."
             )
-        full = self._analysis.class_mask()
+        masks = masks_lib.Masks.of(self._analysis)
+        full = masks.numpy()
         full[self.start:self.start + self.size] = mask.astype(bool)
-        self._analysis.set_class_mask(full)
+        masks.assign(full)
 
     def weight_slices(self):
         """The `WeightSlice`s that touch this group's channels."""
@@ -548,136 +548,6 @@ class ModelAnalysis:
     def nodes_of(self, model=None):
         """The analysed `GraphNode`s of `model` (default: the top model)."""
         return self._nodes[id(model or self.model)]
-
-    # -- masks -------------------------------------------------------------
-    def class_mask(self):
-        """Bool vector over all channels of all groups (True = kept)."""
-        mask = np.ones(self.num_channels, dtype=bool)
-        for site in self.mask_sites:
-            sel = site.classes >= 0
-            values = np.asarray(site.layer.mask.numpy()) > 0.5
-            # Every channel is covered by at least one site; any covering
-            # site holds its value (sites are written together).
-            mask[site.classes[sel]] = values[sel]
-        return mask
-
-    def producer_segments(self):
-        """The channels of each layer that writes only part of a group.
-
-        A group may join the outputs of several layers (a concatenation
-        added to another tensor, say); a mask must leave each of them at
-        least one channel, or the stripped layer would have none.
-
-        Returns:
-            A list of (layer name, int array of channel indices).
-        """
-        if getattr(self, "_segments", None) is None:
-            segments = []
-            for s in self.weight_slices:
-                if not s.filters:
-                    continue
-                classes = np.unique(s.classes[s.classes >= 0])
-                for g in self.groups:
-                    inside = classes[(classes >= g.start)
-                                     & (classes < g.start + g.size)]
-                    if 0 < len(inside) < g.size:
-                        segments.append((s.layer.name, inside))
-            self._segments = segments
-        return self._segments
-
-    def emptied_producers(self, mask):
-        """Names of the layers `mask` would leave without an output channel."""
-        mask = np.asarray(mask, dtype=bool)
-        return [name for name, seg in self.producer_segments()
-                if not mask[seg].any()]
-
-    def set_class_mask(self, mask):
-        """Writes a model-wide channel mask into every mask layer.
-
-        Raises:
-            ValueError: the mask removes every output channel of a layer
-                (see `producer_segments`), or the model has no masks.
-        """
-        emptied = self.emptied_producers(mask)
-        if emptied:
-            raise ValueError(
-                f"The mask removes every output channel of layer(s) "
-                f"{emptied}: their channels are part of a larger group (a "
-                "concatenation joined to another tensor), and a layer must "
-                "keep at least one. Keep one of each of their channels.")
-        if not self.mask_sites:
-            raise ValueError(
-                f"Model '{self.model.name}' carries no channel masks. Wrap it "
-                "with `keras_chex.wrap(model)` or "
-                "`keras_chex.prune_and_regrow(model, ...)` and set masks on "
-                "the returned model."
-            )
-        mask = np.asarray(mask, dtype=bool)
-        changed = mask != self.class_mask()
-        if self.mask_sites[0].layer.mode == "permanent":
-            self._prune_permanently(mask)
-        for site in self.mask_sites:
-            site.layer.set_channel_mask(keep_mask(site.classes, mask))
-        if changed.any():
-            # Every activation after a change has a new distribution.
-            statistics.restart_statistics(self.model)
-
-    def _prune_permanently(self, mask):
-        old = self.class_mask()
-        regrown = np.flatnonzero(mask & ~old)
-        if len(regrown):
-            names = sorted({g.name for g in self.groups
-                            for c in regrown[:20]
-                            if g.start <= c < g.start + g.size})
-            raise ValueError(
-                "This model was wrapped with mode='permanent': pruned "
-                f"channels cannot come back, but the new mask re-enables "
-                f"{len(regrown)} of them (groups {names}). Wrap with "
-                "mode='hard' or 'straight_through' to allow regrowth."
-            )
-        for s in self.weight_slices:
-            removed = ~keep_mask(s.classes, mask)
-            if not removed.any():
-                continue
-            variable = s.variable()
-            value = np.array(variable.numpy())
-            index = [slice(None)] * value.ndim
-            index[s.axis] = removed
-            value[tuple(index)] = 0
-            variable.assign(value)
-
-    def clear_optimizer_state(self, optimizer, channels):
-        """Zeroes what `optimizer` keeps (momentum, moments) for `channels`.
-
-        Weights zeroed for good must stay zero: an SGD momentum left from
-        earlier steps would move them again.
-
-        Args:
-            optimizer: the model's optimizer (None or unbuilt: nothing).
-            channels: bool array over all channels, True for the ones to
-                clear.
-        """
-        channels = np.asarray(channels, dtype=bool)
-        others = self.model.trainable_variables
-        for s in self.weight_slices:
-            cleared = ~keep_mask(s.classes, ~channels)
-            if not cleared.any():
-                continue
-            for slot in _trainer.optimizer_slots(optimizer, s.variable(),
-                                                 others):
-                value = np.array(slot.numpy())
-                index = [slice(None)] * value.ndim
-                index[s.axis] = cleared
-                value[tuple(index)] = 0
-                slot.assign(value)
-
-
-def keep_mask(classes, class_mask):
-    """Per-position keep flags for positions mapped to channel `classes`."""
-    keep = np.ones(len(classes), dtype=bool)
-    sel = classes >= 0
-    keep[sel] = class_mask[classes[sel]]
-    return keep
 
 
 def analyze(model, exclude=(), warn=True):

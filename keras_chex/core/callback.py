@@ -167,7 +167,7 @@ class PruningCallback(keras.callbacks.Callback):
 
     def _record(self, step):
         analysis = self.model.analysis
-        mask = analysis.class_mask()
+        mask = self.model.masks.numpy()
         counts = np.array([int(mask[g.start:g.start + g.size].sum())
                            for g in analysis.groups])
         self.widths.append((int(step), counts))

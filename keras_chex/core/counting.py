@@ -13,6 +13,7 @@ import numpy as np
 from keras_chex.core import _graph
 from keras_chex.core import analysis as cg
 from keras_chex.core import layer_rules
+from keras_chex.core import masks as masks_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +139,7 @@ def _kept_size(variable, slices, class_mask):
     by_axis = {s.axis % len(variable.shape): s for s in slices}
     for axis, dim in enumerate(variable.shape):
         if axis in by_axis:
-            size *= int(cg.keep_mask(by_axis[axis].classes, class_mask).sum())
+            size *= int(masks_lib.keep_mask(by_axis[axis].classes, class_mask).sum())
         else:
             size *= int(dim)
     return size
@@ -183,7 +184,7 @@ def count_macs(model, class_mask=None, input_shape=None):
             model, [tuple(t.shape) for t in _graph.inputs_of(model)])
     analysis = cg.analyze(model, warn=False)
     if class_mask is None:
-        class_mask = analysis.class_mask()
+        class_mask = masks_lib.Masks.of(analysis).numpy()
     class_mask = np.asarray(class_mask, dtype=bool)
     def kept(layer, variable):
         name = layer_rules.weight_leaf_name(variable)
@@ -197,7 +198,7 @@ def count_macs(model, class_mask=None, input_shape=None):
     for s in analysis.weight_slices:
         if s.filters:
             outputs[s.layer.name] = int(
-                cg.keep_mask(s.classes, class_mask).sum())
+                masks_lib.keep_mask(s.classes, class_mask).sum())
     rows = []
     for layer, weights in analysis.parameter_weights():
         params = sum(kept(layer, v) for v in weights)

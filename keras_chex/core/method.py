@@ -24,6 +24,7 @@ import keras
 import numpy as np
 
 from keras_chex.core import costs
+from keras_chex.core import masks as masks_lib
 
 # method name -> class of the state object a wrapped model carries for it.
 _METHOD_STATES = {}
@@ -123,6 +124,7 @@ class PruningState(keras.layers.Layer):
 
     config = property(lambda self: self._plain["config"])
     analysis = property(lambda self: self._plain["analysis"])
+    masks = property(lambda self: masks_lib.Masks.of(self.analysis))
 
     def resource(self):
         """'macs' or 'params': what the method's target counts."""
@@ -131,7 +133,7 @@ class PruningState(keras.layers.Layer):
     def kept_fraction(self):
         """Current MACs (or params, for a params target) over dense."""
         resource = self.resource()
-        mask = self.analysis.class_mask()
+        mask = self.masks.numpy()
         dense = self.cost.cost(np.ones(self.num_channels), resource)
         return self.cost.cost(mask, resource) / dense if dense else 1.0
 
@@ -324,7 +326,7 @@ def keep_a_channel_per_producer(mask, scores, segments):
     Args:
         mask: bool array over all channels.
         scores: float array over all channels (NaN counts as lowest).
-        segments: `ModelAnalysis.producer_segments()`.
+        segments: `Masks.producer_segments()`.
 
     Returns:
         A new bool array; equal to `mask` when no segment is empty.

@@ -6,8 +6,8 @@ import keras
 import numpy as np
 
 from keras_chex.core import _graph
-from keras_chex.core import analysis as cg
 from keras_chex.core import masking
+from keras_chex.core import masks as masks_lib
 from keras_chex.core import statistics
 from keras_chex.core import wrapping
 from keras_chex.core.layer_rules import weight_leaf_name
@@ -20,7 +20,7 @@ def _slice_weights(layer, analysis, class_mask):
     for variable in masking.parameter_weights(layer):
         value = np.asarray(variable.numpy())
         for s in analysis.slices_for(layer, weight_leaf_name(variable)):
-            keep = cg.keep_mask(s.classes, class_mask)
+            keep = masks_lib.keep_mask(s.classes, class_mask)
             value = np.compress(keep, value, axis=s.axis)
         values.append(value)
     return values
@@ -67,14 +67,14 @@ def strip(model):
             warnings.simplefilter("ignore", UserWarning)
             model = wrapping.wrap(model)
     analysis = model.analysis
-    class_mask = analysis.class_mask()
+    class_mask = masks_lib.Masks.of(analysis).numpy()
     # Layers the analysis could not read keep their config: their channels
     # are all kept, and a rule's reading of them would be wrong.
     opaque = {name for name, _ in analysis.unsupported}
     memo = {}
 
     def kept(tensor):
-        return int(cg.keep_mask(analysis.classes_of(tensor), class_mask).sum())
+        return int(masks_lib.keep_mask(analysis.classes_of(tensor), class_mask).sum())
 
     def strip_graph(graph):
         def node_fn(node, tensor_map):

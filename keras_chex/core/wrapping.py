@@ -10,6 +10,7 @@ from keras_chex.core import _graph
 from keras_chex.core import analysis as cg
 from keras_chex.core import _trainer
 from keras_chex.core import masking
+from keras_chex.core import masks as masks_lib
 from keras_chex.core import method as pruning_method
 
 # Version of the pruning config a `PrunableModel` saves; a file with a
@@ -88,6 +89,11 @@ class PrunableModel(keras.Model):
                 warn=False,
             )
         return self._analysis_cache
+
+    @property
+    def masks(self):
+        """The channel masks as one vector (a `Masks`: read, assign)."""
+        return masks_lib.Masks.of(self.analysis)
 
     def train_step(self, data):
         hook = getattr(getattr(self, "pruning_state", None),

@@ -197,7 +197,7 @@ def _uniform_compact(model, analysis, keep, round_to):
         k = widths[np.argmin(np.abs(widths - keep * g.size))]
         mask.append(np.arange(g.size) < k)
     if mask:
-        wrapped.analysis.set_class_mask(np.concatenate(mask))
+        wrapped.masks.assign(np.concatenate(mask))
     return stripping.strip(wrapped)
 
 

@@ -35,7 +35,6 @@ import numpy as np
 import tensorflow as tf
 
 from keras_chex.core import method
-from keras_chex.core import statistics
 from keras_chex.core import wrapping
 from keras_chex.methods.chex import allocation
 from keras_chex.methods.chex import regrowth
@@ -146,33 +145,19 @@ class ChexState(method.PruningState):
             trainable=False,
         )  # macs fraction, pruned, regrown, explorations done.
         self._plan_groups(analysis)
-        self._plain["_batchnorms"] = statistics.tracking_batchnorms(model)
         self._cost_fn = self.cost.tf_cost(self.resource())
         self._explore_fn = None
         self.built = True
 
     _by_var = property(lambda self: self._plain["_by_var"])
     _vars = property(lambda self: self._plain["_vars"])
-    _read_plan = property(lambda self: self._plain["_read_plan"])
     _var_index = property(lambda self: self._plain["_var_index"])
     _filters = property(lambda self: self._plain["_filters"])
     _gammas = property(lambda self: self._plain["_gammas"])
 
     # -- static plans ------------------------------------------------------
     def _plan_groups(self, analysis):
-        """Constant index tensors for reading masks and filter matrices."""
-        n = self.num_channels
-        site_of = np.full(n, -1)
-        pos_of = np.zeros(n, dtype=np.int64)
-        for i, site in enumerate(analysis.mask_sites):
-            for p, c in enumerate(site.classes):
-                if c >= 0 and site_of[c] < 0:
-                    site_of[c], pos_of[c] = i, p
-        self._plain["_read_plan"] = [
-            (site.layer.mask, np.flatnonzero(site_of == i),
-             pos_of[site_of == i])
-            for i, site in enumerate(analysis.mask_sites)
-        ]
+        """Constant index tensors for the filter matrices."""
         self._plain["_var_index"] = {id(v): i for i, v in enumerate(self._vars)}
         self._plain["_filters"] = []  # per group: list of (var index, axis, P matrix)
         self._plain["_gammas"] = []  # (var index, classes)
@@ -192,31 +177,6 @@ class ChexState(method.PruningState):
                 P[np.flatnonzero(inside), s.classes[inside] - g.start] = 1.0
                 parts.append((self._var_index[id(s.variable())], s.axis, P))
             self._filters.append(parts)
-
-    # -- mask I/O ------------------------------------------------------------
-    def _read_mask(self):
-        values = []
-        indices = []
-        for variable, classes, positions in self._read_plan:
-            if len(classes):
-                values.append(tf.gather(tf.convert_to_tensor(variable),
-                                        positions))
-                indices.append(classes)
-        return tf.scatter_nd(
-            np.concatenate(indices)[:, None], tf.concat(values, 0),
-            [self.num_channels],
-        )
-
-    def _write_mask(self, mask, old):
-        changed = tf.reduce_any(tf.not_equal(mask, old))
-        for layer in self._plain["_batchnorms"]:
-            # Every activation after a change has a new distribution.
-            layer.restart_statistics(when=changed)
-        for site in self.analysis.mask_sites:
-            classes = site.classes
-            values = tf.where(classes >= 0,
-                              tf.gather(mask, np.maximum(classes, 0)), 1.0)
-            site.layer.mask.assign(values)
 
     def _entry_active(self, var_index, mask):
         variable = self._vars[var_index]
@@ -323,7 +283,7 @@ class ChexState(method.PruningState):
         return hi
 
     def _explore(self, delta, seed):
-        old = self._read_mask()
+        old = self.masks.tensor()
         for i, (variable, backup) in enumerate(zip(self._vars, self.backups)):
             backup.assign(tf.where(self._entry_active(i, old), variable,
                                    backup))
@@ -356,8 +316,8 @@ class ChexState(method.PruningState):
             )
             new.append(tf.cast(kept | back, tf.float32))
         new = method.keep_a_channel_per_producer_tf(
-            tf.concat(new, 0), scores, self.analysis.producer_segments())
-        self._write_mask(new, old)
+            tf.concat(new, 0), scores, self.masks.producer_segments())
+        self.masks.assign_tensor(new)
         for i, (variable, backup) in enumerate(zip(self._vars, self.backups)):
             regrown = self._entry_active(i, new) & ~self._entry_active(i, old)
             variable.assign(tf.where(regrown, backup, variable))
@@ -446,9 +406,9 @@ class ChexState(method.PruningState):
                                           resource))
         start = s - min(self.config["regrow"], s / 2)
         if self.num_channels:
-            self.analysis.set_class_mask(method.keep_a_channel_per_producer(
+            self.masks.assign(method.keep_a_channel_per_producer(
                 mask_for(uniform_counts(start)), np.concatenate(l1),
-                self.analysis.producer_segments()))
+                self.masks.producer_segments()))
 
 # Registered with the wrapper so models loaded from `.keras` get their state.
 method.register_method(METHOD, ChexState)

@@ -164,7 +164,7 @@ class FrsState(method.PruningState):
         if not self.num_channels:
             return stats
         values = self.channel_scores(data)
-        kept = self.analysis.class_mask()
+        kept = self.masks.numpy()
         rng = np.random.default_rng(self.config["seed"] + int(index))
         units = selection.removal_units(
             values, kept, self.analysis.groups, self.min_counts,
@@ -188,11 +188,11 @@ class FrsState(method.PruningState):
         # only a channel still kept may stay.
         new = method.keep_a_channel_per_producer(
             new, np.where(kept, np.nan_to_num(values, nan=0.0), -np.inf),
-            self.analysis.producer_segments())
+            self.masks.producer_segments())
         removed = int(np.sum(kept & ~new))
         if removed:
-            self.analysis.set_class_mask(new)
-            self.analysis.clear_optimizer_state(
+            self.masks.assign(new)
+            self.masks.clear_optimizer_state(
                 getattr(self._plain["model"](), "optimizer", None),
                 kept & ~new)
         self.scores.assign(np.nan_to_num(values, nan=-1.0).astype(np.float32))

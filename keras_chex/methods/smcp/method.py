@@ -254,7 +254,7 @@ class SmcpState(method.PruningState):
         return self._plain["group_cost"]
 
     def current_counts(self):
-        mask = self.analysis.class_mask()
+        mask = self.masks.numpy()
         return np.array([int(mask[g.start:g.start + g.size].sum())
                          for g in self.analysis.groups], np.int64)
 
@@ -298,14 +298,14 @@ class SmcpState(method.PruningState):
             self._plain["warned"] = True
             method.warn_unreachable(self.config["target"], kept_fraction,
                                     chosen.cost / dense)
-        old = self.analysis.class_mask()
+        old = self.masks.numpy()
         new = method.keep_a_channel_per_producer(
             allocation.mask_from_counts(orders, self.group_sizes,
                                         chosen.counts),
-            self.scores(), self.analysis.producer_segments())
+            self.scores(), self.masks.producer_segments())
         if self.config["bn_rescale"]:
             self._rescale_gammas(old, new)
-        self.analysis.set_class_mask(new)
+        self.masks.assign(new)
         self.channel_mask.assign(new.astype(np.float32))
         self.importance.assign(tf.zeros_like(self.importance))
         stats = np.array([
