@@ -1,0 +1,63 @@
+"""A wrapped model's masks as one vector (keras_chex/core/masks.py)."""
+
+import numpy as np
+import pytest
+
+import keras_chex
+from keras_chex.cifar.resnet import cifar_resnet
+from keras_chex.core import statistics
+
+
+def _wrapped():
+    return keras_chex.wrap(cifar_resnet(8, widths=(8, 16, 16),
+                                        input_shape=(8, 8, 3),
+                                        num_classes=3))
+
+
+def _seen(model):
+    return [float(b.batches_seen.numpy())
+            for b in statistics.tracking_batchnorms(model)]
+
+
+def test_numpy_and_tensor_views_agree_and_writes_round_trip():
+    model = _wrapped()
+    masks = model.masks
+    assert masks is model.masks  # One per model.
+    rng = np.random.default_rng(0)
+    mask = rng.random(model.analysis.num_channels) < 0.6
+    for _, segment in masks.producer_segments():
+        mask[segment[0]] = True
+    for g in model.analysis.groups:
+        mask[g.start] = True
+    masks.assign(mask)
+    np.testing.assert_array_equal(masks.numpy(), mask)
+    np.testing.assert_array_equal(masks.tensor().numpy(), mask)
+    # Written from the compiled-step side, read back from either.
+    other = np.ones_like(mask)
+    other[np.flatnonzero(mask)[::3]] = False
+    masks.assign_tensor(other.astype("float32"))
+    np.testing.assert_array_equal(masks.numpy(), other)
+    np.testing.assert_array_equal(masks.tensor().numpy(), other)
+
+
+def test_a_change_restarts_statistics_and_no_change_does_not():
+    model = _wrapped()
+    masks = model.masks
+    settled = _seen(model)
+    assert settled and all(s > 0 for s in settled)
+    masks.assign(masks.numpy())  # The same mask: nothing changes.
+    masks.assign_tensor(masks.tensor())
+    assert _seen(model) == settled
+    mask = masks.numpy()
+    mask[model.analysis.groups[0].start] = False
+    masks.assign_tensor(mask.astype("float32"))
+    assert _seen(model) == [0.0] * len(settled)
+
+
+def test_a_plain_model_has_no_masks_to_write():
+    from keras_chex.core import analysis, masks
+
+    plain = analysis.ModelAnalysis(cifar_resnet(8, input_shape=(8, 8, 3)),
+                                   warn=False)
+    with pytest.raises(ValueError, match="carries no channel masks"):
+        masks.Masks(plain).assign(np.ones(plain.num_channels, bool))
