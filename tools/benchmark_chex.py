@@ -10,6 +10,7 @@ Variants (all ResNet-`depth`, SGD + momentum, cosine learning rate):
             regrowth 0: one global re-allocation and prune to the target,
             nothing comes back;
   chex      CHEX;
+  chex8     CHEX with widths in multiples of 8;
   chex16    CHEX with widths in multiples of 16 (XNNPACK's blocking);
   smcp      SMCP at `--latency` of the dense LiteRT latency, priced by a
             latency table measured on this machine (`--latency_table`,
@@ -94,15 +95,15 @@ def chex_options(name):
     """prune_and_regrow arguments of a CHEX variant or ablation.
 
     "chex" is the default; "fixed" regrows nothing and is never explored;
-    "chex16" rounds to 16; "chex_regrow<x>" and "chex_interval<x>" change
-    delta0 and the exploration interval; "chex_min<x>" sets min_channels
-    (a fraction of each group's size).
+    "chex8" and "chex16" round widths to 8 and 16; "chex_regrow<x>" and
+    "chex_interval<x>" change delta0 and the exploration interval;
+    "chex_min<x>" sets min_channels (a fraction of each group's size).
     """
     options = {"regrow": 0.3, "interval": FLAGS.interval}
     if name == "fixed":
         options["regrow"] = 0.0
-    elif name == "chex16":
-        options["round_to"] = 16
+    elif name in ("chex8", "chex16"):
+        options["round_to"] = int(name[len("chex"):])
     elif name.startswith("chex_regrow"):
         options["regrow"] = float(name[len("chex_regrow"):])
     elif name.startswith("chex_interval"):
