@@ -10,6 +10,7 @@ import pytest  # noqa: E402
 
 import keras_chex  # noqa: E402
 from keras_chex.core import _graph  # noqa: E402
+from keras_chex.deploy import latency_table  # noqa: E402
 from keras_chex.testing.random_graphs import random_masks  # noqa: E402,F401
 from keras_chex.testing.random_graphs import randomize_weights  # noqa: E402,F401
 
@@ -162,3 +163,22 @@ def assert_resumes_exactly(make_model, make_callback, x, y, directory,
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def synthetic_latency_table(model, round_to=4):
+    """A latency table from a formula, with a step at 8 channels (like
+    XNNPACK's blocking), so no LiteRT timing is needed."""
+    entries = {}
+    for name, node in latency_table._timed_nodes(model):
+        key = latency_table._entry_key(node)
+        cin, cout = latency_table._channels(node)
+        cins = sorted({1, *range(round_to, cin, round_to), cin})
+        couts = sorted({1, *range(round_to, cout, round_to), cout})
+        spatial = float(np.prod(node.inputs[0].shape[1:-1]))
+        entries[key] = {
+            "cin": cins, "cout": couts,
+            "ms": [[1e-4 * spatial * a * 8 * np.ceil(b / 8) for b in couts]
+                   for a in cins]}
+    calibration = {latency_table.architecture_key(model):
+                   {"scale": 1.0, "other_ms": 0.05}}
+    return latency_table.LatencyTable(entries, calibration, 1, {}, round_to)

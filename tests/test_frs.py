@@ -20,6 +20,7 @@ from conftest import compile_sgd as _compile
 from conftest import tiny_data as _data
 from conftest import tiny_resnet as _resnet
 from conftest import randomize_weights
+from conftest import synthetic_latency_table
 
 # Relevance is conserved up to float32 rounding: the totals of a layer's
 # inputs and outputs agree to this relative tolerance.
@@ -505,6 +506,25 @@ def _fit(model, epochs=4, callbacks=(), data=None):
                      shuffle=False,
                      callbacks=[keras_chex.RelevancePruning((x, y)),
                                 *callbacks])
+
+
+def test_fit_meets_a_latency_budget_priced_by_the_table():
+    base = _resnet()
+    table = synthetic_latency_table(base)
+    model = _compile(keras_chex.relevance_prune(
+        base, latency=0.6, cost_table=table, interval=1, seed=0))
+    history = _fit(model)
+    compact = keras_chex.strip(model)
+    kept = table.predict(compact) / table.predict(base)
+    assert 0.4 < kept <= 0.6 * (1 + 1e-9)
+    assert history.history["frs_macs"][-1] == pytest.approx(kept, rel=1e-6)
+    # MACs are not what it was held to: they fall elsewhere.
+    assert keras_chex.count_macs(compact).macs != pytest.approx(
+        0.6 * keras_chex.count_macs(base).macs, rel=1e-3)
+    with pytest.raises(ValueError, match="needs `cost_table=`"):
+        keras_chex.relevance_prune(base, latency=0.5)
+    with pytest.raises(ValueError, match="`latency` target only"):
+        keras_chex.relevance_prune(base, flops=0.5, cost_table=table)
 
 
 @pytest.mark.parametrize("target", ["flops", "params"])

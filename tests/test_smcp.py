@@ -11,13 +11,13 @@ from keras import layers
 import keras_chex
 from keras_chex.core import costs
 from keras_chex.core import importance as importance_lib
-from keras_chex.deploy import latency_table
 from keras_chex.methods.smcp import allocation
 from keras_chex.methods.smcp import schedule as schedule_lib
 
 from conftest import assert_keras_file_continues
 from conftest import assert_resumes_exactly
 from conftest import compile_sgd as _compile
+from conftest import synthetic_latency_table
 from conftest import tiny_data as _data
 from conftest import tiny_resnet as _resnet
 from conftest import randomize_weights
@@ -210,28 +210,9 @@ def test_fit_meets_the_budget(target):
     assert sum(history.history["smcp_pruned"]) > 0
 
 
-def _synthetic_table(model, round_to=4):
-    """A latency table from a formula, with a step at 8 channels (like
-    XNNPACK's blocking), so no LiteRT timing is needed."""
-    entries = {}
-    for name, node in latency_table._timed_nodes(model):
-        key = latency_table._entry_key(node)
-        cin, cout = latency_table._channels(node)
-        cins = sorted({1, *range(round_to, cin, round_to), cin})
-        couts = sorted({1, *range(round_to, cout, round_to), cout})
-        spatial = float(np.prod(node.inputs[0].shape[1:-1]))
-        entries[key] = {
-            "cin": cins, "cout": couts,
-            "ms": [[1e-4 * spatial * a * 8 * np.ceil(b / 8) for b in couts]
-                   for a in cins]}
-    calibration = {latency_table.architecture_key(model):
-                   {"scale": 1.0, "other_ms": 0.05}}
-    return latency_table.LatencyTable(entries, calibration, 1, {}, round_to)
-
-
 def test_fit_meets_a_latency_budget_and_the_table_predicts_the_compact():
     base = _resnet()
-    table = _synthetic_table(base)
+    table = synthetic_latency_table(base)
     model = _compile(_smcp(base, flops=None, latency=0.6, cost_table=table))
     history = _fit(model)
     compact = keras_chex.strip(model)
@@ -340,7 +321,7 @@ def test_an_unreachable_target_warns_and_takes_the_narrowest_widths():
 def test_a_latency_table_of_another_model_is_refused():
     other = keras.Sequential([keras.Input((8, 8, 3)),
                               layers.Conv2D(4, 3, name="elsewhere")])
-    table = _synthetic_table(other)
+    table = synthetic_latency_table(other)
     with pytest.raises(ValueError,
                        match=r"no entry for layer 'stem_conv' \(Conv2D"):
         _smcp(flops=None, latency=0.5, cost_table=table)

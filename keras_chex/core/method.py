@@ -17,6 +17,7 @@ the width arithmetic they imply.
 """
 
 import numbers
+import os
 import warnings
 import weakref
 
@@ -25,6 +26,7 @@ import numpy as np
 
 from keras_chex.core import costs
 from keras_chex.core import masks as masks_lib
+from keras_chex.deploy import latency_table
 
 # method name -> class of the state object a wrapped model carries for it.
 _METHOD_STATES = {}
@@ -127,15 +129,44 @@ class PruningState(keras.layers.Layer):
     masks = property(lambda self: masks_lib.Masks.of(self.analysis))
 
     def resource(self):
-        """'macs' or 'params': what the method's target counts."""
-        return "params" if self.config.get("target") == "params" else "macs"
+        """'macs', 'params' or 'latency': what the method's target counts
+        (MACs for targets that count channels)."""
+        return {"params": "params", "latency": "latency"}.get(
+            self.config.get("target"), "macs")
+
+    def group_cost(self):
+        """The target's cost as a `costs.GroupCost` of group widths: MACs,
+        parameters, or the latency table stored with the model."""
+        if self._plain.get("group_cost") is None:
+            if self.resource() == "latency":
+                table = latency_table.LatencyTable.from_json(
+                    self.config["cost_table"])
+                cost = table.group_cost(self.analysis)
+            else:
+                cost = self.cost.group_cost(self.analysis, self.resource())
+            self._plain["group_cost"] = cost
+        return self._plain["group_cost"]
+
+    def counts_of(self, mask):
+        """Channels kept per group by a model-wide mask."""
+        mask = np.asarray(mask, bool)
+        return np.array([int(mask[g.start:g.start + g.size].sum())
+                         for g in self.analysis.groups], np.int64)
+
+    def current_counts(self):
+        return self.counts_of(self.masks.numpy())
+
+    def cost_of(self, mask):
+        """The target's cost of a model-wide mask (exact for MACs and
+        parameters; for latency, the table's prediction)."""
+        if self.resource() == "latency":
+            return self.group_cost().total(self.counts_of(mask))
+        return self.cost.cost(mask, self.resource())
 
     def kept_fraction(self):
-        """Current MACs (or params, for a params target) over dense."""
-        resource = self.resource()
-        mask = self.masks.numpy()
-        dense = self.cost.cost(np.ones(self.num_channels), resource)
-        return self.cost.cost(mask, resource) / dense if dense else 1.0
+        """Current cost of the target's kind over the dense cost."""
+        dense = self.cost_of(np.ones(self.num_channels, bool))
+        return self.cost_of(self.masks.numpy()) / dense if dense else 1.0
 
     def load_own_variables(self, store):
         super().load_own_variables(store)
@@ -224,6 +255,37 @@ def check_choice(name, value, choices):
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"`{name}` must be one of {choices}, got "
                          f"{value!r}.")
+
+
+def latency_config(target, cost_table, model):
+    """What a model stores of `cost_table` (None unless `target` is
+    "latency"): the entries and calibration it uses, so its `.keras` file
+    prices itself anywhere and a table shared by many models does not grow
+    each config.
+
+    Raises:
+        ValueError: a latency target without a table, a table without a
+            latency target, not a table, or a table that lacks `model`'s
+            layers (named).
+    """
+    if target != "latency":
+        if cost_table is not None:
+            raise ValueError(
+                "`cost_table` is used with a `latency` target only; drop it, "
+                f"or give `latency=` instead of `{target}=`.")
+        return None
+    if cost_table is None:
+        raise ValueError(
+            "A `latency` target needs `cost_table=`: build one on the target "
+            "device with `keras_chex.build_latency_table(model, path)` and "
+            "pass it (or its JSON path).")
+    if isinstance(cost_table, (str, os.PathLike)):
+        cost_table = latency_table.LatencyTable.load(cost_table)
+    if not isinstance(cost_table, latency_table.LatencyTable):
+        raise ValueError(
+            "`cost_table` must be a LatencyTable or the path of its JSON "
+            f"file, got {type(cost_table).__name__}.")
+    return cost_table.subset(model).to_json()
 
 
 def check_round_to(round_to):

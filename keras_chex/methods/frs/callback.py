@@ -17,8 +17,8 @@ class RelevancePruning(callback.PruningCallback):
     are computed on the first `score_batches` batches of `data` (one
     compiled pass), and the lowest-scored channels are removed for good.
     Each epoch's logs get `frs_macs` (fraction of the dense MACs kept, or of
-    the parameters for a `params` target) and `frs_pruned` (channels removed
-    in that epoch). The schedule is laid over the planned length of the
+    the parameters or predicted latency for a `params` or `latency` target)
+    and `frs_pruned` (channels removed in that epoch). The schedule is laid over the planned length of the
     `fit` call, so its steps per epoch must be known. It may be listed
     before or after a `BackupAndRestore` callback.
 

@@ -8,9 +8,10 @@ batches of data, and removes the globally lowest-scored channels, for good
 (their weights are zeroed and they never come back). There is no separate
 fine-tuning stage: training simply goes on.
 
-The target is a fraction of the dense MACs (`flops`) or parameters
-(`params`) kept, reached in equal steps of cost, or `channels=x`, the
-paper's fixed number of channels removed per step.
+The target is a fraction of the dense MACs (`flops`), parameters
+(`params`) or latency (`latency`, predicted by a measured latency table)
+kept, reached in equal steps of cost, or `channels=x`, the paper's fixed
+number of channels removed per step.
 """
 
 import numbers
@@ -28,9 +29,10 @@ METHOD = "frs"
 CRITERIA = ("relevance", "l1")
 
 
-def relevance_prune(model, *, flops=None, params=None, channels=None,
-                    interval=2.0, until=0.75, score_batches=10,
-                    min_channels=0.05, round_to=1, exclude=(), seed=None,
+def relevance_prune(model, *, flops=None, params=None, latency=None,
+                    channels=None, cost_table=None, interval=2.0,
+                    until=0.75, score_batches=10, min_channels=0.05,
+                    round_to=1, exclude=(), seed=None,
                     criterion="relevance"):
     """Prepares a model for gradual pruning by feature relevance scores.
 
@@ -39,8 +41,13 @@ def relevance_prune(model, *, flops=None, params=None, channels=None,
             copy is returned) with one `(batch, classes)` output.
         flops: fraction of the dense MACs to keep at the end.
         params: fraction of the dense parameter count to keep.
+        latency: fraction of the dense model's latency to keep, as
+            predicted by `cost_table` (measured on the target device).
         channels: channels removed per pruning step (the paper's `x`).
-            Give exactly one of `flops`, `params`, `channels`.
+            Give exactly one of `flops`, `params`, `latency`, `channels`.
+        cost_table: with `latency`: a `LatencyTable` from
+            `keras_chex.build_latency_table(model)`, or the path of its
+            JSON file.
         interval: epochs between pruning steps (may be fractional).
         until: fraction of the planned training after which nothing more
             is pruned; the last step runs there.
@@ -70,13 +77,16 @@ def relevance_prune(model, *, flops=None, params=None, channels=None,
     ```
     """
     target, value = method.one_target(
-        {"flops": flops, "params": params, "channels": channels},
+        {"flops": flops, "params": params, "latency": latency,
+         "channels": channels},
         {"flops": "fraction of MACs to keep",
          "params": "fraction of parameters to keep",
+         "latency": "fraction of the predicted latency to keep",
          "channels": "channels removed per step"},
     )
-    method.check_fraction("flops", flops, optional=True)
-    method.check_fraction("params", params, optional=True)
+    for name, v in (("flops", flops), ("params", params),
+                    ("latency", latency)):
+        method.check_fraction(name, v, optional=True)
     if channels is not None and (
             isinstance(channels, bool)
             or not isinstance(channels, numbers.Integral) or channels < 1):
@@ -102,6 +112,7 @@ def relevance_prune(model, *, flops=None, params=None, channels=None,
         "round_to": round_to,
         "seed": method.resolve_seed(seed),
         "criterion": criterion,
+        "cost_table": method.latency_config(target, cost_table, model),
     }
     wrapped = wrapping.wrap(model, mode="permanent", exclude=exclude,
                             pruning=config)
@@ -173,17 +184,15 @@ class FrsState(method.PruningState):
             new = selection.remove_channels(
                 kept, units, int(self.config["target_value"]))
         else:
-            resource = self.resource()
-            dense = self.cost.cost(np.ones(self.num_channels), resource)
+            dense = self.cost_of(np.ones(self.num_channels, bool))
             goal = 1.0 - (1.0 - self.config["target_value"]) * index / steps
             new, reached = selection.remove_to_cost(
-                kept, units, lambda m: self.cost.cost(m, resource),
-                goal * dense)
+                kept, units, self.cost_of, goal * dense)
             if not reached and not self._plain.get("warned"):
                 self._plain["warned"] = True
                 method.warn_unreachable(
                     self.config["target"], self.config["target_value"],
-                    self.cost.cost(new, resource) / dense)
+                    self.cost_of(new) / dense)
         # Never a layer's last channel (a concatenation inside a group);
         # only a channel still kept may stay.
         new = method.keep_a_channel_per_producer(

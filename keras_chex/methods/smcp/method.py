@@ -18,7 +18,6 @@ The cost is the dense model's MACs, parameters, or its latency predicted
 by a measured `LatencyTable` (`keras_chex.build_latency_table`).
 """
 
-import os
 
 import numpy as np
 import tensorflow as tf
@@ -108,13 +107,7 @@ def soft_mask_prune(model, *, latency=None, flops=None, params=None,
     if not isinstance(bn_rescale, bool):
         raise ValueError(f"`bn_rescale` must be True or False, got "
                          f"{bn_rescale!r}.")
-    table_json = None
-    if target == "latency":
-        table_json = _table_json(cost_table, model)
-    elif cost_table is not None:
-        raise ValueError(
-            "`cost_table` is used with a `latency` target only; drop it, or "
-            f"give `latency=` instead of `{target}=`.")
+    table_json = method.latency_config(target, cost_table, model)
     config = {
         "method": METHOD,
         "target": target,
@@ -135,26 +128,6 @@ def soft_mask_prune(model, *, latency=None, flops=None, params=None,
         # table must cover.
         wrapped.pruning_state.group_cost()
     return wrapped
-
-
-def _table_json(cost_table, model):
-    from keras_chex.deploy import latency_table  # Loads LiteRT lazily.
-
-    if cost_table is None:
-        raise ValueError(
-            "A `latency` target needs `cost_table=`: build one on the target "
-            "device with `keras_chex.build_latency_table(model, path)` and "
-            "pass it (or its JSON path).")
-    if isinstance(cost_table, (str, os.PathLike)):
-        cost_table = latency_table.LatencyTable.load(cost_table)
-    if not isinstance(cost_table, latency_table.LatencyTable):
-        raise ValueError(
-            "`cost_table` must be a LatencyTable or the path of its JSON "
-            f"file, got {type(cost_table).__name__}.")
-    # What this model uses, not the whole file: the `.keras` file then
-    # prices itself on any machine, and a shared table measured for many
-    # models does not grow every model's config.
-    return cost_table.subset(model).to_json()
 
 
 class SmcpState(method.PruningState):
@@ -185,7 +158,6 @@ class SmcpState(method.PruningState):
             name="last_stats", shape=(4,), initializer="zeros",
             trainable=False)
         self._plain["decay_plan"] = self._decay_plan(analysis)
-        self._plain["group_cost"] = None
         self.built = True
 
     # -- inside the train step ---------------------------------------------
@@ -233,36 +205,6 @@ class SmcpState(method.PruningState):
             out.append(g + tf.cast(decay * pruned, g.dtype) * tf.cast(
                 v, g.dtype))
         return out
-
-    # -- costs ---------------------------------------------------------------
-    def resource(self):
-        return {"flops": "macs", "params": "params",
-                "latency": "latency"}[self.config["target"]]
-
-    def group_cost(self):
-        """The `GroupCost` of the target (computed once)."""
-        if self._plain["group_cost"] is None:
-            if self.config["target"] == "latency":
-                from keras_chex.deploy import latency_table
-
-                table = latency_table.LatencyTable.from_json(
-                    self.config["cost_table"])
-                cost = table.group_cost(self.analysis)
-            else:
-                cost = self.cost.group_cost(self.analysis, self.resource())
-            self._plain["group_cost"] = cost
-        return self._plain["group_cost"]
-
-    def current_counts(self):
-        mask = self.masks.numpy()
-        return np.array([int(mask[g.start:g.start + g.size].sum())
-                         for g in self.analysis.groups], np.int64)
-
-    def kept_fraction(self):
-        """Current cost (of the target's kind) over the dense cost."""
-        cost = self.group_cost()
-        dense = cost.total(self.group_sizes)
-        return cost.total(self.current_counts()) / dense if dense else 1.0
 
     # -- recomputation -------------------------------------------------------
     def widths(self):
