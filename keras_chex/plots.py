@@ -70,11 +70,9 @@ def plot_widths(source, path, *, overwrite=False, title=None):
         final = history[:, -1]
     elif wrapping.is_wrapped(source):
         analysis = source.analysis
-        mask = source.masks.numpy()
         names = [g.name for g in analysis.groups]
         sizes = np.array([g.size for g in analysis.groups])
-        final = np.array([int(mask[g.start:g.start + g.size].sum())
-                          for g in analysis.groups])
+        final = source.masks.counts()
         history = None
     else:
         raise ValueError(

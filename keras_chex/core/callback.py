@@ -150,9 +150,7 @@ class PruningCallback(keras.callbacks.Callback):
                 self._skip(step, broken)
                 continue
             stats, message = self.run_step(step, payload)
-            pruned_regrown = np.zeros(2)
-            pruned_regrown[:len(stats) - 1] = np.asarray(stats, float)[1:3]
-            self._changed += pruned_regrown
+            self._changed += np.asarray(stats[1:3], float)
             if self.verbose:
                 print(f"\n{message}")
             self._record(step)
@@ -166,10 +164,7 @@ class PruningCallback(keras.callbacks.Callback):
         return np.array([g.size for g in self.model.analysis.groups])
 
     def _record(self, step):
-        analysis = self.model.analysis
-        mask = self.model.masks.numpy()
-        counts = np.array([int(mask[g.start:g.start + g.size].sum())
-                           for g in analysis.groups])
+        counts = self.model.masks.counts()
         self.widths.append((int(step), counts))
         if self._summary_dir() is None:
             return

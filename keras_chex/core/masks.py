@@ -70,6 +70,13 @@ class Masks:
             mask[site.classes[sel]] = values[sel]
         return mask
 
+    def counts(self, mask=None):
+        """Channels kept per group (int array, in group order) by `mask`
+        (a model-wide bool vector; default: the current masks)."""
+        mask = self.numpy() if mask is None else np.asarray(mask, bool)
+        return np.array([int(mask[g.start:g.start + g.size].sum())
+                         for g in self._analysis.groups], np.int64)
+
     def tensor(self):
         """The same vector as a float32 tensor (1 = kept), read in
         TensorFlow ops, so a compiled step can use it."""
@@ -97,13 +104,19 @@ class Masks:
         return tf.scatter_nd(indices[:, None], tf.concat(values, 0),
                              [self._analysis.num_channels])
 
-    def assign_tensor(self, mask):
+    def assign_tensor(self, mask, old=None):
         """Writes a float32 tensor from `tensor()`'s space, in TensorFlow
-        ops (BatchNorm statistics restart if anything changed)."""
+        ops (BatchNorm statistics restart if anything changed).
+
+        Args:
+            mask: the new masks.
+            old: `tensor()` as read before, if the caller has it.
+        """
         import tensorflow as tf
 
         analysis = self._analysis
-        changed = tf.reduce_any(tf.not_equal(mask, self.tensor()))
+        old = self.tensor() if old is None else old
+        changed = tf.reduce_any(tf.not_equal(mask, old))
         for layer in statistics.tracking_batchnorms(analysis.model):
             # Every activation after a change has a new distribution.
             layer.restart_statistics(when=changed)

@@ -147,20 +147,15 @@ class PruningState(keras.layers.Layer):
             self._plain["group_cost"] = cost
         return self._plain["group_cost"]
 
-    def counts_of(self, mask):
-        """Channels kept per group by a model-wide mask."""
-        mask = np.asarray(mask, bool)
-        return np.array([int(mask[g.start:g.start + g.size].sum())
-                         for g in self.analysis.groups], np.int64)
-
     def current_counts(self):
-        return self.counts_of(self.masks.numpy())
+        """Channels kept per group now."""
+        return self.masks.counts()
 
     def cost_of(self, mask):
         """The target's cost of a model-wide mask (exact for MACs and
         parameters; for latency, the table's prediction)."""
         if self.resource() == "latency":
-            return self.group_cost().total(self.counts_of(mask))
+            return self.group_cost().total(self.masks.counts(mask))
         return self.cost.cost(mask, self.resource())
 
     def kept_fraction(self):

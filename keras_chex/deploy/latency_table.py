@@ -3,9 +3,9 @@
 `build_latency_table(model)` (`table_builder.py`) times, through LiteRT on
 the machine it runs on, every convolution and dense call of `model` on its
 own, over the input and output channel counts that pruning can give it
-(multiples of `round_to`), and caches the times in a JSON file. Calls that would compile
-to the same TFLite op (same layer type and config, same input size) are
-timed once. Each point is the fastest of its runs over interleaved rounds,
+(multiples of `round_to`), and caches the times in a JSON file. Calls that
+would compile to the same TFLite op (same layer type and config, same
+input size) are timed once. Each point is the fastest of its runs over interleaved rounds,
 less the cost of an `invoke()` that computes (nearly) nothing: every
 isolated layer pays that, the whole model only once. The rest of the
 network (additions, pooling, the ops a TFLite file always has) is timed as

@@ -317,7 +317,7 @@ class ChexState(method.PruningState):
             new.append(tf.cast(kept | back, tf.float32))
         new = method.keep_a_channel_per_producer_tf(
             tf.concat(new, 0), scores, self.masks.producer_segments())
-        self.masks.assign_tensor(new)
+        self.masks.assign_tensor(new, old)
         for i, (variable, backup) in enumerate(zip(self._vars, self.backups)):
             regrown = self._entry_active(i, new) & ~self._entry_active(i, old)
             variable.assign(tf.where(regrown, backup, variable))

@@ -18,9 +18,10 @@ class RelevancePruning(callback.PruningCallback):
     compiled pass), and the lowest-scored channels are removed for good.
     Each epoch's logs get `frs_macs` (fraction of the dense MACs kept, or of
     the parameters or predicted latency for a `params` or `latency` target)
-    and `frs_pruned` (channels removed in that epoch). The schedule is laid over the planned length of the
-    `fit` call, so its steps per epoch must be known. It may be listed
-    before or after a `BackupAndRestore` callback.
+    and `frs_pruned` (channels removed in that epoch). The schedule is laid
+    over the planned length of the `fit` call, so its steps per epoch must
+    be known. It may be listed before or after a `BackupAndRestore`
+    callback.
 
     Args:
         data: the images the scores are computed on: a `tf.data.Dataset`
@@ -76,7 +77,8 @@ class RelevancePruning(callback.PruningCallback):
     def run_step(self, step, payload):
         planned, index, total = payload
         stats = self.state.prune_step(self.data, index, total)
-        return stats, (
+        # Cost kept, channels removed, none regrown (FRS never regrows).
+        return (stats[0], stats[1], 0.0), (
             f"FRS pruning step {index}/{total} at step {step} (planned "
             f"{planned}): removed {int(stats[1])} channels, kept "
             f"{stats[0]:.3f} of dense")
