@@ -178,17 +178,19 @@ def test_chex_results_plots_each_layers_mean_width(tmp_path):
     assert png.read_bytes() == before
 
 
-def test_benchmark_chex_runs_the_smcp_variants_and_times_them(tmp_path):
+def test_benchmark_chex_runs_the_latency_variants_and_times_them(tmp_path):
     output = tmp_path / "bench.jsonl"
     table = tmp_path / "table.json"
     _run("benchmark_chex.py", "--depth=8", "--epochs=2",
          "--train_per_class=20", "--val_per_class=5", "--threads=1",
-         "--variants=smcp,smcp_flops,chex16", "--latency=0.6",
+         "--variants=smcp,smcp_flops,chex16,chex_latency,frs_latency",
+         "--latency=0.6",
          f"--latency_table={table}", "--measure_latency",
          f"--output={output}")
     lines = [json.loads(line) for line in output.read_text().splitlines()]
     results = {r["variant"]: r for r in lines[1:]}
-    assert set(results) == {"smcp", "smcp_flops", "chex16"}
+    assert set(results) == {"smcp", "smcp_flops", "chex16", "chex_latency",
+                            "frs_latency"}
     assert table.exists()
     for r in results.values():
         assert r["latency_ms"] > 0 and r["dense_latency_ms"] > 0
@@ -199,7 +201,8 @@ def test_benchmark_chex_runs_the_smcp_variants_and_times_them(tmp_path):
     assert results["chex16"]["macs_fraction"] < 0.6
     # The latency budget holds as the table predicts it.
     dense_predicted = keras_predicted_dense(table)
-    assert results["smcp"]["predicted_ms"] <= 0.6 * dense_predicted + 1e-9
+    for name in ("smcp", "chex_latency", "frs_latency"):
+        assert results[name]["predicted_ms"] <= 0.6 * dense_predicted + 1e-9
     # Widths of CHEX with round_to=16: multiples of 16 (or the full width).
     assert all(w % 16 == 0 for w in results["chex16"]["conv_filters"])
 

@@ -21,6 +21,7 @@ from keras_chex.methods.chex import schedules
 from keras_chex.cifar.resnet import cifar_resnet
 
 from conftest import CrashAtEpoch
+from conftest import synthetic_latency_table
 
 # ---------------------------------------------------------------------------
 # Tiny models and helpers
@@ -200,6 +201,10 @@ def test_exactly_one_target(small_model, kwargs):
     ({"sparsity": 0.5, "min_channels": 0.0}, "min_channels"),
     ({"sparsity": 0.5, "min_channels": True}, "min_channels"),
     ({"sparsity": 0.5, "min_channels": "2"}, "min_channels"),
+    ({"sparsity": 0.5, "allocator": "knapsack"}, "allocator"),
+    ({"flops": 0.5, "allocator": "greedy"}, "allocator"),
+    ({"latency": 0.5}, "latency"),
+    ({"flops": 0.5, "cost_table": "table.json"}, "cost_table"),
 ])
 def test_bad_arguments_name_the_argument(small_model, kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
@@ -806,6 +811,75 @@ def test_flops_target_on_a_residual_network():
     assert streams and any(not g.mask.all() for g in streams)
     stem = compact.get_layer("stem_conv").kernel.shape[-1]
     assert stem == groups_of(model)["stem_conv"].mask.sum() < 16
+
+
+def _fit_explorations(model, epochs=4):
+    x, y = data(32, 16)
+    history = model.fit(x, y, batch_size=8, epochs=epochs, verbose=0,
+                        shuffle=False,
+                        callbacks=[keras_chex.ChannelExploration()])
+    return history, assert_compact_matches(model, x[:4])
+
+
+def test_knapsack_allocator_meets_a_flops_target_and_regrows():
+    keras.utils.set_random_seed(15)
+    base = tiny_resnet()
+    dense = keras_chex.count_macs(base).macs
+    model = compile_(keras_chex.prune_and_regrow(
+        base, flops=0.5, allocator="knapsack", round_to=4, interval=1,
+        regrow=0.4, seed=0))
+    assert model.pruning_config["allocator"] == "knapsack"
+    history, compact = _fit_explorations(model)
+    assert keras_chex.count_macs(compact).macs <= 0.5 * dense
+    assert sum(history.history["chex_regrown"]) > 0
+    _assert_rounded(model, 4, "after fit")
+
+
+def test_knapsack_widths_carry_the_most_gamma_a_budget_allows():
+    """At the last (regrowth-free) step the knapsack keeps, per group, the
+    widths of maximal summed |gamma| under the MACs: no other allowed
+    choice that fits carries more."""
+    keras.utils.set_random_seed(3)
+    model = compile_(keras_chex.prune_and_regrow(
+        tiny_resnet(), flops=0.5, allocator="knapsack", round_to=4,
+        regrow=0.0, interval=1, seed=0))
+    _fit_explorations(model, epochs=2)
+    state = model.pruning_state
+    scores = np.asarray(state._plain["fns"][0]())
+    counts = state.masks.counts()
+    cost = state.group_cost()
+    budget = 0.5 * cost.total(state.group_sizes)
+    assert cost.total(counts) <= budget * (1 + 1e-9)
+
+    def value(c):
+        total, lo = 0.0, 0
+        for size, k in zip(state.group_sizes, c):
+            total += np.sort(scores[lo:lo + size])[::-1][:k].sum()
+            lo += size
+        return total
+
+    rng = np.random.default_rng(0)
+    widths = state.widths()
+    for _ in range(300):
+        other = np.array([rng.choice(w) for w in widths])
+        if cost.total(other) <= budget:
+            assert value(other) <= value(counts) + 1e-5
+
+
+def test_latency_target_meets_the_table_budget():
+    keras.utils.set_random_seed(15)
+    base = tiny_resnet()
+    table = synthetic_latency_table(base)
+    model = compile_(keras_chex.prune_and_regrow(
+        base, latency=0.6, cost_table=table, interval=1, seed=0))
+    assert model.pruning_config["allocator"] == "knapsack"
+    history, compact = _fit_explorations(model)
+    kept = table.predict(compact) / table.predict(base)
+    assert 0.3 < kept <= 0.6 * (1 + 1e-9)
+    assert history.history["chex_macs"][-1] == pytest.approx(kept, rel=1e-5)
+    with pytest.raises(ValueError, match="`allocator='threshold'` cannot"):
+        keras_chex.prune_and_regrow(base, latency=0.5, cost_table=table,
+                                    allocator="threshold")
 
 
 def test_unknown_steps_per_epoch_is_a_clear_error():

@@ -1,4 +1,4 @@
-"""Tests for keras_chex.methods.smcp.knapsack against brute force."""
+"""Tests for keras_chex.core.knapsack against brute force."""
 
 import doctest
 import itertools
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from keras_chex.methods.smcp import knapsack
-from keras_chex.methods.smcp.knapsack import solve
+from keras_chex.core import knapsack
+from keras_chex.core.knapsack import solve
 
 RTOL = 1e-12  # The solver's budget tolerance.
 

@@ -11,7 +11,7 @@ from keras import layers
 import keras_chex
 from keras_chex.core import costs
 from keras_chex.core import importance as importance_lib
-from keras_chex.methods.smcp import allocation
+from keras_chex.core import allocation
 from keras_chex.methods.smcp import schedule as schedule_lib
 
 from conftest import assert_keras_file_continues

@@ -15,7 +15,9 @@ Variants (all ResNet-`depth`, SGD + momentum, cosine learning rate):
   smcp      SMCP at `--latency` of the dense LiteRT latency, priced by a
             latency table measured on this machine (`--latency_table`,
             built there if missing);
-  smcp_flops  SMCP at `--flops` of the dense MACs.
+  smcp_flops  SMCP at `--flops` of the dense MACs;
+  chex_latency, frs_latency  CHEX and FRS at `--latency`, priced by the
+            same table (CHEX through the shared knapsack allocator).
 With `--measure_latency`, every final model is exported to TFLite and timed
 with LiteRT (1 thread, fastest of interleaved rounds), next to the table's
 prediction.
@@ -131,12 +133,19 @@ def run_variant(name, train, val, steps):
                   if name == "smcp" else {"flops": FLAGS.flops})
         model = keras_chex.soft_mask_prune(dense, seed=FLAGS.seed, **target)
         callbacks = [keras_chex.SoftMaskPruning()]
-    elif name in ("frs", "l1"):
+    elif name in ("frs", "l1", "frs_latency"):
+        target = ({"latency": FLAGS.latency, "cost_table": latency_table()}
+                  if name == "frs_latency" else {"flops": FLAGS.flops})
         model = keras_chex.relevance_prune(
-            dense, flops=FLAGS.flops, interval=FLAGS.interval,
-            seed=FLAGS.seed, criterion="relevance" if name == "frs" else "l1")
+            dense, **target, interval=FLAGS.interval,
+            seed=FLAGS.seed, criterion="l1" if name == "l1" else "relevance")
         # Scored on the first batches of the (shuffled) training data.
         callbacks = [keras_chex.RelevancePruning(train, verbose=1)]
+    elif name == "chex_latency":
+        model = keras_chex.prune_and_regrow(
+            dense, latency=FLAGS.latency, cost_table=latency_table(),
+            seed=FLAGS.seed, **chex_options("chex"))
+        callbacks = [keras_chex.ChannelExploration(verbose=1)]
     else:
         model = keras_chex.prune_and_regrow(
             dense, flops=FLAGS.flops, seed=FLAGS.seed,

@@ -1,4 +1,4 @@
-r"""Benchmark of SMCP's exact knapsack (`keras_chex.methods.smcp.knapsack`).
+r"""Benchmark of SMCP's exact knapsack (`keras_chex.core.knapsack`).
 
 Times `knapsack.solve` on synthetic problems of the size SMCP meets:
 
@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_report import usable_cores  # noqa: E402
 
-from keras_chex.methods.smcp import knapsack  # noqa: E402
+from keras_chex.core import knapsack  # noqa: E402
 
 NETWORKS = {
     "ResNet-50": (60, [64, 128, 256, 512, 1024, 2048]),

@@ -24,6 +24,7 @@ import weakref
 import keras
 import numpy as np
 
+from keras_chex.core import allocation
 from keras_chex.core import costs
 from keras_chex.core import masks as masks_lib
 from keras_chex.deploy import latency_table
@@ -157,6 +158,49 @@ class PruningState(keras.layers.Layer):
         if self.resource() == "latency":
             return self.group_cost().total(self.masks.counts(mask))
         return self.cost.cost(mask, self.resource())
+
+    def widths(self):
+        """The widths each group may take (`width_options`)."""
+        return [width_options(size, minimum, self.config.get("round_to", 1))
+                for size, minimum in zip(self.group_sizes, self.min_counts)]
+
+    def allocate(self, importance, fraction, priority=None):
+        """Widths of maximal summed importance within a cost budget.
+
+        The one allocator the methods share: each group keeps one of its
+        `widths()`, worth the summed `importance` of its best channels, and
+        the total cost of the target's kind (MACs, parameters or the
+        latency table) stays within `fraction` of dense, by the exact
+        knapsack of `core.allocation`. Warns once when even the narrowest
+        widths cost more.
+
+        Args:
+            importance: float array over all channels.
+            fraction: the budget, a fraction of the dense cost.
+            priority: optional array over all channels breaking ties
+                (higher first).
+
+        Returns:
+            (counts, mask, cost): channels kept per group, the bool mask
+            keeping each group's best channels (and one per producer), and
+            the cost of `counts` as a fraction of dense.
+        """
+        cost = self.group_cost()
+        dense = cost.total(self.group_sizes)
+        widths = self.widths()
+        values, orders = allocation.option_values(
+            importance, self.group_sizes, widths, priority)
+        chosen = allocation.allocate(values, widths, cost, fraction * dense,
+                                     self.current_counts())
+        if not chosen.feasible and not self._plain.get("warned"):
+            self._plain["warned"] = True
+            warn_unreachable(self.config["target"], fraction,
+                             chosen.cost / dense)
+        mask = keep_a_channel_per_producer(
+            allocation.mask_from_counts(orders, self.group_sizes,
+                                        chosen.counts),
+            importance, self.masks.producer_segments())
+        return chosen.counts, mask, chosen.cost / dense if dense else 1.0
 
     def kept_fraction(self):
         """Current cost of the target's kind over the dense cost."""

@@ -14,9 +14,10 @@ class ChannelExploration(callback.PruningCallback):
     Everything it needs (target, schedule, seed) travels with the model
     returned by `keras_chex.prune_and_regrow`, so it takes no required
     arguments. Each epoch's logs get `chex_macs` (fraction of the dense MACs
-    kept, or of the parameters for a `params` target), `chex_pruned` and
-    `chex_regrown` (channels changed by the explorations in that epoch), so
-    they show in the progress bar, `History` and TensorBoard.
+    kept, or of the parameters or predicted latency for such a target),
+    `chex_pruned` and `chex_regrown` (channels changed by the explorations
+    in that epoch), so they show in the progress bar, `History` and
+    TensorBoard.
 
     The schedule is laid over the planned length of the `fit` call
     (`epochs` x steps per epoch), so the number of steps per epoch must be

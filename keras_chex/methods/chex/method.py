@@ -3,16 +3,19 @@
 `prune_and_regrow` wraps a model and sets the initial masks;
 `ChexState` holds everything the method needs between exploration steps in
 Keras variables (so `.keras` files and `BackupAndRestore` keep it) and runs
-one exploration step as a compiled `tf.function`:
+one exploration step:
 
 1. refresh the stored copy of every weight entry whose channels are active
-   (so a pruned channel keeps its *most recently used* values);
-2. rank all active channels by |BatchNorm gamma| (a channel shared by
-   several BatchNorms, as on a residual stream, by the largest of its
-   |gamma|s) and find the global channel
-   sparsity `S` at which the masked model meets the MACs / params target
-   (bisection on the closed-form `CostModel`), giving per-group keep counts;
-   a second threshold at `S - delta_t` gives the counts after regrowth;
+   (so a pruned channel keeps its *most recently used* values) and score
+   every active channel by |BatchNorm gamma| (`importance`);
+2. choose each group's width: with `allocator="threshold"` (the paper's),
+   one global ranking of all channels, the threshold at the smallest global
+   sparsity `S` whose widths meet the MACs / params target (bisection on
+   the closed-form `CostModel`), and a second at `S - delta_t` for the
+   widths after regrowth; with `allocator="knapsack"`, the allocator the
+   methods share (`PruningState.allocate`: maximal summed |gamma| within
+   the MACs, parameters or a latency table's prediction), regrowth adding
+   `delta_t` of each group's size;
 3. inside each group keep the channels with the highest leverage scores of
    the filter matrix (column subset selection);
 4. regrow channels sampled with probability softmax(projection residual onto
@@ -22,13 +25,8 @@ one exploration step as a compiled `tf.function`:
 Regrowth is capped at half the target sparsity (`delta_t <= S / 2`): the
 paper's delta0 = 0.3 assumes S around 0.7, and with a milder target (50% of
 the MACs needs only S ~ 0.3) an uncapped delta would regrow everything it
-prunes and explore nothing.
-
-How `S` is derived: for `sparsity=S` it is `S`. For `flops=f` (or
-`params=f`) it is recomputed at every step: the smallest global sparsity whose
-allocation (by the current gamma ranking, with `min_channels` and
-`round_to`) costs at most `f` times the dense MACs (params). The initial
-uniform masks use the uniform sparsity meeting the target, minus `regrow`.
+prunes and explore nothing. The initial uniform masks use the uniform
+sparsity meeting the target, minus `regrow`.
 """
 
 import numpy as np
@@ -37,6 +35,9 @@ import tensorflow as tf
 from keras_chex.core import method
 from keras_chex.core import wrapping
 from keras_chex.methods.chex import allocation
+from keras_chex.methods.chex import backups as backups_lib
+from keras_chex.methods.chex import importance
+from keras_chex.methods.chex import initial
 from keras_chex.methods.chex import regrowth
 from keras_chex.methods.chex import subset_selection
 
@@ -44,6 +45,7 @@ METHOD = "chex"
 
 
 def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
+                     latency=None, cost_table=None, allocator=None,
                      regrow=0.3, interval=2, until=0.72, min_channels=0.05,
                      round_to=1, exclude=(), seed=None):
     """Prepares a model for CHEX channel exploration during `model.fit`.
@@ -54,7 +56,19 @@ def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
         flops: fraction of the dense MACs to keep (e.g. 0.5).
         params: fraction of the dense parameter count to keep.
         sparsity: fraction of prunable channels to remove (the paper's S).
-            Give exactly one of `flops`, `params`, `sparsity`.
+        latency: fraction of the dense model's latency to keep, as
+            predicted by `cost_table` (measured on the target device).
+            Give exactly one of `flops`, `params`, `sparsity`, `latency`.
+        cost_table: with `latency`: a `LatencyTable` from
+            `keras_chex.build_latency_table(model)`, or the path of its
+            JSON file.
+        allocator: how the widths are re-allocated at each exploration:
+            `"threshold"` (the paper's: one global ranking of all channels'
+            |gamma|, the threshold bisected until the cost fits; the
+            default for `flops`, `params`, `sparsity`) or `"knapsack"`
+            (the allocator the methods share: the widths of maximal summed
+            |gamma| within the cost, priced per group; the default and the
+            only choice for `latency`).
         regrow: initial regrowth fraction delta0, decayed to 0 with a cosine.
         interval: epochs between exploration steps (fractions allowed).
         until: fraction of the planned training after which masks freeze.
@@ -80,12 +94,16 @@ def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
     ```
     """
     target, value = method.one_target(
-        {"flops": flops, "params": params, "sparsity": sparsity},
+        {"flops": flops, "params": params, "sparsity": sparsity,
+         "latency": latency},
         {"flops": "fraction of MACs to keep",
          "params": "fraction of parameters to keep",
-         "sparsity": "fraction of channels to remove"},
+         "sparsity": "fraction of channels to remove",
+         "latency": "fraction of the predicted latency to keep"},
     )
+    allocator = _check_allocator(allocator, target)
     method.check_fraction("flops", flops, optional=True)
+    method.check_fraction("latency", latency, optional=True)
     method.check_fraction("params", params, optional=True)
     method.check_fraction("sparsity", sparsity, low_open=False,
                           high_closed=False, optional=True)
@@ -106,6 +124,8 @@ def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
         "min_channels": min_channels,
         "round_to": round_to,
         "seed": int(seed),
+        "allocator": allocator,
+        "cost_table": method.latency_config(target, cost_table, model),
     }
     wrapped = wrapping.wrap(model, mode="hard", exclude=exclude,
                             pruning=config)
@@ -113,13 +133,30 @@ def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
     return wrapped
 
 
+def _check_allocator(allocator, target):
+    if allocator is None:
+        return "knapsack" if target == "latency" else "threshold"
+    method.check_choice("allocator", allocator, ("threshold", "knapsack"))
+    if allocator == "threshold" and target == "latency":
+        raise ValueError(
+            "`allocator='threshold'` cannot price a latency target (it "
+            "ranks channels without their cost); use `allocator="
+            "'knapsack'` or leave `allocator` unset.")
+    if allocator == "knapsack" and target == "sparsity":
+        raise ValueError(
+            "`allocator='knapsack'` needs a cost to fit (`flops`, `params` "
+            "or `latency`), not `sparsity`; use `allocator='threshold'` or "
+            "leave `allocator` unset.")
+    return allocator
+
+
 class ChexState(method.PruningState):
     """CHEX's state and exploration step for one wrapped model.
 
     Created by `PrunableModel` for models from `prune_and_regrow`; users do
     not build it. All state lives in non-trainable variables: the stored
-    weights of every prunable weight tensor (for exact restoration) and the
-    statistics of the last exploration.
+    weights of every prunable weight tensor (`WeightBackups`, for exact
+    restoration) and the statistics of the last exploration.
 
     Args:
         model: the `PrunableModel`.
@@ -127,179 +164,88 @@ class ChexState(method.PruningState):
 
     def __init__(self, model, **kwargs):
         super().__init__(model, name="chex_state", **kwargs)
-        analysis = self.analysis
-        self._plain["_by_var"] = {}
-        for s in analysis.weight_slices:
-            v = s.variable()
-            self._by_var.setdefault(id(v), (v, []))[1].append(s)
-        self.backups = []
-        self._plain["_vars"] = []
-        for i, (v, _) in enumerate(self._by_var.values()):
-            self._vars.append(v)
-            self.backups.append(self.add_weight(
-                name=f"backup_{i}", shape=tuple(v.shape), dtype=v.dtype,
-                initializer="zeros", trainable=False,
-            ))
+        self._plain["backups"] = backups_lib.WeightBackups(self,
+                                                           self.analysis)
         self.last_stats = self.add_weight(
             name="last_stats", shape=(4,), initializer="zeros",
             trainable=False,
-        )  # macs fraction, pruned, regrown, explorations done.
-        self._plan_groups(analysis)
-        self._cost_fn = self.cost.tf_cost(self.resource())
-        self._explore_fn = None
+        )  # cost fraction, pruned, regrown, explorations done.
+        self._plain["fns"] = None
         self.built = True
 
-    _by_var = property(lambda self: self._plain["_by_var"])
-    _vars = property(lambda self: self._plain["_vars"])
-    _var_index = property(lambda self: self._plain["_var_index"])
-    _filters = property(lambda self: self._plain["_filters"])
-    _gammas = property(lambda self: self._plain["_gammas"])
+    backups = property(lambda self: self._plain["backups"].copies)
 
-    # -- static plans ------------------------------------------------------
-    def _plan_groups(self, analysis):
-        """Constant index tensors for the filter matrices."""
-        self._plain["_var_index"] = {id(v): i for i, v in enumerate(self._vars)}
-        self._plain["_filters"] = []  # per group: list of (var index, axis, P matrix)
-        self._plain["_gammas"] = []  # (var index, classes)
-        for s in analysis.weight_slices:
-            if s.name == "gamma":
-                self._gammas.append((self._var_index[id(s.variable())],
-                                     s.classes))
-        for g in analysis.groups:
-            parts = []
-            for s in analysis.weight_slices:
-                if not s.filters:
-                    continue
-                inside = (s.classes >= g.start) & (s.classes < g.start + g.size)
-                if not inside.any():
-                    continue
-                P = np.zeros((len(s.classes), g.size), dtype=np.float32)
-                P[np.flatnonzero(inside), s.classes[inside] - g.start] = 1.0
-                parts.append((self._var_index[id(s.variable())], s.axis, P))
-            self._filters.append(parts)
+    def allocator(self):
+        """'threshold' (one global ranking) or 'knapsack' (cost-aware)."""
+        return self.config.get("allocator", "threshold")
 
-    def _entry_active(self, var_index, mask):
-        variable = self._vars[var_index]
-        slices = self._by_var[id(variable)][1]
-        rank = len(variable.shape)
-        active = tf.ones(variable.shape, tf.bool)
-        for s in slices:
-            keep = tf.where(s.classes >= 0,
-                            tf.gather(mask, np.maximum(s.classes, 0)), 1.0)
-            shape = [1] * rank
-            shape[s.axis % rank] = -1
-            active = active & (tf.reshape(keep, shape) > 0.5)
-        return active
+    # -- one exploration, in three compiled parts ----------------------------
+    def _score(self):
+        """Refreshes the stored weights; returns every channel's score."""
+        stored = self._plain["backups"]
+        mask = self.masks.tensor()
+        stored.refresh(mask)
+        matrices = [stored.filter_matrix(g)
+                    for g in range(len(self.group_sizes))]
+        return importance.channel_scores(stored, mask, matrices,
+                                         self.group_sizes)
 
-    # -- one exploration -------------------------------------------------------
-    def _filter_matrix(self, g):
-        blocks = []
-        for var_index, axis, P in self._filters[g]:
-            w = tf.convert_to_tensor(self.backups[var_index])
-            rank = len(w.shape)
-            axis = axis % rank
-            perm = [a for a in range(rank) if a != axis] + [axis]
-            w = tf.reshape(tf.transpose(w, perm), [-1, w.shape[axis]])
-            blocks.append(tf.matmul(tf.cast(w, tf.float32), P))
-        return tf.concat(blocks, 0)
-
-    def _scores(self, mask, matrices):
-        """|gamma| per channel (the largest over a coupled group's
-        BatchNorms); groups without BatchNorm use filter norms."""
-        n = self.num_channels
-        has_bn = np.zeros(n, bool)
-        # A coupled group (a residual stream) feeds several BatchNorms; a
-        # channel that any of them scales up is needed there. The mean
-        # dilutes it by the number of blocks sharing the stream (and lost
-        # accuracy at 25% of the MACs; the sum was even with the max). A
-        # "fair" score (a stream's mean level, one BatchNorm's spread) cut
-        # ResNet-56's last stream to 4-9 of 64 channels and lost 8.8 points
-        # at 25% of the MACs: see docs/benchmarks.md, "CHEX quality".
-        gamma = tf.zeros([n])
-        for var_index, classes in self._gammas:
-            sel = np.flatnonzero(classes >= 0)
-            has_bn[classes[sel]] = True
-            g = tf.abs(tf.gather(tf.cast(self.backups[var_index], tf.float32),
-                                 sel))
-            gamma = tf.tensor_scatter_nd_max(gamma, classes[sel][:, None], g)
-        bn_mean = tf.math.divide_no_nan(
-            tf.reduce_sum(tf.where(has_bn, gamma * mask, 0.0)),
-            tf.reduce_sum(tf.where(has_bn, mask, 0.0)),
-        )
-        bn_mean = tf.where(bn_mean > 0, bn_mean, 1.0)
-        norms = []
-        for g, w in enumerate(matrices):
-            norm = tf.norm(w, axis=0)
-            active = mask[self.group_sizes[:g].sum():][:self.group_sizes[g]]
-            mean = tf.math.divide_no_nan(tf.reduce_sum(norm * active),
-                                         tf.reduce_sum(active))
-            # Scale-matched so filter norms rank fairly against gammas.
-            norms.append(tf.math.divide_no_nan(norm, mean) * bn_mean)
-        fallback = tf.concat(norms, 0) if norms else tf.zeros([n])
-        return tf.where(has_bn, gamma, fallback) * mask
-
-    def _counts(self, scores, sparsity, rounded):
-        counts = allocation.global_keep_counts(
-            scores, self.group_ids, len(self.group_sizes), sparsity,
-            self.min_counts,
-        )
-        if rounded:
-            counts = method.round_counts(counts, self.group_sizes,
-                                         self.config["round_to"],
-                                         self.min_counts, ops=tf)
-        return counts
-
-    def _mask_from_counts(self, scores, counts):
-        ranks_in_group = []
-        for g in range(len(self.group_sizes)):
-            lo = int(self.group_sizes[:g].sum())
-            s = scores[lo:lo + self.group_sizes[g]]
-            ranks_in_group.append(subset_selection.descending_ranks(s))
-        ranks = tf.concat(ranks_in_group, 0)
-        return tf.cast(ranks < tf.gather(counts, self.group_ids), tf.float32)
-
-    def _sparsity_for_target(self, scores):
+    def _threshold_counts(self, scores, delta):
+        """CHEX's global ranking: counts at the target and after regrowth."""
         if self.config["target"] == "sparsity":
-            return tf.constant(self.config["target_value"], tf.float64)
-        budget = self.config["target_value"] * (
-            self.cost.dense_params if self.config["target"] == "params"
-            else self.cost.dense_macs
-        )
-
-        def bisect(lo, hi):
-            mid = (lo + hi) / 2
-            counts = self._counts(scores, mid, rounded=True)
-            fits = self._cost_fn(self._mask_from_counts(scores, counts)) <= (
-                budget
-            )
-            return tf.where(fits, lo, mid), tf.where(fits, mid, hi)
-
-        # A graph loop, not a Python one: 40 unrolled copies of the sorts
-        # made tracing take ~15 s even on a tiny ResNet.
-        start = (tf.constant(0.0, tf.float64),
-                 tf.constant(1.0 - 1e-9, tf.float64))
-        _, hi = tf.while_loop(lambda lo, hi: True, bisect, start,
-                              maximum_iterations=40)
-        return hi
-
-    def _explore(self, delta, seed):
-        old = self.masks.tensor()
-        for i, (variable, backup) in enumerate(zip(self._vars, self.backups)):
-            backup.assign(tf.where(self._entry_active(i, old), variable,
-                                   backup))
-        matrices = [self._filter_matrix(g) for g in range(len(self.group_sizes))]
-        scores = self._scores(old, matrices)
-        sparsity = self._sparsity_for_target(scores)
-        counts = self._counts(scores, sparsity, rounded=True)
+            sparsity = tf.constant(self.config["target_value"], tf.float64)
+        else:
+            sparsity = allocation.sparsity_for_budget(
+                lambda s: self._mask_from_counts(scores, self._counts(
+                    scores, s)),
+                self.cost.tf_cost(self.resource()),
+                self.config["target_value"] * (
+                    self.cost.dense_params if self.resource() == "params"
+                    else self.cost.dense_macs))
         delta = tf.minimum(tf.cast(delta, tf.float64), sparsity / 2)
         # Rounded too: unrounded, it would regrow what rounding just pruned
         # (even at the last, regrowth-free step), breaking `round_to` and
-        # the MACs / params target.
-        grown = self._counts(scores, sparsity - delta, rounded=True)
-        new = []
-        for g, w in enumerate(matrices):
-            lo = int(self.group_sizes[:g].sum())
-            active = old[lo:lo + self.group_sizes[g]] > 0.5
+        # the target.
+        return (self._counts(scores, sparsity),
+                self._counts(scores, sparsity - delta))
+
+    def _knapsack_counts(self, scores, delta):
+        """The shared allocator's counts at the target; regrowth adds
+        `delta` of each group's size, as the paper's per-layer rule."""
+        counts, _, _ = self.allocate(scores, self.config["target_value"])
+        delta = min(float(delta), (1 - counts.sum() / self.num_channels) / 2)
+        grown = np.minimum(counts + np.floor(delta * self.group_sizes + 0.5),
+                           self.group_sizes).astype(np.int64)
+        grown = method.round_counts(grown, self.group_sizes,
+                                    self.config["round_to"], self.min_counts)
+        return counts.astype(np.int32), np.maximum(grown, counts).astype(
+            np.int32)
+
+    def _counts(self, scores, sparsity):
+        counts = allocation.global_keep_counts(
+            scores, self.group_ids, len(self.group_sizes), sparsity,
+            self.min_counts)
+        return method.round_counts(counts, self.group_sizes,
+                                   self.config["round_to"], self.min_counts,
+                                   ops=tf)
+
+    def _mask_from_counts(self, scores, counts):
+        ranks = tf.concat([
+            subset_selection.descending_ranks(scores[lo:lo + size])
+            for lo, size in zip(np.cumsum(self.group_sizes) - self.group_sizes,
+                                self.group_sizes)], 0)
+        return tf.cast(ranks < tf.gather(counts, self.group_ids), tf.float32)
+
+    def _step(self, scores, counts, grown, seed):
+        """Keeps `counts[g]` channels of each group by column subset
+        selection, regrows up to `grown[g]`, writes masks and weights."""
+        stored = self._plain["backups"]
+        old = self.masks.tensor()
+        new, lo = [], 0
+        for g, size in enumerate(self.group_sizes):
+            w = stored.filter_matrix(g)
+            active = old[lo:lo + size] > 0.5
+            lo += size
             # CSS works on the layer as it is: pruned filters are zero there.
             # Their stored values (kept for regrowth) must not shape the SVD.
             kept = subset_selection.css_keep_mask(
@@ -318,19 +264,9 @@ class ChexState(method.PruningState):
         new = method.keep_a_channel_per_producer_tf(
             tf.concat(new, 0), scores, self.masks.producer_segments())
         self.masks.assign_tensor(new, old)
-        for i, (variable, backup) in enumerate(zip(self._vars, self.backups)):
-            regrown = self._entry_active(i, new) & ~self._entry_active(i, old)
-            variable.assign(tf.where(regrown, backup, variable))
-        pruned = tf.reduce_sum(old * (1 - new))
-        regrown_count = tf.reduce_sum(new * (1 - old))
-        fraction = tf.cast(self._cost_fn(new), tf.float32) / float(
-            self.cost.dense_macs if self.config["target"] != "params"
-            else self.cost.dense_params
-        )
-        self.last_stats.assign(tf.stack([
-            fraction, pruned, regrown_count, self.last_stats[3] + 1.0
-        ]))
-        return self.last_stats
+        stored.restore(old, new)
+        return tf.stack([tf.reduce_sum(old * (1 - new)),
+                         tf.reduce_sum(new * (1 - old))])
 
     def explore(self, delta, index):
         """Runs one exploration step.
@@ -340,75 +276,50 @@ class ChexState(method.PruningState):
             index: exploration index t (seeds the sampling).
 
         Returns:
-            A float vector: [kept MACs (or params) fraction, channels pruned,
-            channels regrown, explorations done so far].
+            A float vector: [kept cost fraction (MACs, parameters or
+            predicted latency), channels pruned, channels regrown,
+            explorations done so far].
         """
         if not self.num_channels:
             # Nothing to prune (warned at wrapping): the fit is a plain one.
             return np.asarray(self.last_stats.numpy())
-        if self._explore_fn is None:
+        if self._plain["fns"] is None:
             # Plain Python control flow over static structure: nothing for
             # AutoGraph to convert (and it cannot parse the method anyway).
-            self._explore_fn = tf.function(
-                tf.autograph.experimental.do_not_convert(self._explore)
-            )
-        seed = tf.constant([self.config["seed"], int(index)], tf.int64)
-        seed = seed[0] * 1000003 + seed[1]
-        return self._explore_fn(tf.constant(delta, tf.float32), seed)
+            self._plain["fns"] = [
+                tf.function(tf.autograph.experimental.do_not_convert(f))
+                for f in (self._score, self._threshold_counts, self._step)]
+        score, threshold, step = self._plain["fns"]
+        scores = score()
+        if self.allocator() == "knapsack":
+            counts, grown = self._knapsack_counts(scores.numpy(), delta)
+        else:
+            counts, grown = threshold(scores, tf.constant(delta, tf.float32))
+        seed = self.config["seed"] * 1000003 + int(index)
+        changed = step(scores, tf.constant(counts, tf.int32),
+                       tf.constant(grown, tf.int32),
+                       tf.constant(seed, tf.int64))
+        stats = np.concatenate([[self.kept_fraction()], changed.numpy(),
+                                [self.last_stats.numpy()[3] + 1]])
+        self.last_stats.assign(stats.astype(np.float32))
+        return self.last_stats.numpy()
 
     # -- initial masks (NumPy, once) -------------------------------------------
     def initialize(self):
-        """Uniform masks at sparsity `S - regrow`, chosen by filter L1 norm."""
-        for v, b in zip(self._vars, self.backups):
-            b.assign(v)
-        sizes = self.group_sizes
-        cost = self.cost
-        target = self.config["target"]
-        resource = self.resource()
-
-        def uniform_counts(s):
-            counts = np.maximum(np.floor((1 - s) * sizes + 0.5),
-                                self.min_counts)
-            counts = method.round_counts(counts, sizes,
-                                         self.config["round_to"],
-                                         self.min_counts)
-            return np.minimum(counts, sizes).astype(int)
-
-        l1 = [np.abs(np.asarray(self._filter_matrix(g))).sum(0)
-              for g in range(len(sizes))]
-
-        def mask_for(counts):
-            parts = []
-            for g, k in enumerate(counts):
-                order = np.argsort(-l1[g], kind="stable")
-                m = np.zeros(sizes[g], bool)
-                m[order[:k]] = True
-                parts.append(m)
-            return np.concatenate(parts) if parts else np.zeros(0, bool)
-
-        if target == "sparsity":
-            s = self.config["target_value"]
-        else:
-            budget = self.config["target_value"] * cost.cost(
-                np.ones(self.num_channels), resource)
-            lo, hi = 0.0, 1.0 - 1e-9
-            for _ in range(40):
-                mid = (lo + hi) / 2
-                c = cost.cost(mask_for(uniform_counts(mid)), resource)
-                lo, hi = (lo, mid) if c <= budget else (mid, hi)
-            s = hi
-            narrowest = cost.cost(mask_for(uniform_counts(hi)), resource)
-            # Without channels the wrapper has already said so.
-            if self.num_channels and narrowest > budget * (1 + 1e-9):
-                method.warn_unreachable(
-                    target, self.config["target_value"],
-                    narrowest / cost.cost(np.ones(self.num_channels),
-                                          resource))
+        """Uniform masks at the target minus `regrow`, by filter L1 norm."""
+        stored = self._plain["backups"]
+        stored.copy_all()
+        l1 = [np.abs(np.asarray(stored.filter_matrix(g))).sum(0)
+              for g in range(len(self.group_sizes))]
+        s = self.config["target_value"]
+        if self.config["target"] != "sparsity":
+            s = initial.uniform_sparsity(self, l1, s)
         start = s - min(self.config["regrow"], s / 2)
         if self.num_channels:
             self.masks.assign(method.keep_a_channel_per_producer(
-                mask_for(uniform_counts(start)), np.concatenate(l1),
+                initial.uniform_mask(self, l1, start), np.concatenate(l1),
                 self.masks.producer_segments()))
+
 
 # Registered with the wrapper so models loaded from `.keras` get their state.
 method.register_method(METHOD, ChexState)

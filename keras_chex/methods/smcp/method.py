@@ -25,7 +25,6 @@ import tensorflow as tf
 from keras_chex.core import importance as weight_importance
 from keras_chex.core import method
 from keras_chex.core import wrapping
-from keras_chex.methods.smcp import allocation
 from keras_chex.methods.smcp import importance as importance_lib
 from keras_chex.methods.smcp import schedule as schedule_lib
 
@@ -207,10 +206,6 @@ class SmcpState(method.PruningState):
         return out
 
     # -- recomputation -------------------------------------------------------
-    def widths(self):
-        return [method.width_options(size, minimum, self.config["round_to"])
-                for size, minimum in zip(self.group_sizes, self.min_counts)]
-
     def scores(self):
         """Per-channel importance used by the next recomputation."""
         if self.config["importance"] == "magnitude":
@@ -226,33 +221,18 @@ class SmcpState(method.PruningState):
         """
         if not self.num_channels:
             return np.asarray(self.last_stats.numpy())
-        cost = self.group_cost()
-        dense = cost.total(self.group_sizes)
-        widths = self.widths()
         rng = np.random.default_rng(self.config["seed"])
         priority = rng.permutation(self.num_channels)
-        values, orders = allocation.option_values(
-            self.scores(), self.group_sizes, widths, priority)
-        chosen = allocation.allocate(values, widths, cost,
-                                     kept_fraction * dense,
-                                     self.current_counts())
-        if not chosen.feasible and not self._plain.get("warned"):
-            self._plain["warned"] = True
-            method.warn_unreachable(self.config["target"], kept_fraction,
-                                    chosen.cost / dense)
+        _, new, fraction = self.allocate(self.scores(), kept_fraction,
+                                         priority)
         old = self.masks.numpy()
-        new = method.keep_a_channel_per_producer(
-            allocation.mask_from_counts(orders, self.group_sizes,
-                                        chosen.counts),
-            self.scores(), self.masks.producer_segments())
         if self.config["bn_rescale"]:
             self._rescale_gammas(old, new)
         self.masks.assign(new)
         self.channel_mask.assign(new.astype(np.float32))
         self.importance.assign(tf.zeros_like(self.importance))
         stats = np.array([
-            chosen.cost / dense if dense else 1.0,
-            np.sum(old & ~new), np.sum(new & ~old),
+            fraction, np.sum(old & ~new), np.sum(new & ~old),
             self.last_stats.numpy()[3] + 1,
         ], np.float32)
         self.last_stats.assign(stats)

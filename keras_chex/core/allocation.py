@@ -1,4 +1,5 @@
-"""SMCP's width allocation: a multiple-choice knapsack under a cost budget.
+"""Width allocation shared by the methods: a multiple-choice knapsack under
+a cost budget (MACs, parameters or a latency table).
 
 Each channel group may keep one of a few widths (multiples of `round_to`);
 keeping `k` channels is worth the summed importance of its `k` most
@@ -20,7 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from keras_chex.methods.smcp import knapsack
+from keras_chex.core import knapsack
 
 _ROUNDS = 4
 _SHRINK_STEPS = 20
