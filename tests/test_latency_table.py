@@ -34,6 +34,24 @@ def built(tmp_path_factory):
     return model, table, path
 
 
+def test_building_a_table_does_not_warn_about_its_own_timing_models(
+        tmp_path):
+    # The builder strips masked copies only to time their shapes; the
+    # stale-statistics warning meant for a user's strip must stay silent.
+    import warnings
+
+    from keras_chex.cifar.resnet import cifar_resnet
+
+    model = cifar_resnet(8, input_shape=(8, 8, 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        keras_chex.build_latency_table(model, str(tmp_path / "t.json"),
+                                       round_to=8, runs=1, rounds=1,
+                                       warmup=0)
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "Stripping model" in m], messages
+
+
 def _entry(table, model, layer):
     """The entry that prices layer `layer` of `model`."""
     for name, node in latency_table._timed_nodes(model):

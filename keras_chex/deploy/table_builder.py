@@ -12,6 +12,7 @@ import datetime
 import os
 import platform
 import tempfile
+import warnings
 
 import keras
 import numpy as np
@@ -198,7 +199,11 @@ def _uniform_compact(model, analysis, keep, round_to):
         mask.append(np.arange(g.size) < k)
     if mask:
         wrapped.masks.assign(np.concatenate(mask))
-    return stripping.strip(wrapped)
+    # Only its shape is timed: the statistics the strip warns about when
+    # stale do not matter here, and the user never sees this model.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Stripping model")
+        return stripping.strip(wrapped)
 
 
 def _width_options(analysis, round_to, max_points):
