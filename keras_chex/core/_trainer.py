@@ -69,6 +69,42 @@ def train_step_with_gradient_hook(model, data, hook):
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
+def install_gradient_hook(model, pruned):
+    """Makes `model`'s train step call `pruned`'s gradient hook.
+
+    A wrapped model applies its method's `transform_gradients` in its own
+    `train_step`. When another model trains it (the student of a
+    `keras.distillation.Distiller`), that model's step runs instead, so its
+    train step is replaced for the `fit` by the same step with the hook;
+    `remove_gradient_hook` undoes it. Keras builds the train function
+    before the callbacks' `on_train_begin`, so it is rebuilt here.
+
+    Args:
+        model: the model `fit` runs on.
+        pruned: the wrapped model it trains.
+    """
+    if model is pruned:
+        return
+    hook = getattr(pruned.pruning_state, "transform_gradients", None)
+    if hook is None:
+        return
+
+    def train_step(data):
+        return train_step_with_gradient_hook(model, data, hook)
+
+    # An instance attribute shadows the class's method for this model only.
+    model.train_step = train_step
+    model.make_train_function(force=True)
+
+
+def remove_gradient_hook(model):
+    """Gives `model` back the train step it had before
+    `install_gradient_hook`."""
+    if "train_step" in vars(model):
+        del model.train_step
+        model.train_function = None
+
+
 def optimizer_slots(optimizer, variable, others=()):
     """The optimizer variables holding per-entry state of `variable`.
 

@@ -16,7 +16,9 @@ import warnings
 import keras
 import numpy as np
 
+from keras_chex.core import _trainer
 from keras_chex.core import method as method_lib
+from keras_chex.core import students
 from keras_chex.core import wrapping
 
 
@@ -90,22 +92,43 @@ class PruningCallback(keras.callbacks.Callback):
         self._length = None
 
     @property
+    def pruned(self):
+        """The wrapped model being pruned: the model `fit` runs on, or the
+        student of the `keras.distillation.Distiller` it runs on."""
+        return students.trained_model_of(self.model)
+
+    @property
     def state(self):
-        """The method state of the model being trained."""
-        return self.model.pruning_state
+        """The method state of the model being pruned."""
+        return self.pruned.pruning_state
 
     def on_train_begin(self, logs=None):
-        model = self.model
+        model = self.pruned
         if not wrapping.is_method(model, self.method):
             got = (model.pruning_config.get("method")
                    if hasattr(model, "pruning_config") else None)
+            inside = ("" if model is self.model else
+                      f" as the student of '{self.model.name}'")
             raise ValueError(
                 f"{type(self).__name__} needs a model from "
-                f"`{self.entry_point}`; got '{model.name}' "
+                f"`{self.entry_point}`{inside}; got '{model.name}' "
                 f"({type(model).__name__}"
                 + (f", wrapped for method '{got}'" if got else "")
                 + "). Use the callback that goes with the model's method."
             )
+        if not model.trainable_weights:
+            raise ValueError(
+                f"{type(self).__name__}: '{model.name}' has no trainable "
+                "weights, so pruning it would train nothing. It was probably "
+                "wrapped from a frozen model (a Distiller freezes its "
+                "teacher: wrap the trained model before building the "
+                "Distiller, or set `model.trainable = True` on the wrapped "
+                "model).")
+        # The state reaches the optimizer and train step through the model
+        # `fit` runs on: a Distiller's, when the wrapped model is its
+        # student (which then has no optimizer of its own).
+        self.state.attach_trainer(self.model)
+        _trainer.install_gradient_hook(self.model, model)
         steps = self.params.get("steps")
         epochs = self.params.get("epochs")
         if not steps:
@@ -128,7 +151,7 @@ class PruningCallback(keras.callbacks.Callback):
             # second `fit`) had their pruning steps then.
             done = self._current_step()
             plan = self.plan(*self._length)
-            if done == 0 and self.model.analysis.num_channels:
+            if done == 0 and self.pruned.analysis.num_channels:
                 message = self.short_plan_warning(plan, *self._length)
                 if message:
                     warnings.warn(message, stacklevel=2)
@@ -158,13 +181,13 @@ class PruningCallback(keras.callbacks.Callback):
     # -- what was pruned when ------------------------------------------------
     def group_names(self):
         """Names of the channel groups, in the order of `widths` entries."""
-        return [g.name for g in self.model.analysis.groups]
+        return [g.name for g in self.pruned.analysis.groups]
 
     def group_sizes(self):
-        return np.array([g.size for g in self.model.analysis.groups])
+        return np.array([g.size for g in self.pruned.analysis.groups])
 
     def _record(self, step):
-        counts = self.model.masks.counts()
+        counts = self.pruned.masks.counts()
         self.widths.append((int(step), counts))
         if self._summary_dir() is None:
             return
@@ -193,6 +216,7 @@ class PruningCallback(keras.callbacks.Callback):
         return self._writer
 
     def on_train_end(self, logs=None):
+        _trainer.remove_gradient_hook(self.model)
         if self._writer is not None:
             self._writer.flush()
 
@@ -201,7 +225,7 @@ class PruningCallback(keras.callbacks.Callback):
         from keras_chex.core import _graph
 
         broken = []
-        for layer in _graph.all_layers(self.model) + [self.state]:
+        for layer in _graph.all_layers(self.pruned) + [self.state]:
             if any(not np.all(np.isfinite(v.numpy()))
                    for v in layer.weights
                    if np.issubdtype(np.dtype(v.dtype), np.floating)):
@@ -252,7 +276,7 @@ class PruningCallback(keras.callbacks.Callback):
         """
         if len(plan) > 1:
             return None
-        config = self.model.pruning_config
+        config = self.pruned.pruning_config
         until = config["until"]
         suggested = max(0.01, math.floor(100 * until * epochs / 4) / 100)
         return (

@@ -125,6 +125,20 @@ class PruningState(keras.layers.Layer):
         self.min_counts = min_counts(self.config.get("min_channels", 1),
                                      self.group_sizes)
 
+    def attach_trainer(self, model):
+        """Records the model `fit` runs on (the wrapped model, or a
+        Distiller whose student it is): its optimizer is the one that
+        trains the wrapped model's weights."""
+        self._plain["trainer"] = weakref.ref(model)
+
+    def optimizer(self):
+        """The optimizer training the wrapped model (None before `fit`)."""
+        trainer = self._plain.get("trainer")
+        model = trainer() if trainer is not None else None
+        if model is None:
+            model = self._plain["model"]()
+        return getattr(model, "optimizer", None)
+
     config = property(lambda self: self._plain["config"])
     analysis = property(lambda self: self._plain["analysis"])
     masks = property(lambda self: masks_lib.Masks.of(self.analysis))

@@ -41,6 +41,7 @@ import keras
 from keras import ops
 
 from keras_chex.core import _graph
+from keras_chex.core import students
 
 # Batches after a mask change from which the re-estimated statistics are
 # treated as current (see docs/benchmarks.md, "BatchNorm statistics").
@@ -331,7 +332,9 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
         self.verbose = verbose
 
     def on_train_end(self, logs=None):
-        names = recalibrate_batchnorm(self.model, self.data,
+        # A Distiller's teacher keeps its own statistics.
+        names = recalibrate_batchnorm(students.trained_model_of(self.model),
+                                      self.data,
                                       batches=self.batches,
                                       batch_size=self.batch_size)
         if self.verbose:

@@ -42,7 +42,7 @@ class ChannelExploration(callback.PruningCallback):
         "chex_regrown")
 
     def plan(self, steps_per_epoch, epochs):
-        config = self.model.pruning_config
+        config = self.pruned.pruning_config
         schedule = schedules.ExplorationSchedule(
             interval=config["interval"], until=config["until"]
         )

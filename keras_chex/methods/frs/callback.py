@@ -55,14 +55,14 @@ class RelevancePruning(callback.PruningCallback):
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         if (self.data is None
-                and self.model.pruning_config.get("criterion") != "l1"):
+                and self.pruned.pruning_config.get("criterion") != "l1"):
             raise ValueError(
                 "RelevancePruning needs the data to score channels on: "
                 "`keras_chex.RelevancePruning(train_dataset)` (a dataset of "
                 "(x, y) batches or an (x, y) tuple of arrays).")
 
     def plan(self, steps_per_epoch, epochs):
-        config = self.model.pruning_config
+        config = self.pruned.pruning_config
         schedule = schedule_lib.PeriodicSchedule(
             interval=config["interval"], until=config["until"])
         steps = schedule.steps(steps_per_epoch, epochs)

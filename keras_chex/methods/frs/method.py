@@ -201,9 +201,7 @@ class FrsState(method.PruningState):
         removed = int(np.sum(kept & ~new))
         if removed:
             self.masks.assign(new)
-            self.masks.clear_optimizer_state(
-                getattr(self._plain["model"](), "optimizer", None),
-                kept & ~new)
+            self.masks.clear_optimizer_state(self.optimizer(), kept & ~new)
         self.scores.assign(np.nan_to_num(values, nan=-1.0).astype(np.float32))
         stats = np.array([self.kept_fraction(), removed, stats[2] + 1,
                           stats[3] + removed], np.float32)

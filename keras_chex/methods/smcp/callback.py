@@ -37,7 +37,7 @@ class SoftMaskPruning(callback.PruningCallback):
         "smcp_regrown")
 
     def plan(self, steps_per_epoch, epochs):
-        config = self.model.pruning_config
+        config = self.pruned.pruning_config
         schedule = schedule_lib.SoftMaskSchedule(
             warmup=config["warmup"], ramp=config["ramp"],
             freeze=config["freeze"],

@@ -1,0 +1,43 @@
+"""Smoke test of tools/benchmark_finetune.py with tiny settings."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(REPO_ROOT, "keras_chex", "data", "cifar10_sample.zip")
+
+
+def _run(*args):
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "tools",
+                                      "benchmark_finetune.py"),
+         "--depth=8", "--train_per_class=16", "--val_per_class=8",
+         "--pretrain_epochs=2", "--finetune_epochs=2", "--threads=1",
+         f"--data={DATA}", *args],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_pretrain_then_finetune_with_and_without_distillation(tmp_path):
+    output = tmp_path / "out.jsonl"
+    run_dir = tmp_path / "run"
+    _run("--stage=pretrain", f"--run_dir={run_dir}", f"--output={output}")
+    assert (run_dir / "resnet8_dense.keras").exists()
+    _run("--variants=chex_kd,narrow_K,dense", f"--run_dir={run_dir}",
+         f"--output={output}")
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    results = {r["variant"]: r for r in lines if "variant" in r}
+    assert set(results) == {"pretrain", "chex_kd", "narrow_K", "dense"}
+    assert results["chex_kd"]["distill"] is True
+    assert results["chex_kd"]["macs_fraction"] <= 0.5 + 1e-9
+    assert results["narrow_K"]["macs_fraction"] <= 0.5 + 1e-9
+    assert results["dense"]["macs_fraction"] == 1.0
+    for name in ("chex_kd", "narrow_K", "dense"):
+        assert len(results[name]["accuracy_per_epoch"]) == 2
+        assert 0.0 <= results[name]["val_accuracy"] <= 1.0
+    # Each compact is kept for timing later.
+    saved = sorted(os.listdir(run_dir / "models"))
+    assert saved == sorted(f"r8_{n}_f0.5_seed0.keras"
+                           for n in ("chex_kd", "narrow_K", "dense"))
