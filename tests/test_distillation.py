@@ -185,3 +185,18 @@ def test_recalibrating_a_distiller_leaves_the_teacher_alone():
         keras_chex.RecalibrateBatchNorm(x, batches=3, batch_size=16)])
     for a, b in zip(teacher.get_weights(), before):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_refused_fit_leaves_the_distillers_train_step_alone():
+    import tensorflow as tf
+
+    teacher = _teacher()
+    distiller = _distiller(teacher, _student("smcp", teacher))
+    x, y = tiny_data(32)
+    # A dataset of unknown length: the callback cannot plan, and refuses.
+    data = tf.data.Dataset.from_tensor_slices((x, y)).filter(
+        lambda a, b: True).batch(16)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        distiller.fit(data, epochs=1, verbose=0,
+                      callbacks=[keras_chex.SoftMaskPruning()])
+    assert "train_step" not in vars(distiller)

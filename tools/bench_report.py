@@ -72,6 +72,16 @@ def machine_info():
     }
 
 
+def run_header(**fields):
+    """The first JSON line of a benchmark's raw results: the CPU model (runs
+    on different CPUs diverge from the same seed, by other kernels and
+    round-off, so results pair only within one CPU model), the cores, the
+    TensorFlow and Keras versions, then `fields`."""
+    return {"cpu": cpu_model(), "cores": os.cpu_count(),
+            "tensorflow": package_version("tensorflow"),
+            "keras": package_version("keras"), **fields}
+
+
 def markdown_table(columns, rows):
     """Formats rows (sequences of cells) as an aligned Markdown table."""
     rows = [[str(c) for c in row] for row in rows]

@@ -37,11 +37,10 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+import baselines  # noqa: E402
 import bench_report  # noqa: E402
 import keras_chex  # noqa: E402
 from keras_chex.cifar import resnet as cifar_resnet  # noqa: E402
@@ -81,18 +80,6 @@ flags.DEFINE_integer("threads", 0,
                      "~1.3x better than one 2-thread run.")
 
 
-def narrow_widths(target_macs, depth):
-    """Uniform width factor whose MACs are closest to (not over) target."""
-    best = None
-    for f in np.linspace(0.3, 1.0, 141):
-        widths = tuple(max(1, int(round(w * f))) for w in (16, 32, 64))
-        macs = keras_chex.count_macs(cifar_resnet.cifar_resnet(
-            depth, widths=widths)).macs
-        if macs <= target_macs and (best is None or macs > best[1]):
-            best = (widths, macs)
-    return best[0]
-
-
 def chex_options(name):
     """prune_and_regrow arguments of a CHEX variant or ablation.
 
@@ -125,7 +112,7 @@ def run_variant(name, train, val, steps):
     if name == "dense":
         model = dense
     elif name == "narrow":
-        widths = narrow_widths(FLAGS.flops * dense_macs, FLAGS.depth)
+        widths = baselines.narrow_widths(FLAGS.flops * dense_macs, FLAGS.depth)
         model = cifar_resnet.cifar_resnet(FLAGS.depth, widths=widths,
                                           weight_decay=5e-4)
     elif name in ("smcp", "smcp_flops"):
@@ -238,21 +225,15 @@ def main(argv):
                                   seed=FLAGS.seed)
     val = datasets.make_dataset(xv, yv, 500, training=False)
     steps = len(train)
-    header = {
-        "command": "python tools/benchmark_chex.py " + " ".join(
+    header = bench_report.run_header(
+        command="python tools/benchmark_chex.py " + " ".join(
             f"--{k}={getattr(FLAGS, k)}" for k in (
                 "data", "train_per_class", "depth", "epochs", "flops",
                 "latency", "interval", "warmup_epochs", "seed", "threads")),
-        "machine": platform.processor() or platform.machine(),
-        # Runs on different CPUs diverge from the same seed (other kernels,
-        # other round-off): results pair only within one CPU model.
-        "cpu": bench_report.cpu_model(),
-        "cores": os.cpu_count(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "train_images": len(x),
-        "val_images": len(xv),
-    }
+        machine=platform.processor() or platform.machine(),
+        train_images=len(x),
+        val_images=len(xv),
+    )
     print(json.dumps(header))
     if FLAGS.output:
         with open(FLAGS.output, "a") as f:

@@ -14,16 +14,14 @@ Fine-tune variants (held-out accuracy on the stripped compact):
   narrow_K    a uniformly narrow model with the target's MACs, trained from
               scratch for K epochs;
   narrow_E0K  the same, for E0 + K epochs (the same total compute);
-  l1          one-shot L1-norm pruning at the start (every group to the
-              same fraction of its filters by L1 norm, masks then fixed),
-              K epochs of fine-tuning: Torch-Pruning's group-L1 recipe;
   chex, smcp, frs   each method wrapping the trained model, K epochs;
   any name + "_kd"  the same, trained as the student of a
               `keras.distillation.Distiller` whose teacher is the trained
               dense model (`LogitsDistillation`, `--temperature`, weighted
               `--alpha` against the labels).
-Each line also holds the accuracy right after wrapping and after the first
-pruning step, where the method has one.
+Each line also holds the held-out accuracy right after wrapping and after
+every epoch (so after each pruning step's epoch). Not built yet: the
+one-shot L1 baseline (Torch-Pruning's group-L1 recipe).
 
     python tools/benchmark_finetune.py --stage=pretrain \\
         --data=../shared/data/cifar10/train.zip --train_per_class=2000 \\
@@ -41,10 +39,10 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+import baselines  # noqa: E402
 import bench_report  # noqa: E402
 import keras_chex  # noqa: E402
 from keras_chex.cifar import data as datasets  # noqa: E402
@@ -124,16 +122,9 @@ def main(argv):
     train = datasets.make_dataset(x, y, FLAGS.batch_size, training=True,
                                   seed=seed)
     val = datasets.make_dataset(xv, yv, 500, training=False)
-    header = {
-        "command": bench_report.command_line(),
-        "cpu": bench_report.cpu_model(),
-        "cores": os.cpu_count(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "train_images": len(x),
-        "val_images": len(xv),
-        "date": time.strftime("%Y-%m-%d"),
-    }
+    header = bench_report.run_header(
+        command=bench_report.command_line(), train_images=len(x),
+        val_images=len(xv), date=time.strftime("%Y-%m-%d"))
     lines = [header]
     print(json.dumps(header), flush=True)
     if FLAGS.stage == "pretrain":
@@ -164,19 +155,6 @@ class HeldOutAccuracy(keras.callbacks.Callback):
         self.values.append(datasets.accuracy(self.target, self.val))
 
 
-def narrow_widths(fraction, depth):
-    dense = keras_chex.count_macs(cifar_resnet.cifar_resnet(depth)).macs
-    base = (16, 32, 64)
-    low, high = 0.05, 1.0
-    for _ in range(40):
-        mid = (low + high) / 2
-        widths = tuple(max(1, round(w * mid)) for w in base)
-        macs = keras_chex.count_macs(
-            cifar_resnet.cifar_resnet(depth, widths=widths)).macs
-        low, high = (mid, high) if macs <= fraction * dense else (low, mid)
-    return tuple(max(1, round(w * low)) for w in base)
-
-
 def finetune(name, train, val):
     keras.utils.set_random_seed(FLAGS.seed)
     epochs = FLAGS.finetune_epochs or FLAGS.pretrain_epochs // 5
@@ -192,7 +170,9 @@ def finetune(name, train, val):
         if base == "narrow_E0K":
             epochs += FLAGS.pretrain_epochs
         model = cifar_resnet.cifar_resnet(
-            FLAGS.depth, widths=narrow_widths(FLAGS.flops, FLAGS.depth),
+            FLAGS.depth,
+            widths=baselines.narrow_widths(FLAGS.flops * dense_macs,
+                                           FLAGS.depth),
             weight_decay=5e-4)
         peak, warmup = 0.1, len(train)  # From scratch, as pre-trained.
     elif base == "chex":

@@ -124,11 +124,6 @@ class PruningCallback(keras.callbacks.Callback):
                 "teacher: wrap the trained model before building the "
                 "Distiller, or set `model.trainable = True` on the wrapped "
                 "model).")
-        # The state reaches the optimizer and train step through the model
-        # `fit` runs on: a Distiller's, when the wrapped model is its
-        # student (which then has no optimizer of its own).
-        self.state.attach_trainer(self.model)
-        _trainer.install_gradient_hook(self.model, model)
         steps = self.params.get("steps")
         epochs = self.params.get("epochs")
         if not steps:
@@ -138,6 +133,13 @@ class PruningCallback(keras.callbacks.Callback):
                 "epoch. Pass `steps_per_epoch=` to `fit`, or use a dataset "
                 "of known cardinality."
             )
+        # After every check: a fit refused here never reaches
+        # `on_train_end`, which takes the hook out again.
+        # The state reaches the optimizer and train step through the model
+        # `fit` runs on: a Distiller's, when the wrapped model is its
+        # student (which then has no optimizer of its own).
+        self.state.attach_trainer(self.model)
+        _trainer.install_gradient_hook(self.model, model)
         self._length = (steps, epochs)
         self._plan = None
         self._changed = np.zeros(2)
