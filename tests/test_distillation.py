@@ -39,11 +39,12 @@ def _callback(method, data):
             "frs": lambda: keras_chex.RelevancePruning(data)}[method]()
 
 
-def _distiller(teacher, student):
+def _distiller(teacher, student, **distillation):
+    distillation.setdefault("loss", keras.losses.KLDivergence())
     distiller = keras.distillation.Distiller(
         teacher=teacher, student=student,
         distillation_losses=keras.distillation.LogitsDistillation(
-            temperature=2.0),
+            temperature=2.0, **distillation),
         student_loss_weight=0.5)
     distiller.compile(optimizer=keras.optimizers.SGD(0.02, momentum=0.9),
                       loss=LOSS)
@@ -200,3 +201,45 @@ def test_a_refused_fit_leaves_the_distillers_train_step_alone():
         distiller.fit(data, epochs=1, verbose=0,
                       callbacks=[keras_chex.SoftMaskPruning()])
     assert "train_step" not in vars(distiller)
+
+
+def _softened_kl(teacher_logits, student_logits, temperature):
+    def softmax(z):
+        e = np.exp(z / temperature - np.max(z / temperature, -1,
+                                            keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+    p, q = softmax(teacher_logits), softmax(student_logits)
+    return float(np.mean(np.sum(p * np.log(p / q), -1))) * temperature ** 2
+
+
+def test_the_default_logits_distillation_loss_is_mended_with_a_warning():
+    teacher = _teacher()
+    distiller = keras.distillation.Distiller(
+        teacher=teacher, student=_student("chex", teacher),
+        distillation_losses=keras.distillation.LogitsDistillation(
+            temperature=2.0),
+        student_loss_weight=0.5)
+    distiller.compile(optimizer=keras.optimizers.SGD(0.02), loss=LOSS)
+    x, y = tiny_data(32)
+    with pytest.warns(UserWarning, match="KLDivergence"):
+        distiller.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                      callbacks=[keras_chex.ChannelExploration()])
+    term = distiller.distillation_losses[0]
+    t = np.array([[2.0, 0.0, -1.0]], "float32")
+    s = np.array([[5.0, 0.0, -1.0]], "float32")
+    # Keras' default gives 0 here: it compares the raw logits.
+    np.testing.assert_allclose(float(term.compute_loss(t, s)),
+                               _softened_kl(t, s, 2.0), rtol=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["categorical_crossentropy", "kl"])
+def test_a_distillation_loss_the_user_chose_is_left_alone(loss, recwarn):
+    chosen = (keras.losses.KLDivergence() if loss == "kl" else
+              keras.losses.get(loss))
+    teacher = _teacher()
+    distiller = _distiller(teacher, _student("chex", teacher), loss=chosen)
+    x, y = tiny_data(32)
+    distiller.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                  callbacks=[keras_chex.ChannelExploration()])
+    assert distiller.distillation_losses[0].loss is chosen
+    assert not [w for w in recwarn if "LogitsDistillation" in str(w.message)]

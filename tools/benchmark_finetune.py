@@ -17,8 +17,8 @@ Fine-tune variants (held-out accuracy on the stripped compact):
   chex, smcp, frs   each method wrapping the trained model, K epochs;
   any name + "_kd"  the same, trained as the student of a
               `keras.distillation.Distiller` whose teacher is the trained
-              dense model (`LogitsDistillation`, `--temperature`, weighted
-              `--alpha` against the labels).
+              dense model (`LogitsDistillation` with `KLDivergence()` at
+              `--temperature`, weighted `--alpha` against the labels).
 Each line also holds the held-out accuracy right after wrapping and after
 every epoch (so after each pruning step's epoch). Not built yet: the
 one-shot L1 baseline (Torch-Pruning's group-L1 recipe).
@@ -196,7 +196,8 @@ def finetune(name, train, val):
         trainer = keras.distillation.Distiller(
             teacher=teacher, student=model,
             distillation_losses=keras.distillation.LogitsDistillation(
-                temperature=FLAGS.temperature),
+                temperature=FLAGS.temperature,
+                loss=keras.losses.KLDivergence()),
             student_loss_weight=FLAGS.alpha)
     trainer.compile(optimizer=sgd(peak, len(train) * epochs, warmup),
                     loss=LOSS, metrics=["accuracy"])
@@ -219,6 +220,7 @@ def finetune(name, train, val):
         "distill": distill,
         "temperature": FLAGS.temperature if distill else None,
         "alpha": FLAGS.alpha if distill else None,
+        "distillation_loss": "KLDivergence()" if distill else None,
         "accuracy_after_wrapping": wrapped_accuracy,
         "accuracy_per_epoch": tracker.values,
         "val_accuracy": datasets.accuracy(final, val),

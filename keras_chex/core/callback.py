@@ -139,6 +139,19 @@ class PruningCallback(keras.callbacks.Callback):
         # `fit` runs on: a Distiller's, when the wrapped model is its
         # student (which then has no optimizer of its own).
         self.state.attach_trainer(self.model)
+        if students.mend_logits_distillation(self.model):
+            warnings.warn(
+                f"'{self.model.name}' distils with `LogitsDistillation`'s "
+                "default loss 'kl_divergence', which this Keras version "
+                "applies to raw logits instead of the softened "
+                "probabilities, so the student's accuracy collapses. This "
+                "fit uses `keras.losses.KLDivergence()` instead (softmax at "
+                "the temperature, scaled by its square, as Keras documents). "
+                "Pass `loss=keras.losses.KLDivergence()` to "
+                "`LogitsDistillation` to make that explicit and silence "
+                "this warning.", stacklevel=2)
+            # The train function may be traced with the old loss already.
+            self.model.make_train_function(force=True)
         _trainer.install_gradient_hook(self.model, model)
         self._length = (steps, epochs)
         self._plan = None

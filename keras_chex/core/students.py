@@ -16,3 +16,45 @@ def trained_model_of(model):
                                                distillation.Distiller):
         return model.student
     return model
+
+
+def mend_logits_distillation(model):
+    """Makes a Distiller's `LogitsDistillation` compare softened outputs.
+
+    `LogitsDistillation(loss="kl_divergence")`, its default, resolves the
+    name to the plain `keras.losses.kl_divergence` function, and the
+    distillation loss only applies the softmax at the temperature (and the
+    T² scale) when the loss is a `keras.losses.KLDivergence` *instance*
+    (Keras 3.12 to at least 3.15.1). The function then sees raw logits,
+    clipped to [1e-7, 1]: the term is meaningless (0 for clearly different
+    outputs, negative for others) and a distilled model's accuracy
+    collapses within an epoch. Such a loss is replaced by the instance,
+    which computes what the Keras documentation describes. Any loss the
+    user chose otherwise is left alone, as is everything once Keras
+    resolves the name to an instance itself.
+
+    Args:
+        model: the model `fit` runs on.
+
+    Returns:
+        The number of distillation losses mended (0 when `model` is not a
+        Distiller or nothing needed it).
+    """
+    distillation = getattr(keras, "distillation", None)
+    if distillation is None or not isinstance(model, distillation.Distiller):
+        return 0
+    mended = 0
+    for term in model.distillation_losses:
+        if not isinstance(term, distillation.LogitsDistillation):
+            continue
+        before = keras.tree.flatten(term.loss)
+        term.loss = keras.tree.map_structure(_instance_for_name, term.loss)
+        mended += sum(a is not b
+                      for a, b in zip(before, keras.tree.flatten(term.loss)))
+    return mended
+
+
+def _instance_for_name(loss):
+    if loss is keras.losses.kl_divergence:
+        return keras.losses.KLDivergence()
+    return loss
