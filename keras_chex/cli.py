@@ -3,7 +3,7 @@
     keras-chex count model.keras [--input_shape=224,224,3]
     keras-chex strip pruning.keras compact.keras
     keras-chex export model.keras --tflite out.tflite [--quantization=int8
-        --representative=images/]
+        --representative=images/] [--input_shape=224,224,3]
     keras-chex prune model.keras --method=chex --flops=0.5 --data=train.zip
         --epochs=30 [--output_dir=out]
 
@@ -86,6 +86,10 @@ def build_parser():
     export.add_argument("--representative", metavar="PATH",
                         help="int8 calibration inputs: a .npy array or a "
                              "folder of images (scaled to [0, 1])")
+    export.add_argument("--input_shape", type=_parse_shape,
+                        help="size to convert and verify at, e.g. "
+                             "224,224,3 (for models with free spatial "
+                             "dimensions)")
     export.add_argument("--overwrite", action="store_true")
 
     prune = sub.add_parser("prune", help="fit with a pruning method, strip, "
@@ -134,18 +138,24 @@ def _count_line(label, count):
     return f"{label:<9} {count.macs:>15,} MACs  {count.params:>12,} params"
 
 
-def cmd_count(args):
+def _count(model, input_shape):
     import keras_chex
 
-    model = _load(args.model)
     try:
-        count = keras_chex.count_macs(model, input_shape=args.input_shape)
+        return keras_chex.count_macs(model, input_shape=input_shape)
     except ValueError as e:
         message = str(e)
         if "unknown spatial size" in message:
             message = ("the model's spatial size is free: pass "
                        "--input_shape, e.g. --input_shape=224,224,3")
         raise CliError(message)
+
+
+def cmd_count(args):
+    import keras_chex
+
+    model = _load(args.model)
+    count = _count(model, args.input_shape)
     if keras_chex.is_wrapped(model):
         import numpy as np
 
@@ -168,7 +178,8 @@ def cmd_strip(args):
     _check_target(args.output, args.overwrite)
     before = keras_chex.count_macs(model)
     compact = keras_chex.strip(model)
-    after = keras_chex.count_macs(compact)
+    after = keras_chex.count_macs(
+        compact, input_shape=model.pruning_config.get("input_shape"))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     compact.save(args.output)
     print(_count_line("pruning", before) + "  (masked)")
@@ -213,11 +224,11 @@ def cmd_export(args):
     if quantization == "int8" and not args.representative:
         raise CliError("--quantization=int8 needs --representative (a .npy "
                        "array or a folder of calibration images)")
+    count = _count(model, args.input_shape)
     if keras_chex.is_wrapped(model):
-        print(_count_line("pruning", keras_chex.count_macs(model))
-              + "  (masked; exported stripped)")
+        print(_count_line("pruning", count) + "  (masked; exported stripped)")
     else:
-        print(_count_line("model", keras_chex.count_macs(model)))
+        print(_count_line("model", count))
     if args.tflite:
         _check_target(args.tflite, args.overwrite)
         start = time.time()
@@ -226,7 +237,8 @@ def cmd_export(args):
                 model, args.tflite, quantization=quantization,
                 representative_data=_representative(args.representative,
                                                     model),
-                overwrite=args.overwrite, verbose=True)
+                overwrite=args.overwrite, verbose=True,
+                input_shape=args.input_shape)
         except (ValueError, TypeError) as e:
             raise CliError(str(e).splitlines()[0])
         print(f"wrote {args.tflite}: {report.size_bytes / 1024:.1f} KB, max "

@@ -93,6 +93,23 @@ def test_count_needs_an_input_shape_for_free_spatial_dims(files):
     assert total == 14 * 14 * 27 * 4 + 4 * 2
 
 
+def test_export_converts_a_free_size_model_at_the_input_shape(files,
+                                                             tmp_path):
+    out = tmp_path / "free.tflite"
+    result = run("export", files / "free.keras", "--tflite", out)
+    assert result.returncode == 2
+    assert "--input_shape" in result.stderr
+    assert not out.exists()
+    result = run("export", files / "free.keras", "--tflite", out,
+                 "--input_shape=16,16,3")
+    assert result.returncode == 0, result.stderr
+    assert out.exists()
+    from ai_edge_litert.interpreter import Interpreter
+
+    shape = Interpreter(str(out)).get_input_details()[0]["shape"]
+    assert list(shape[1:]) == [16, 16, 3]
+
+
 def test_strip_writes_the_compact_model_and_never_overwrites(files, tmp_path):
     out = tmp_path / "compact.keras"
     result = run("strip", files / "pruning.keras", out)

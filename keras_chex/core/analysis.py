@@ -283,6 +283,10 @@ class ModelAnalysis:
         model: the model.
         exclude: names of layers whose channels must not be pruned.
         warn: emit a warning naming every unsupported layer.
+        input_shape: optional batch shape of each model input (batch axis
+            first) to count MACs at, for a model whose spatial size is free
+            (`keras.Input((None, None, 3))`); the channel analysis itself
+            does not depend on it.
 
     Attributes:
         groups: list of prunable `ChannelGroup`s, in graph order.
@@ -291,9 +295,12 @@ class ModelAnalysis:
         weight_slices: list of `WeightSlice`.
         mask_sites: list of `MaskSite` (empty on a plain model).
         macs_terms: list of `MacsTerm`.
+        sized: the analysis of the model's graph at `input_shape` (the same
+            layers, groups and channels, with concrete tensor sizes), or
+            this analysis when no `input_shape` is given.
     """
 
-    def __init__(self, model, exclude=(), warn=True):
+    def __init__(self, model, exclude=(), warn=True, input_shape=None):
         self.model = model
         self.exclude = set(exclude)
         self._tensor_ids = {}
@@ -312,6 +319,11 @@ class ModelAnalysis:
                 f"'{model.name}': {sorted(unknown)}."
             )
         self._finish(ctx)
+        # The analysis of the same graph at concrete sizes, for costs that
+        # depend on them (MACs, latency); this one where sizes are known.
+        self.sized = self
+        if input_shape is not None:
+            self._count_macs_at(input_shape)
         harmful = self._harmful_opaque(ctx) | {
             n for n, r in self.unsupported if r == layer_rules.CHANNELS_FIRST}
         if warn and harmful:
@@ -499,6 +511,26 @@ class ModelAnalysis:
                              list(names[g]), touching)
             )
 
+    def _count_macs_at(self, batch_shapes):
+        """Takes the MACs coefficients from the same graph at fixed input
+        shapes (its layers are this model's, so only the sizes differ)."""
+        shaped = ModelAnalysis(_graph.with_input_shapes(self.model,
+                                                        batch_shapes),
+                               exclude=self.exclude, warn=False)
+        def structure(a):
+            return ([(t.layer_name, t.weight[1]) for t in a.macs_terms],
+                    [(g.name, g.size) for g in a.groups])
+
+        if structure(self) != structure(shaped):
+            raise ValueError(
+                f"Model '{self.model.name}' computes differently at input "
+                f"shape {[tuple(s[1:]) for s in batch_shapes]} than at its "
+                "free size, so its MACs cannot be counted at that shape. "
+                "Build the model with a fixed input shape instead.")
+        for term, at_shape in zip(self.macs_terms, shaped.macs_terms):
+            term.coef = at_shape.coef
+        self.sized = shaped
+
     # -- per-weight views ------------------------------------------------
     def slices_for(self, layer, name):
         """The `WeightSlice`s of weight `name` of `layer` (maybe none)."""
@@ -523,9 +555,12 @@ class ModelAnalysis:
             if term.coef is None:
                 raise ValueError(
                     f"Layer '{term.layer_name}' has an input of unknown "
-                    "spatial size, so its MACs are undefined. Count at a "
-                    "size: `count_macs(model, input_shape=(224, 224, 3))`, "
-                    "or build the model with a fixed input shape."
+                    "spatial size, so its MACs are undefined. Give the size "
+                    "to count at: `input_shape=(224, 224, 3)` (say) to the "
+                    "pruning entry point (`prune_and_regrow`, "
+                    "`soft_mask_prune`, `relevance_prune`, `wrap`) or to "
+                    "`count_macs`, or build the model with a fixed input "
+                    "shape."
                 )
             variable = next(v for v in layer.weights
                             if layer_rules.weight_leaf_name(v) == name)
@@ -548,6 +583,70 @@ class ModelAnalysis:
     def nodes_of(self, model=None):
         """The analysed `GraphNode`s of `model` (default: the top model)."""
         return self._nodes[id(model or self.model)]
+
+
+def input_batch_shapes(model, input_shape):
+    """`input_shape` as one full batch shape per model input, checked.
+
+    Args:
+        model: the model the shapes are for.
+        input_shape: one shape without the batch axis, or a list of them
+            (one per model input).
+
+    Returns:
+        A list of batch shapes (batch axis None), one per model input.
+
+    Raises:
+        ValueError: the shapes do not fit the model's inputs.
+    """
+    inputs = _graph.inputs_of(model)
+    shapes = input_shape
+    usage = ("`input_shape` must be one shape without the batch axis, "
+             "e.g. (224, 224, 3), or a list of such shapes, one per model "
+             f"input; got {input_shape!r}.")
+    if not isinstance(input_shape, (list, tuple)) or not input_shape:
+        raise ValueError(usage)
+    if all(isinstance(d, (int, np.integer)) or d is None
+           for d in input_shape):
+        shapes = [input_shape]
+    if not all(isinstance(s, (list, tuple)) for s in shapes):
+        raise ValueError(usage)
+    shapes = [tuple(s) for s in shapes]
+    if len(shapes) != len(inputs):
+        raise ValueError(
+            f"`input_shape` gives {len(shapes)} shape(s) for the "
+            f"{len(inputs)} input(s) of model '{model.name}'; give one shape "
+            "per input, without the batch axis.")
+    result = []
+    for shape, tensor in zip(shapes, inputs):
+        known = tuple(tensor.shape[1:])
+        fits = len(shape) == len(known) and all(
+            isinstance(d, (int, np.integer)) and d > 0
+            and (k is None or k == d) for d, k in zip(shape, known))
+        if not fits:
+            raise ValueError(
+                f"`input_shape` {shape} does not fit input "
+                f"'{_graph.producer_of(tensor).name}' of shape "
+                f"{(None,) + known} (batch axis first): give positive sizes "
+                "for every axis, equal to the fixed ones.")
+        result.append((None,) + tuple(int(d) for d in shape))
+    return result
+
+
+
+def at_input_shape(model, input_shape):
+    """`model`'s graph on inputs of `input_shape` (checked as in
+    `input_batch_shapes`), sharing its layers and weights."""
+    return _graph.with_input_shapes(model,
+                                    input_batch_shapes(model, input_shape))
+
+
+def free_input_axes(model):
+    """(input name, shape) of every model input with a free axis besides
+    the batch axis."""
+    return [(_graph.producer_of(t).name, tuple(t.shape))
+            for t in _graph.inputs_of(model)
+            if any(d is None for d in t.shape[1:])]
 
 
 def analyze(model, exclude=(), warn=True):

@@ -105,35 +105,6 @@ def _has_free_nested_inputs(model):
         for node in _graph.nodes(model))
 
 
-def _input_shapes(model, input_shape):
-    """`input_shape` as one full batch shape per model input, checked."""
-    inputs = _graph.inputs_of(model)
-    shapes = input_shape
-    if all(isinstance(d, (int, np.integer)) or d is None
-           for d in input_shape):
-        shapes = [input_shape]
-    shapes = [tuple(s) for s in shapes]
-    if len(shapes) != len(inputs):
-        raise ValueError(
-            f"`input_shape` gives {len(shapes)} shape(s) for the "
-            f"{len(inputs)} input(s) of model '{model.name}'; give one shape "
-            "per input, without the batch axis.")
-    result = []
-    for shape, tensor in zip(shapes, inputs):
-        known = tuple(tensor.shape[1:])
-        fits = len(shape) == len(known) and all(
-            isinstance(d, (int, np.integer)) and d > 0
-            and (k is None or k == d) for d, k in zip(shape, known))
-        if not fits:
-            raise ValueError(
-                f"`input_shape` {shape} does not fit input "
-                f"'{_graph.producer_of(tensor).name}' of shape "
-                f"{(None,) + known} (batch axis first): give positive sizes "
-                "for every axis, equal to the fixed ones.")
-        result.append((None,) + tuple(int(d) for d in shape))
-    return result
-
-
 def _kept_size(variable, slices, class_mask):
     size = 1
     by_axis = {s.axis % len(variable.shape): s for s in slices}
@@ -156,7 +127,8 @@ def count_macs(model, class_mask=None, input_shape=None):
         input_shape: the input shape to count at, without the batch axis
             (a list of shapes for several inputs). Needed when the model's
             spatial dimensions are free (`keras.Input((None, None, 3))`);
-            MACs depend on them, parameters do not.
+            MACs depend on them, parameters do not. A model wrapped with
+            `input_shape=` is counted at that shape by default.
 
     Returns:
         A `CountResult` with totals and a per-layer breakdown.
@@ -175,9 +147,11 @@ def count_macs(model, class_mask=None, input_shape=None):
     print(keras_chex.count_macs(fcn, input_shape=(160, 160, 3)))
     ```
     """
+    if input_shape is None and hasattr(model, "pruning_config"):
+        input_shape = model.pruning_config.get("input_shape")
     if input_shape is not None:
         model = _graph.with_input_shapes(
-            model, _input_shapes(model, input_shape))
+            model, cg.input_batch_shapes(model, input_shape))
     elif _has_free_nested_inputs(model):
         # A nested model built on free spatial dims, called at known ones.
         model = _graph.with_input_shapes(

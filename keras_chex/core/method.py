@@ -25,6 +25,7 @@ import keras
 import numpy as np
 
 from keras_chex.core import allocation
+from keras_chex.core import analysis
 from keras_chex.core import costs
 from keras_chex.core import masks as masks_lib
 from keras_chex.deploy import latency_table
@@ -156,7 +157,7 @@ class PruningState(keras.layers.Layer):
             if self.resource() == "latency":
                 table = latency_table.LatencyTable.from_json(
                     self.config["cost_table"])
-                cost = table.group_cost(self.analysis)
+                cost = table.group_cost(self.analysis.sized)
             else:
                 cost = self.cost.group_cost(self.analysis, self.resource())
             self._plain["group_cost"] = cost
@@ -310,11 +311,11 @@ def check_choice(name, value, choices):
                          f"{value!r}.")
 
 
-def latency_config(target, cost_table, model):
+def latency_config(target, cost_table, model, input_shape=None):
     """What a model stores of `cost_table` (None unless `target` is
     "latency"): the entries and calibration it uses, so its `.keras` file
     prices itself anywhere and a table shared by many models does not grow
-    each config.
+    each config. `input_shape` is the size a free-size model is priced at.
 
     Raises:
         ValueError: a latency target without a table, a table without a
@@ -338,6 +339,16 @@ def latency_config(target, cost_table, model):
         raise ValueError(
             "`cost_table` must be a LatencyTable or the path of its JSON "
             f"file, got {type(cost_table).__name__}.")
+    if input_shape is not None:
+        model = analysis.at_input_shape(model, input_shape)
+    free = analysis.free_input_axes(model)
+    if free:
+        raise ValueError(
+            f"Model '{model.name}' has input '{free[0][0]}' of free size "
+            f"{free[0][1]}, and its latency depends on the size: pass "
+            "`input_shape=(224, 224, 3)` (say) to the pruning entry point, "
+            "the size the table was built at "
+            "(`build_latency_table(model, path, input_shape=...)`).")
     return cost_table.subset(model).to_json()
 
 

@@ -83,10 +83,14 @@ class PrunableModel(keras.Model):
     def analysis(self):
         """The `ModelAnalysis` of this model (computed once)."""
         if self._analysis_cache is None:
+            config = self.pruning_config
+            shapes = config.get("input_shape")
             self._analysis_cache = cg.ModelAnalysis(
                 self,
-                exclude=self.pruning_config.get("exclude", ()),
+                exclude=config.get("exclude", ()),
                 warn=False,
+                input_shape=(cg.input_batch_shapes(self, shapes)
+                             if shapes else None),
             )
         return self._analysis_cache
 
@@ -190,7 +194,7 @@ def check_exclude(exclude):
 
 
 def wrap(model, *, mode="hard", exclude=(), pruning=None,
-         fold_batchnorm=True):
+         fold_batchnorm=True, input_shape=None):
     """Returns a copy of `model` whose prunable channels carry masks.
 
     The copy has the same layers (fresh objects holding copies of the
@@ -210,6 +214,11 @@ def wrap(model, *, mode="hard", exclude=(), pruning=None,
         fold_batchnorm: fold masks into BatchNorms where possible (modes
             "hard" and "permanent"). Folding changes neither the outputs
             nor the gradients, only the cost of a training step.
+        input_shape: the input size to count MACs at, without the batch
+            axis (a list of shapes for several inputs), for a model whose
+            spatial size is free (`keras.Input((None, None, 3))`): a
+            backbone fine-tuned at the user's resolution. Stored with the
+            model; the wrapped and stripped models keep the free size.
 
     Returns:
         A `PrunableModel`.
@@ -234,6 +243,10 @@ def wrap(model, *, mode="hard", exclude=(), pruning=None,
         raise ValueError(f"`fold_batchnorm` must be True or False, got "
                          f"{fold_batchnorm!r}.")
     exclude = check_exclude(exclude)
+    if input_shape is not None:
+        pruning = dict(pruning or {}, input_shape=[
+            list(shape[1:])
+            for shape in cg.input_batch_shapes(model, input_shape)])
     analysis = cg.ModelAnalysis(model, exclude=exclude)
     if not analysis.groups:
         warnings.warn(

@@ -179,6 +179,7 @@ def export_tflite(
     int8_io=False,
     tolerance=None,
     verbose=False,
+    input_shape=None,
 ):
     """Converts a Keras model to a `.tflite` file and checks it against Keras.
 
@@ -236,6 +237,12 @@ def export_tflite(
             for the quantization mode.
         verbose: Print each stage (strip, convert, verify) as it starts and
             its time when done; conversion can take minutes on big models.
+        input_shape: The input size the file is converted and verified at,
+            without the batch axis (a list for several inputs). Required
+            for a model of free spatial size (`keras.Input((None, None,
+            3))`), whose TFLite file cannot run at a size it was not
+            converted for; a model wrapped with `input_shape=` uses that
+            one by default. A model of fixed size needs none.
 
     Returns:
         An `ExportReport`.
@@ -275,6 +282,7 @@ def export_tflite(
                      + ["convert"] + (["verify"] if verify else []))
     with stages.run("strip", "stripping the pruning model"):
         model, stripped = strip_if_wrapped(reference)
+    model = _at_export_shape(model, reference, input_shape)
     names = input_data.signature_input_names(model)
     # Argument errors surface before the slow conversion, not after it.
     if representative_data is not None:
@@ -446,6 +454,27 @@ def _resolve_tolerance(quantization, tolerance):
     if tolerance < 0:
         raise ValueError(f"`tolerance` must be >= 0, got {tolerance!r}.")
     return float(tolerance)
+
+
+def _at_export_shape(model, reference, input_shape):
+    """`model` at the size to convert at: `input_shape`, else the one the
+    pruning model was wrapped with, else its own fixed size."""
+    from keras_chex.core import analysis
+
+    if input_shape is None and hasattr(reference, "pruning_config"):
+        input_shape = reference.pruning_config.get("input_shape")
+    if input_shape is not None:
+        return analysis.at_input_shape(model, input_shape)
+    free = analysis.free_input_axes(model)
+    if free:
+        name, shape = free[0]
+        raise ValueError(
+            f"Model '{reference.name}' has input '{name}' of free size "
+            f"{shape}, and a TFLite file runs only at the size it was "
+            "converted for. Pass the size the device will feed (without "
+            "the batch axis): `export_tflite(model, path, input_shape=(224, "
+            "224, 3))`, say.")
+    return model
 
 
 def _check_model(model):

@@ -31,7 +31,7 @@ from keras_chex.deploy import latency_table
 
 def build_latency_table(model, path=None, threads=1, *, round_to=8,
                         max_points=latency_table.DEFAULT_MAX_POINTS, runs=20, rounds=2,
-                        warmup=3, verbose=0):
+                        warmup=3, verbose=0, input_shape=None):
     """Measures the per-layer LiteRT latency of `model` over its widths.
 
     Every convolution, depthwise convolution and dense call is exported on
@@ -62,6 +62,9 @@ def build_latency_table(model, path=None, threads=1, *, round_to=8,
             its fastest run.
         warmup: untimed runs first.
         verbose: 1 prints progress.
+        input_shape: the input size to measure at, without the batch axis,
+            for a model of free spatial size (pass the same one to the
+            pruning entry point).
 
     Returns:
         A `latency_table.LatencyTable`.
@@ -86,6 +89,16 @@ def build_latency_table(model, path=None, threads=1, *, round_to=8,
                 value < low):
             raise ValueError(f"`{name}` must be an int >= {low}, got "
                              f"{value!r}.")
+    if input_shape is not None:
+        model = analysis_lib.at_input_shape(model, input_shape)
+    free = analysis_lib.free_input_axes(model)
+    if free:
+        raise ValueError(
+            f"Model '{model.name}' has input '{free[0][0]}' of free size "
+            f"{free[0][1]}; latency depends on the size. Pass the size the "
+            "device will feed, without the batch axis: "
+            "`build_latency_table(model, path, input_shape=(224, 224, 3))`, "
+            "say (and the same `input_shape=` to the pruning entry point).")
     cached, calibrations, old = {}, {}, None
     if path is not None and os.path.exists(path):
         old = latency_table.LatencyTable.load(path)

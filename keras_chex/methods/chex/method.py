@@ -47,7 +47,8 @@ METHOD = "chex"
 def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
                      latency=None, cost_table=None, allocator=None,
                      regrow=0.3, interval=2, until=0.72, min_channels=0.05,
-                     round_to=1, exclude=(), seed=None):
+                     round_to=1, exclude=(), seed=None,
+                     input_shape=None):
     """Prepares a model for CHEX channel exploration during `model.fit`.
 
     Args:
@@ -77,6 +78,10 @@ def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
         round_to: keep channel counts at multiples of this (8 or 16 suit
             CPU/GPU kernels), except where a group is smaller.
         exclude: names of layers never pruned.
+        input_shape: the input size the cost is counted at, without the
+            batch axis (e.g. `(224, 224, 3)`; a list for several inputs).
+            Needed for a model of free spatial size (`keras.Input((None,
+            None, 3))`); the wrapped and stripped models keep the free size.
         seed: random seed for regrowth sampling (drawn at random if None,
             and stored with the model, so a loaded model continues the same).
 
@@ -125,10 +130,11 @@ def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
         "round_to": round_to,
         "seed": int(seed),
         "allocator": allocator,
-        "cost_table": method.latency_config(target, cost_table, model),
+        "cost_table": method.latency_config(
+            target, cost_table, model, input_shape),
     }
     wrapped = wrapping.wrap(model, mode="hard", exclude=exclude,
-                            pruning=config)
+                            pruning=config, input_shape=input_shape)
     wrapped.pruning_state.initialize()
     return wrapped
 

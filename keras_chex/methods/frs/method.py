@@ -33,7 +33,7 @@ def relevance_prune(model, *, flops=None, params=None, latency=None,
                     channels=None, cost_table=None, interval=2.0,
                     until=0.75, score_batches=10, min_channels=0.05,
                     round_to=1, exclude=(), seed=None,
-                    criterion="relevance"):
+                    criterion="relevance", input_shape=None):
     """Prepares a model for gradual pruning by feature relevance scores.
 
     Args:
@@ -57,6 +57,10 @@ def relevance_prune(model, *, flops=None, params=None, latency=None,
         round_to: keep channel counts at multiples of this, except where a
             group is smaller.
         exclude: names of layers never pruned.
+        input_shape: the input size the cost is counted at, without the
+            batch axis (e.g. `(224, 224, 3)`; a list for several inputs).
+            Needed for a model of free spatial size (`keras.Input((None,
+            None, 3))`); the wrapped and stripped models keep the free size.
         seed: breaks ties between channels of equal score (drawn at random
             if None, and stored with the model).
         criterion: "relevance" (the method), or "l1" (the L1 norm of each
@@ -112,10 +116,11 @@ def relevance_prune(model, *, flops=None, params=None, latency=None,
         "round_to": round_to,
         "seed": method.resolve_seed(seed),
         "criterion": criterion,
-        "cost_table": method.latency_config(target, cost_table, model),
+        "cost_table": method.latency_config(
+            target, cost_table, model, input_shape),
     }
     wrapped = wrapping.wrap(model, mode="permanent", exclude=exclude,
-                            pruning=config)
+                            pruning=config, input_shape=input_shape)
     if criterion == "relevance":
         # Checked now, not at the first pruning step: a model LRP cannot
         # score should fail (or warn) before any training.

@@ -35,7 +35,7 @@ def soft_mask_prune(model, *, latency=None, flops=None, params=None,
                     cost_table=None, importance="taylor", warmup=0.1,
                     ramp=0.6, interval_steps=None, freeze=0.25, round_to=8,
                     min_channels=0.05, exclude=(), pruned_decay=2e-4,
-                    bn_rescale=False, seed=None):
+                    bn_rescale=False, seed=None, input_shape=None):
     """Prepares a model for SMCP soft-mask pruning during `model.fit`.
 
     Args:
@@ -62,6 +62,10 @@ def soft_mask_prune(model, *, latency=None, flops=None, params=None,
         min_channels: fewest channels a group may keep: an int, or a float
             in (0, 1) for a fraction of the group's size (at least 1).
         exclude: names of layers never pruned.
+        input_shape: the input size the cost is counted at, without the
+            batch axis (e.g. `(224, 224, 3)`; a list for several inputs).
+            Needed for a model of free spatial size (`keras.Input((None,
+            None, 3))`); the wrapped and stripped models keep the free size.
         pruned_decay: extra L2 decay on the weights of pruned channels only
             (added to their gradient), pushing them toward zero unless they
             earn their way back.
@@ -106,7 +110,8 @@ def soft_mask_prune(model, *, latency=None, flops=None, params=None,
     if not isinstance(bn_rescale, bool):
         raise ValueError(f"`bn_rescale` must be True or False, got "
                          f"{bn_rescale!r}.")
-    table_json = method.latency_config(target, cost_table, model)
+    table_json = method.latency_config(target, cost_table, model,
+                                     input_shape)
     config = {
         "method": METHOD,
         "target": target,
@@ -121,7 +126,7 @@ def soft_mask_prune(model, *, latency=None, flops=None, params=None,
         "cost_table": table_json,
     }
     wrapped = wrapping.wrap(model, mode="straight_through", exclude=exclude,
-                            pruning=config)
+                            pruning=config, input_shape=input_shape)
     if target == "latency":
         # Checked on the wrapped copy: its analysis names the layers the
         # table must cover.
