@@ -25,19 +25,20 @@ def test_pretrain_then_finetune_with_and_without_distillation(tmp_path):
     run_dir = tmp_path / "run"
     _run("--stage=pretrain", f"--run_dir={run_dir}", f"--output={output}")
     assert (run_dir / "resnet8_dense.keras").exists()
-    _run("--variants=chex_kd,narrow_K,dense", f"--run_dir={run_dir}",
+    _run("--variants=chex_kd,narrow_K,dense,l1", f"--run_dir={run_dir}",
          f"--output={output}")
     lines = [json.loads(line) for line in output.read_text().splitlines()]
     results = {r["variant"]: r for r in lines if "variant" in r}
-    assert set(results) == {"pretrain", "chex_kd", "narrow_K", "dense"}
+    assert set(results) == {"pretrain", "chex_kd", "narrow_K", "dense", "l1"}
     assert results["chex_kd"]["distill"] is True
     assert results["chex_kd"]["macs_fraction"] <= 0.5 + 1e-9
     assert results["narrow_K"]["macs_fraction"] <= 0.5 + 1e-9
+    assert 0.4 < results["l1"]["macs_fraction"] <= 0.5 + 1e-9
     assert results["dense"]["macs_fraction"] == 1.0
-    for name in ("chex_kd", "narrow_K", "dense"):
+    for name in ("chex_kd", "narrow_K", "dense", "l1"):
         assert len(results[name]["accuracy_per_epoch"]) == 2
         assert 0.0 <= results[name]["val_accuracy"] <= 1.0
     # Each compact is kept for timing later.
     saved = sorted(os.listdir(run_dir / "models"))
     assert saved == sorted(f"r8_{n}_f0.5_seed0.keras"
-                           for n in ("chex_kd", "narrow_K", "dense"))
+                           for n in ("chex_kd", "narrow_K", "dense", "l1"))

@@ -15,13 +15,15 @@ Fine-tune variants (held-out accuracy on the stripped compact):
               scratch for K epochs;
   narrow_E0K  the same, for E0 + K epochs (the same total compute);
   chex, smcp, frs   each method wrapping the trained model, K epochs;
+  l1          one-shot L1-norm pruning (every group cut by the same share,
+              largest filter L1 norms kept), stripped at once, then K
+              epochs of plain fine-tuning (Torch-Pruning's L1 recipe);
   any name + "_kd"  the same, trained as the student of a
               `keras.distillation.Distiller` whose teacher is the trained
               dense model (`LogitsDistillation` with `KLDivergence()` at
               `--temperature`, weighted `--alpha` against the labels).
 Each line also holds the held-out accuracy right after wrapping and after
-every epoch (so after each pruning step's epoch). Not built yet: the
-one-shot L1 baseline (Torch-Pruning's group-L1 recipe).
+every epoch (so after each pruning step's epoch).
 
     python tools/benchmark_finetune.py --stage=pretrain \\
         --data=../shared/data/cifar10/train.zip --train_per_class=2000 \\
@@ -35,6 +37,7 @@ one-shot L1 baseline (Torch-Pruning's group-L1 recipe).
 import json
 import os
 import time
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -179,6 +182,16 @@ def finetune(name, train, val):
         model = keras_chex.prune_and_regrow(trained, flops=FLAGS.flops,
                                             seed=FLAGS.seed)
         callbacks = [keras_chex.ChannelExploration(verbose=1)]
+    elif base == "l1":
+        # CHEX starts from this cut (with `regrow` more removed, to grow
+        # back): every group keeps the same share of its channels, those
+        # of largest filter L1 norm (Li et al.).
+        # Stripped at once and fine-tuned plainly, it is the one-shot
+        # recipe; the fine-tune re-estimates the BatchNorm statistics.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Stripping model")
+            model = keras_chex.strip(keras_chex.prune_and_regrow(
+                trained, flops=FLAGS.flops, regrow=0.0, seed=FLAGS.seed))
     elif base == "smcp":
         model = keras_chex.soft_mask_prune(trained, flops=FLAGS.flops,
                                            seed=FLAGS.seed)
