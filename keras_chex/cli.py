@@ -5,7 +5,7 @@
     keras-chex export model.keras --tflite out.tflite [--quantization=int8
         --representative=images/] [--input_shape=224,224,3]
     keras-chex prune model.keras --method=chex --flops=0.5 --data=train.zip
-        --epochs=30 [--output_dir=out]
+        --epochs=30 [--distill] [--output_dir=out]
 
 A mistake is one line on stderr with what to do, and exit code 2; pass
 `--verbose` for the traceback.
@@ -42,13 +42,32 @@ def _parse_shape(text):
 
 
 def _fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = _number(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(
             f"expected a fraction in (0, 1], got {value}")
+    return value
+
+
+def _number(text):
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _positive(text):
+    value = _number(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
+def _fraction_or_zero(text):
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a number in [0, 1], got {value}")
     return value
 
 
@@ -109,6 +128,15 @@ def build_parser():
     prune.add_argument("--batch_size", type=int, default=128)
     prune.add_argument("--learning_rate", type=float, default=0.05)
     prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument(
+        "--distill", action="store_true",
+        help="learn from the input model while pruning: it is the teacher "
+             "of a keras.distillation.Distiller (for a trained model)")
+    prune.add_argument("--temperature", type=_positive, default=None,
+                       help="distillation temperature (default 4)")
+    prune.add_argument("--alpha", type=_fraction_or_zero, default=None,
+                       help="weight of the label loss against the "
+                            "distillation loss (default 0.5)")
     prune.add_argument("--output_dir", default="keras_chex_out")
     prune.add_argument("--overwrite", action="store_true")
     return parser
@@ -266,6 +294,13 @@ def cmd_prune(args):
         raise CliError(
             f"--data gives 32x32x3 images, but the model's input is "
             f"{tuple(model.inputs[0].shape[1:])}")
+    if args.distill:
+        _check_distill(model, args)
+    else:
+        for name in ("temperature", "alpha"):
+            if getattr(args, name) is not None:
+                raise CliError(f"--{name} sets up distillation: add "
+                               "--distill, or drop it")
     for name in ("pruning.keras", "compact.keras", "compact.tflite"):
         _check_target(os.path.join(args.output_dir, name), args.overwrite)
     try:
@@ -286,11 +321,12 @@ def cmd_prune(args):
     callback = method.make_callback(callback_class, train, verbose=1)
     loss = keras.losses.SparseCategoricalCrossentropy(
         from_logits=_ends_in_logits(model))
-    wrapped.compile(optimizer=keras.optimizers.SGD(
+    trainer = _distiller(model, wrapped, args) if args.distill else wrapped
+    trainer.compile(optimizer=keras.optimizers.SGD(
         args.learning_rate, momentum=0.9), loss=loss, metrics=["accuracy"])
     # A progress bar only where someone watches it: in a redirected log it
     # is kilobytes of control codes.
-    wrapped.fit(train, epochs=args.epochs, validation_data=val,
+    trainer.fit(train, epochs=args.epochs, validation_data=val,
                 shuffle=False, callbacks=[callback],
                 verbose=1 if sys.stdout.isatty() else 2)
     # The moving averages lag weights that moved to the last step (and any
@@ -317,6 +353,34 @@ def cmd_prune(args):
           f"compact.tflite {report.size_bytes / 1024:.1f} KB; files in "
           f"{args.output_dir}")
     return 0
+
+
+def _check_distill(model, args):
+    import keras
+
+    if getattr(keras, "distillation", None) is None:
+        raise CliError(f"--distill needs Keras >= 3.12 (this is "
+                       f"{keras.__version__}): upgrade keras")
+    if not _ends_in_logits(model):
+        raise CliError(
+            f"--distill compares the model's logits, but {args.model} ends "
+            "in a softmax: save the model without its final softmax (and "
+            "apply it after inference)")
+
+
+def _distiller(teacher, student, args):
+    """`student` as the student of `teacher` in Keras' own Distiller."""
+    import keras
+
+    temperature = 4.0 if args.temperature is None else args.temperature
+    alpha = 0.5 if args.alpha is None else args.alpha
+    print(f"distilling from {args.model}: temperature {temperature:g}, "
+          f"label weight {alpha:g}")
+    return keras.distillation.Distiller(
+        teacher=teacher, student=student,
+        distillation_losses=keras.distillation.LogitsDistillation(
+            temperature=temperature, loss=keras.losses.KLDivergence()),
+        student_loss_weight=alpha)
 
 
 def _ends_in_logits(model):

@@ -37,6 +37,10 @@ def files(tmp_path_factory):
     x = layers.GlobalAveragePooling2D()(layers.Conv2D(4, 3)(inp))
     keras.Model(inp, layers.Dense(2)(x)).save(root / "free.keras")
     np.save(root / "calibration.npy", calibration)
+    keras.Sequential([keras.Input((32, 32, 3)), layers.Conv2D(4, 3),
+                      layers.GlobalAveragePooling2D(),
+                      layers.Dense(3, activation="softmax")]).save(
+        root / "softmax.keras")
     return root
 
 
@@ -183,16 +187,38 @@ def test_prune_fits_strips_and_exports(files, tmp_path):
         assert (out / name).stat().st_size > 0, name
 
 
+def test_prune_distills_from_the_input_model(files, tmp_path):
+    out = tmp_path / "run"
+    result = run("prune", files / "plain.keras", "--method=smcp",
+                 "--flops=0.5", "--epochs=1", "--distill",
+                 "--temperature=2", f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "distilling from " in result.stdout
+    assert "temperature 2, label weight 0.5" in result.stdout
+    # The Distiller's own losses are in the epoch line.
+    assert "distillation_loss" in result.stdout
+    kept = float(result.stdout.split("MACs kept ")[1].split(";")[0])
+    assert kept <= 0.5 + 1e-9
+    assert "LogitsDistillation" not in result.stderr
+    for name in ("pruning.keras", "compact.keras", "compact.tflite"):
+        assert (out / name).stat().st_size > 0, name
+
+
 @pytest.mark.parametrize("args, message", [
     (("count", "missing.keras"), "no such file"),
     (("prune", "{plain}", "--flops=1.5"), "fraction in (0, 1]"),
     (("prune", "{pruning}"), "already a pruning model"),
     (("export", "{plain}"), "nothing to write"),
     (("count", "{plain}", "--input_shape=abc"), "224,224,3"),
+    (("prune", "{plain}", "--distill", "--temperature=0"), "number > 0"),
+    (("prune", "{plain}", "--distill", "--alpha=2"), "in [0, 1]"),
+    (("prune", "{softmax}", "--distill"), "ends in a softmax"),
+    (("prune", "{plain}", "--alpha=0.3"), "add --distill"),
 ])
 def test_mistakes_are_one_line_with_exit_code_2(files, args, message):
     args = [a.format(plain=files / "plain.keras",
-                     pruning=files / "pruning.keras") for a in args]
+                     pruning=files / "pruning.keras",
+                     softmax=files / "softmax.keras") for a in args]
     result = run(*args)
     assert result.returncode == 2
     assert message in result.stderr
