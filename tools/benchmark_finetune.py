@@ -72,6 +72,10 @@ flags.DEFINE_float("temperature", 4.0, "Distillation temperature.")
 flags.DEFINE_float("alpha", 0.5,
                    "Weight of the label loss against the distillation loss.")
 flags.DEFINE_integer("seed", 0, "Seed of the fine-tune (data order, masks).")
+flags.DEFINE_string("options", None,
+                    "JSON object of extra arguments for the method's entry "
+                    "point, e.g. '{\"importance\": \"magnitude\"}' for "
+                    "SMCP (recorded with each result).")
 flags.DEFINE_string("run_dir", "runs/finetune22",
                     "Checkpoints, backups and saved compacts go here.")
 flags.DEFINE_string("output", None, "Append one JSON line per variant here.")
@@ -167,6 +171,10 @@ def finetune(name, train, val):
     dense_macs = keras_chex.count_macs(trained).macs
     peak, warmup = FLAGS.finetune_lr, 0
     callbacks = []
+    options = json.loads(FLAGS.options) if FLAGS.options else {}
+    if options and base not in ("chex", "smcp", "frs"):
+        raise app.UsageError(f"--options are for chex, smcp and frs, not "
+                             f"{name!r}")
     if base == "dense":
         model = trained
     elif base.startswith("narrow"):
@@ -180,7 +188,7 @@ def finetune(name, train, val):
         peak, warmup = 0.1, len(train)  # From scratch, as pre-trained.
     elif base == "chex":
         model = keras_chex.prune_and_regrow(trained, flops=FLAGS.flops,
-                                            seed=FLAGS.seed)
+                                            seed=FLAGS.seed, **options)
         callbacks = [keras_chex.ChannelExploration(verbose=1)]
     elif base == "l1":
         # CHEX starts from this cut (with `regrow` more removed, to grow
@@ -194,11 +202,11 @@ def finetune(name, train, val):
                 trained, flops=FLAGS.flops, regrow=0.0, seed=FLAGS.seed))
     elif base == "smcp":
         model = keras_chex.soft_mask_prune(trained, flops=FLAGS.flops,
-                                           seed=FLAGS.seed)
+                                           seed=FLAGS.seed, **options)
         callbacks = [keras_chex.SoftMaskPruning(verbose=1)]
     elif base == "frs":
         model = keras_chex.relevance_prune(trained, flops=FLAGS.flops,
-                                           seed=FLAGS.seed)
+                                           seed=FLAGS.seed, **options)
         callbacks = [keras_chex.RelevancePruning(train, verbose=1)]
     else:
         raise app.UsageError(f"unknown variant {name!r}")
@@ -231,6 +239,7 @@ def finetune(name, train, val):
         "flops_target": FLAGS.flops,
         "epochs": epochs,
         "distill": distill,
+        "options": options,
         "temperature": FLAGS.temperature if distill else None,
         "alpha": FLAGS.alpha if distill else None,
         "distillation_loss": "KLDivergence()" if distill else None,
