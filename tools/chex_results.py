@@ -10,6 +10,8 @@ the data order and the initial weights.
     python tools/chex_results.py runs/chex30_seeds.jsonl --reference=chex
 
 A variant recorded under another name can be renamed: `--rename=chex_max=chex`.
+Runs with entry-point options are listed as `name[key=value]` (e.g.
+`smcp[importance=magnitude]`).
 With `--widths`, a second table gives each variant's final widths per stage
 of the CIFAR ResNet, "stream / each block's inner width", averaged over the
 seeds. With `--plot=FILE`, a PNG shows the same widths (seed means) per
@@ -51,9 +53,21 @@ def records(paths, rename=None):
                 record = json.loads(line)
                 if "variant" not in record:
                     continue  # A header line.
-                record["variant"] = rename.get(record["variant"],
-                                               record["variant"])
+                name = record["variant"] + _qualifier(record)
+                record["variant"] = rename.get(name, name)
                 yield record
+
+
+def _qualifier(record):
+    """What tells runs of one variant name apart: the entry-point options
+    (`benchmark_finetune.py --options`), and for distilled runs recorded
+    before the benchmark passed `KLDivergence()` explicitly, that their
+    distillation loss compared raw logits (Keras' default at the time)."""
+    options = record.get("options") or {}
+    qualifier = "".join(f"[{k}={v}]" for k, v in sorted(options.items()))
+    if record.get("distill") and "distillation_loss" not in record:
+        qualifier += "[raw_logits]"
+    return qualifier
 
 
 def load(paths, rename=None):
