@@ -6,6 +6,8 @@
         --representative=images/] [--input_shape=224,224,3]
     keras-chex prune model.keras --method=chex --flops=0.5 --data=train.zip
         --epochs=30 [--distill] [--output_dir=out]
+    keras-chex table model.keras latency.json [--threads=1]
+    keras-chex prune model.keras --latency=0.5 --cost_table=latency.json
 
 A mistake is one line on stderr with what to do, and exit code 2; pass
 `--verbose` for the traceback.
@@ -111,6 +113,22 @@ def build_parser():
                              "dimensions)")
     export.add_argument("--overwrite", action="store_true")
 
+    table = sub.add_parser("table", help="measure a latency table (LiteRT, "
+                                         "this machine)")
+    table.add_argument("model", help="a .keras model (plain, the one to "
+                                     "prune)")
+    table.add_argument("output", help="the table's JSON file (reused and "
+                                      "extended if it exists)")
+    table.add_argument("--threads", type=int, default=1,
+                       help="LiteRT threads, as the device will use "
+                            "(default 1)")
+    table.add_argument("--round_to", type=int, default=8,
+                       help="channel step of the widths measured (default "
+                            "8)")
+    table.add_argument("--input_shape", type=_parse_shape,
+                       help="size to measure at, e.g. 224,224,3 (for "
+                            "models with free spatial dimensions)")
+
     prune = sub.add_parser("prune", help="fit with a pruning method, strip, "
                                          "export")
     prune.add_argument("model", help="a .keras classifier (plain)")
@@ -118,8 +136,14 @@ def build_parser():
         "--method", choices=registry.names(), default="chex",
         help="; ".join(f"{n}: {registry.get(n).summary}"
                        for n in registry.names()))
-    prune.add_argument("--flops", type=_fraction, default=0.5,
+    prune.add_argument("--flops", type=_fraction, default=None,
                        help="fraction of the MACs to keep (default 0.5)")
+    prune.add_argument("--latency", type=_fraction, default=None,
+                       help="fraction of the predicted latency to keep "
+                            "instead (needs --cost_table)")
+    prune.add_argument("--cost_table", metavar="JSON", default=None,
+                       help="a latency table measured on the target device "
+                            "(`keras-chex table`)")
     prune.add_argument("--data", default=None,
                        help="training images: a zip or folder of one "
                             "sub-folder of 32x32 JPEGs per class (the "
@@ -294,6 +318,9 @@ def cmd_prune(args):
         raise CliError(
             f"--data gives 32x32x3 images, but the model's input is "
             f"{tuple(model.inputs[0].shape[1:])}")
+    target = _target(args)
+    fraction, resource = ((target["flops"], "MACs") if "flops" in target
+                          else (target["latency"], "predicted latency"))
     if args.distill:
         _check_distill(model, args)
     else:
@@ -312,12 +339,15 @@ def cmd_prune(args):
     val = datasets.make_dataset(xv, yv, 256, training=False)
     print(f"data: {len(x)} training, {len(xv)} held-out images "
           f"({args.data or 'bundled sample'})")
-    print(f"{args.method.upper()}: keep {args.flops:.0%} of the MACs of "
+    print(f"{args.method.upper()}: keep {fraction:.0%} of the {resource} of "
           f"{args.model}; {args.epochs} epoch(s), batch {args.batch_size}, "
           f"learning rate {args.learning_rate}")
     method = registry.get(args.method)
     prune, callback_class = method.load()
-    wrapped = prune(model, flops=args.flops, seed=args.seed)
+    try:
+        wrapped = prune(model, seed=args.seed, **target)
+    except ValueError as e:
+        raise CliError(str(e).splitlines()[0])
     callback = method.make_callback(callback_class, train, verbose=1)
     loss = keras.losses.SparseCategoricalCrossentropy(
         from_logits=_ends_in_logits(model))
@@ -348,11 +378,42 @@ def cmd_prune(args):
     dense, after = keras_chex.count_macs(model), keras_chex.count_macs(
         compact)
     print(after.table(top=10, reference=dense))
+    if "cost_table" in target:
+        table = target["cost_table"]
+        ms, dense_ms = table.predict(compact), table.predict(model)
+        print(f"predicted latency (the table's device): {ms:.3f} ms of "
+              f"{dense_ms:.3f} ms dense, kept {ms / dense_ms:.3f}")
     print(f"MACs kept {after.macs / dense.macs:.3f}; held-out accuracy of "
           f"the compact model {datasets.accuracy(compact, val):.4f}; "
           f"compact.tflite {report.size_bytes / 1024:.1f} KB; files in "
           f"{args.output_dir}")
     return 0
+
+
+def _target(args):
+    """The entry point's target arguments from --flops / --latency."""
+    if args.latency is None:
+        if args.cost_table is not None:
+            raise CliError("--cost_table prices a --latency target: add "
+                           "--latency=FRACTION, or drop it")
+        return {"flops": 0.5 if args.flops is None else args.flops}
+    if args.flops is not None:
+        raise CliError("give one target: --flops or --latency, not both")
+    if args.cost_table is None:
+        raise CliError("--latency needs --cost_table: measure one on the "
+                       "target device with `keras-chex table model.keras "
+                       "latency.json`")
+    if not os.path.exists(args.cost_table):
+        raise CliError(f"--cost_table {args.cost_table}: no such file "
+                       "(`keras-chex table model.keras FILE` measures one)")
+    from keras_chex.deploy import latency_table
+
+    try:
+        table = latency_table.LatencyTable.load(args.cost_table)
+    except (OSError, ValueError, KeyError) as e:
+        raise CliError(f"--cost_table {args.cost_table}: not a latency "
+                       f"table ({str(e).splitlines()[0]})")
+    return {"latency": args.latency, "cost_table": table}
 
 
 def _check_distill(model, args):
@@ -392,8 +453,33 @@ def _ends_in_logits(model):
         activation, "__name__", "") == "softmax")
 
 
+def cmd_table(args):
+    import keras_chex
+
+    model = _load(args.model)
+    for name in ("threads", "round_to"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name} must be >= 1")
+    start = time.time()
+    try:
+        table = keras_chex.build_latency_table(
+            model, args.output, threads=args.threads,
+            round_to=args.round_to, verbose=1, input_shape=args.input_shape)
+    except ValueError as e:
+        raise CliError(str(e).splitlines()[0])
+    measured = model
+    if args.input_shape is not None:
+        from keras_chex.core import analysis
+
+        measured = analysis.at_input_shape(model, args.input_shape)
+    print(f"wrote {args.output}: {len(table.entries)} layer computation(s); "
+          f"{model.name} predicted {table.predict(measured):.3f} ms at "
+          f"{args.threads} thread(s) ({time.time() - start:.1f} s)")
+    return 0
+
+
 COMMANDS = {"count": cmd_count, "strip": cmd_strip, "export": cmd_export,
-            "prune": cmd_prune}
+            "prune": cmd_prune, "table": cmd_table}
 
 
 @contextlib.contextmanager

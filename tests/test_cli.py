@@ -204,6 +204,28 @@ def test_prune_distills_from_the_input_model(files, tmp_path):
         assert (out / name).stat().st_size > 0, name
 
 
+def test_table_measures_and_prune_spends_a_latency_budget(files, tmp_path):
+    table_path = tmp_path / "latency.json"
+    small = tmp_path / "small.keras"
+    keras.utils.set_random_seed(0)
+    cifar_resnet(8, widths=(8, 8, 8)).save(small)
+    result = run("table", small, table_path, "--round_to=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert table_path.exists()
+    assert "predicted" in result.stdout and " ms at 1 thread" in result.stdout
+    out = tmp_path / "run"
+    result = run("prune", small, "--method=chex", "--latency=0.6",
+                 f"--cost_table={table_path}", "--epochs=1",
+                 f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "keep 60% of the predicted latency" in result.stdout
+    kept = float(result.stdout.split("predicted latency (the table's "
+                                     "device): ")[1].split("kept ")[1]
+                 .split()[0])
+    assert kept <= 0.6 + 0.02
+    assert (out / "compact.tflite").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (("count", "missing.keras"), "no such file"),
     (("prune", "{plain}", "--flops=1.5"), "fraction in (0, 1]"),
@@ -214,6 +236,12 @@ def test_prune_distills_from_the_input_model(files, tmp_path):
     (("prune", "{plain}", "--distill", "--alpha=2"), "in [0, 1]"),
     (("prune", "{softmax}", "--distill"), "ends in a softmax"),
     (("prune", "{plain}", "--alpha=0.3"), "add --distill"),
+    (("prune", "{plain}", "--latency=0.5"), "needs --cost_table"),
+    (("prune", "{plain}", "--latency=0.5", "--flops=0.5"), "one target"),
+    (("prune", "{plain}", "--cost_table=t.json"), "add --latency"),
+    (("prune", "{plain}", "--latency=0.5", "--cost_table=missing.json"),
+     "no such file"),
+    (("table", "{plain}", "t.json", "--threads=0"), "--threads must be"),
 ])
 def test_mistakes_are_one_line_with_exit_code_2(files, args, message):
     args = [a.format(plain=files / "plain.keras",
