@@ -469,9 +469,9 @@ def cmd_table(args):
         raise CliError(str(e).splitlines()[0])
     measured = model
     if args.input_shape is not None:
-        from keras_chex.core import analysis
+        from keras_chex.core import input_shapes
 
-        measured = analysis.at_input_shape(model, args.input_shape)
+        measured = input_shapes.at_input_shape(model, args.input_shape)
     print(f"wrote {args.output}: {len(table.entries)} layer computation(s); "
           f"{model.name} predicted {table.predict(measured):.3f} ms at "
           f"{args.threads} thread(s) ({time.time() - start:.1f} s)")

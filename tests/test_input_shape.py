@@ -8,7 +8,7 @@ import pytest
 import keras_chex
 from conftest import compile_sgd, synthetic_latency_table
 from keras_chex.cifar.resnet import cifar_resnet
-from keras_chex.core import analysis
+from keras_chex.core import input_shapes
 
 SIZE = (8, 8, 3)
 ENTRY_POINTS = {
@@ -117,22 +117,22 @@ def test_the_sized_analysis_has_the_same_groups():
     assert [(g.name, g.size) for g in a.sized.groups] == [
         (g.name, g.size) for g in a.groups]
     assert all(t.coef is not None for t in a.macs_terms)
-    assert analysis.free_input_axes(wrapped)
-    assert not analysis.free_input_axes(a.sized.model)
+    assert input_shapes.free_input_axes(wrapped)
+    assert not input_shapes.free_input_axes(a.sized.model)
 
 
 @pytest.mark.parametrize("method", sorted(ENTRY_POINTS))
 def test_a_latency_target_prices_a_free_size_model_at_its_input_shape(
         method):
     model = free_resnet()
-    table = synthetic_latency_table(analysis.at_input_shape(model, SIZE))
+    table = synthetic_latency_table(input_shapes.at_input_shape(model, SIZE))
     entry, _, options = ENTRY_POINTS[method]
     wrapped = entry(model, latency=0.5, cost_table=table, input_shape=SIZE,
                     seed=0, **options)
     state = wrapped.pruning_state
     dense = state.group_cost().total(state.group_sizes)
     np.testing.assert_allclose(dense, table.predict(
-        analysis.at_input_shape(model, SIZE)), rtol=1e-6)
+        input_shapes.at_input_shape(model, SIZE)), rtol=1e-6)
     with pytest.raises(ValueError, match="input_shape"):
         entry(model, latency=0.5, cost_table=table, seed=0, **options)
 

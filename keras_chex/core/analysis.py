@@ -20,38 +20,7 @@ from keras_chex.core import layer_registry
 from keras_chex.core import layer_rules
 from keras_chex.core import masking
 from keras_chex.core import masks as masks_lib
-
-
-class _UnionFind:
-    """Union-find over integer ids, growing on demand."""
-
-    def __init__(self):
-        self.parent = []
-
-    def new(self, n):
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        return np.arange(start, start + n, dtype=np.int64)
-
-    def find(self, i):
-        parent = self.parent
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def union(self, a, b):
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            # Lower id wins, so roots (and group order) are deterministic.
-            if ra < rb:
-                self.parent[rb] = ra
-            else:
-                self.parent[ra] = rb
-
-    def roots(self):
-        return np.array([self.find(i) for i in range(len(self.parent))],
-                        dtype=np.int64)
+from keras_chex.core import union_find
 
 
 class WeightSlice:
@@ -172,7 +141,7 @@ class _Context:
 
     def __init__(self, analysis):
         self._a = analysis
-        self.uf = _UnionFind()
+        self.uf = union_find.UnionFind()
         self.blocked = []
         self.fixed = []  # The blocked ids not blocked by an opaque layer.
         self.block_reasons = {}
@@ -451,7 +420,7 @@ class ModelAnalysis:
         prunable_root = is_root & ~blocked
 
         # Classes written by the same layer form one group; link them.
-        link = _UnionFind()
+        link = union_find.UnionFind()
         link.new(len(roots))
         for _, ids in ctx.block_order:
             r = roots[ids]
@@ -583,70 +552,6 @@ class ModelAnalysis:
     def nodes_of(self, model=None):
         """The analysed `GraphNode`s of `model` (default: the top model)."""
         return self._nodes[id(model or self.model)]
-
-
-def input_batch_shapes(model, input_shape):
-    """`input_shape` as one full batch shape per model input, checked.
-
-    Args:
-        model: the model the shapes are for.
-        input_shape: one shape without the batch axis, or a list of them
-            (one per model input).
-
-    Returns:
-        A list of batch shapes (batch axis None), one per model input.
-
-    Raises:
-        ValueError: the shapes do not fit the model's inputs.
-    """
-    inputs = _graph.inputs_of(model)
-    shapes = input_shape
-    usage = ("`input_shape` must be one shape without the batch axis, "
-             "e.g. (224, 224, 3), or a list of such shapes, one per model "
-             f"input; got {input_shape!r}.")
-    if not isinstance(input_shape, (list, tuple)) or not input_shape:
-        raise ValueError(usage)
-    if all(isinstance(d, (int, np.integer)) or d is None
-           for d in input_shape):
-        shapes = [input_shape]
-    if not all(isinstance(s, (list, tuple)) for s in shapes):
-        raise ValueError(usage)
-    shapes = [tuple(s) for s in shapes]
-    if len(shapes) != len(inputs):
-        raise ValueError(
-            f"`input_shape` gives {len(shapes)} shape(s) for the "
-            f"{len(inputs)} input(s) of model '{model.name}'; give one shape "
-            "per input, without the batch axis.")
-    result = []
-    for shape, tensor in zip(shapes, inputs):
-        known = tuple(tensor.shape[1:])
-        fits = len(shape) == len(known) and all(
-            isinstance(d, (int, np.integer)) and d > 0
-            and (k is None or k == d) for d, k in zip(shape, known))
-        if not fits:
-            raise ValueError(
-                f"`input_shape` {shape} does not fit input "
-                f"'{_graph.producer_of(tensor).name}' of shape "
-                f"{(None,) + known} (batch axis first): give positive sizes "
-                "for every axis, equal to the fixed ones.")
-        result.append((None,) + tuple(int(d) for d in shape))
-    return result
-
-
-
-def at_input_shape(model, input_shape):
-    """`model`'s graph on inputs of `input_shape` (checked as in
-    `input_batch_shapes`), sharing its layers and weights."""
-    return _graph.with_input_shapes(model,
-                                    input_batch_shapes(model, input_shape))
-
-
-def free_input_axes(model):
-    """(input name, shape) of every model input with a free axis besides
-    the batch axis."""
-    return [(_graph.producer_of(t).name, tuple(t.shape))
-            for t in _graph.inputs_of(model)
-            if any(d is None for d in t.shape[1:])]
 
 
 def analyze(model, exclude=(), warn=True):

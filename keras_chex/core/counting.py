@@ -12,6 +12,7 @@ import numpy as np
 
 from keras_chex.core import _graph
 from keras_chex.core import analysis as cg
+from keras_chex.core import input_shapes
 from keras_chex.core import layer_rules
 from keras_chex.core import masks as masks_lib
 
@@ -151,7 +152,7 @@ def count_macs(model, class_mask=None, input_shape=None):
         input_shape = model.pruning_config.get("input_shape")
     if input_shape is not None:
         model = _graph.with_input_shapes(
-            model, cg.input_batch_shapes(model, input_shape))
+            model, input_shapes.input_batch_shapes(model, input_shape))
     elif _has_free_nested_inputs(model):
         # A nested model built on free spatial dims, called at known ones.
         model = _graph.with_input_shapes(

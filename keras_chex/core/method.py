@@ -25,7 +25,7 @@ import keras
 import numpy as np
 
 from keras_chex.core import allocation
-from keras_chex.core import analysis
+from keras_chex.core import input_shapes
 from keras_chex.core import costs
 from keras_chex.core import masks as masks_lib
 from keras_chex.deploy import latency_table
@@ -340,8 +340,8 @@ def latency_config(target, cost_table, model, input_shape=None):
             "`cost_table` must be a LatencyTable or the path of its JSON "
             f"file, got {type(cost_table).__name__}.")
     if input_shape is not None:
-        model = analysis.at_input_shape(model, input_shape)
-    free = analysis.free_input_axes(model)
+        model = input_shapes.at_input_shape(model, input_shape)
+    free = input_shapes.free_input_axes(model)
     if free:
         raise ValueError(
             f"Model '{model.name}' has input '{free[0][0]}' of free size "

@@ -8,6 +8,7 @@ import keras
 
 from keras_chex.core import _graph
 from keras_chex.core import analysis as cg
+from keras_chex.core import input_shapes
 from keras_chex.core import _trainer
 from keras_chex.core import masking
 from keras_chex.core import masks as masks_lib
@@ -89,7 +90,7 @@ class PrunableModel(keras.Model):
                 self,
                 exclude=config.get("exclude", ()),
                 warn=False,
-                input_shape=(cg.input_batch_shapes(self, shapes)
+                input_shape=(input_shapes.input_batch_shapes(self, shapes)
                              if shapes else None),
             )
         return self._analysis_cache
@@ -246,7 +247,7 @@ def wrap(model, *, mode="hard", exclude=(), pruning=None,
     if input_shape is not None:
         pruning = dict(pruning or {}, input_shape=[
             list(shape[1:])
-            for shape in cg.input_batch_shapes(model, input_shape)])
+            for shape in input_shapes.input_batch_shapes(model, input_shape)])
     analysis = cg.ModelAnalysis(model, exclude=exclude)
     if not analysis.groups:
         warnings.warn(

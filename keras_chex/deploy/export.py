@@ -38,7 +38,6 @@ import dataclasses
 import logging as std_logging
 import os
 import tempfile
-import time
 import uuid
 import warnings
 
@@ -49,6 +48,7 @@ import tensorflow as tf
 
 from keras_chex import _native_stderr
 from keras_chex.deploy import input_data
+from keras_chex.deploy import progress
 from keras_chex.deploy import litert
 
 QUANTIZATION_MODES = (None, "float16", "dynamic", "int8")
@@ -277,7 +277,7 @@ def export_tflite(
     reference = _check_model(model)
     from keras_chex.core import stripping
 
-    stages = _Stages(verbose, (["strip"] if stripping.is_wrapped(reference)
+    stages = progress.Stages(verbose, (["strip"] if stripping.is_wrapped(reference)
                                else [])
                      + ["convert"] + (["verify"] if verify else []))
     with stages.run("strip", "stripping the pruning model"):
@@ -329,29 +329,6 @@ def export_tflite(
         tolerance=tolerance if verify else None,
         num_samples=len(sample[0]) if verify else 0,
     )
-
-
-class _Stages:
-    """Prints "[i/n] what ... 1.2 s" for each stage of an export."""
-
-    def __init__(self, verbose, names):
-        self.verbose = verbose
-        self.names = names
-
-    @contextlib.contextmanager
-    def run(self, name, what):
-        if not self.verbose or name not in self.names:
-            yield
-            return
-        i = self.names.index(name) + 1
-        print(f"[{i}/{len(self.names)}] {what} ...", end="", flush=True)
-        start = time.perf_counter()
-        try:
-            yield
-        except BaseException:
-            print(" failed", flush=True)
-            raise
-        print(f" {time.perf_counter() - start:.1f} s", flush=True)
 
 
 @contextlib.contextmanager
@@ -459,13 +436,13 @@ def _resolve_tolerance(quantization, tolerance):
 def _at_export_shape(model, reference, input_shape):
     """`model` at the size to convert at: `input_shape`, else the one the
     pruning model was wrapped with, else its own fixed size."""
-    from keras_chex.core import analysis
+    from keras_chex.core import input_shapes
 
     if input_shape is None and hasattr(reference, "pruning_config"):
         input_shape = reference.pruning_config.get("input_shape")
     if input_shape is not None:
-        return analysis.at_input_shape(model, input_shape)
-    free = analysis.free_input_axes(model)
+        return input_shapes.at_input_shape(model, input_shape)
+    free = input_shapes.free_input_axes(model)
     if free:
         name, shape = free[0]
         raise ValueError(

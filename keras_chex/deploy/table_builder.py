@@ -19,6 +19,7 @@ import numpy as np
 
 from keras_chex.core import _graph
 from keras_chex.core import analysis as analysis_lib
+from keras_chex.core import input_shapes
 from keras_chex.core import layer_registry
 from keras_chex.core import layer_rules
 from keras_chex.core import method
@@ -90,8 +91,8 @@ def build_latency_table(model, path=None, threads=1, *, round_to=8,
             raise ValueError(f"`{name}` must be an int >= {low}, got "
                              f"{value!r}.")
     if input_shape is not None:
-        model = analysis_lib.at_input_shape(model, input_shape)
-    free = analysis_lib.free_input_axes(model)
+        model = input_shapes.at_input_shape(model, input_shape)
+    free = input_shapes.free_input_axes(model)
     if free:
         raise ValueError(
             f"Model '{model.name}' has input '{free[0][0]}' of free size "
