@@ -42,3 +42,16 @@ def test_pretrain_then_finetune_with_and_without_distillation(tmp_path):
     saved = sorted(os.listdir(run_dir / "models"))
     assert saved == sorted(f"r8_{n}_f0.5_seed0.keras"
                            for n in ("chex_kd", "narrow_K", "dense", "l1"))
+    # Options go into the file name, so they never replace a default run.
+    _run('--variants=smcp', '--options={"importance": "magnitude"}',
+         f"--run_dir={run_dir}", f"--output={output}")
+    assert (run_dir / "models"
+            / "r8_smcp[importance=magnitude]_f0.5_seed0.keras").exists()
+    # Every compact timed against the dense checkpoint.
+    _run("--stage=latency", "--latency_rounds=1", f"--run_dir={run_dir}",
+         f"--output={output}")
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    timed = {r["file"]: r for r in lines if r.get("stage") == "latency"}
+    assert set(timed) == set(os.listdir(run_dir / "models"))
+    for r in timed.values():
+        assert r["median_ms"] > 0 and r["latency_fraction"] > 0

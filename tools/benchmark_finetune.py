@@ -7,7 +7,11 @@ Two stages, so the expensive one runs once and later sessions reuse it:
                      saves it as <run_dir>/resnet<depth>_dense.keras
                      (resumable: a backup is kept while it trains);
   --stage=finetune   starts every variant from that checkpoint and trains it
-                     `--finetune_epochs` (K, default E0 / 5) more epochs.
+                     `--finetune_epochs` (K, default E0 / 5) more epochs;
+  --stage=latency    exports every saved compact of `--depth` and `--flops`
+                     and the dense checkpoint to TFLite and times them with
+                     LiteRT (1 thread, interleaved rounds): one line each,
+                     with the median latency as a fraction of dense.
 
 Fine-tune variants (held-out accuracy on the stripped compact):
   dense       the trained model, K more epochs;
@@ -36,6 +40,8 @@ every epoch (so after each pruning step's epoch).
 
 import json
 import os
+import re
+import statistics
 import time
 import warnings
 
@@ -48,12 +54,16 @@ from absl import flags  # noqa: E402
 import baselines  # noqa: E402
 import bench_report  # noqa: E402
 import keras_chex  # noqa: E402
+from keras_chex.deploy import latency  # noqa: E402
 from keras_chex.cifar import data as datasets  # noqa: E402
 from keras_chex.cifar import resnet as cifar_resnet  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("stage", "finetune", ["pretrain", "finetune"],
+flags.DEFINE_enum("stage", "finetune", ["pretrain", "finetune", "latency"],
                   "Which stage to run.")
+flags.DEFINE_integer("latency_rounds", 5,
+                     "--stage=latency: interleaved rounds of 50 timed runs "
+                     "each (1 thread).")
 flags.DEFINE_string("data", None, "CIFAR-10 train.zip (default: sample).")
 flags.DEFINE_integer("train_per_class", 2000,
                      "Training images per class (0: all but the held out).")
@@ -136,11 +146,14 @@ def main(argv):
     print(json.dumps(header), flush=True)
     if FLAGS.stage == "pretrain":
         results = [pretrain(train, val)]
+    elif FLAGS.stage == "latency":
+        results = latency_lines()
     else:
         results = (finetune(name, train, val) for name in FLAGS.variants)
     for result in results:
-        result.update(seed=seed, depth=FLAGS.depth,
-                      train_images=len(x))
+        for key, value in (("seed", seed), ("depth", FLAGS.depth),
+                           ("train_images", len(x))):
+            result.setdefault(key, value)
         print(json.dumps(result), flush=True)
         lines.append(result)
         if FLAGS.output:
@@ -160,6 +173,52 @@ class HeldOutAccuracy(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.values.append(datasets.accuracy(self.target, self.val))
+
+
+def _options_tag(options):
+    """`[key=value]...` for file names, as `chex_results.py` lists them."""
+    return "".join(f"[{k}={v}]" for k, v in sorted(options.items()))
+
+
+MODEL_FILE = re.compile(r"r(\d+)_(.+)_f([\d.]+)_seed(\d+)\.keras$")
+
+
+def latency_lines():
+    """Measured LiteRT latency of every saved compact of this depth and
+    `--flops` (and the dense checkpoint), as result lines."""
+    files = sorted(
+        f for f in os.listdir(os.path.join(FLAGS.run_dir, "models"))
+        if (m := MODEL_FILE.match(f)) and int(m.group(1)) == FLAGS.depth
+        and float(m.group(3)) == FLAGS.flops)
+    paths = {"checkpoint": checkpoint_path()}
+    paths.update({f: os.path.join(FLAGS.run_dir, "models", f)
+                  for f in files})
+    tflite_dir = os.path.join(FLAGS.run_dir, "tflite")
+    os.makedirs(tflite_dir, exist_ok=True)
+    tflite = {}
+    for key, path in paths.items():
+        tflite[key] = os.path.join(tflite_dir, os.path.basename(path)
+                                   .replace(".keras", ".tflite"))
+        keras_chex.export_tflite(keras.saving.load_model(path), tflite[key],
+                                 overwrite=True)
+    rounds = {key: [] for key in tflite}
+    order = list(tflite)
+    for r in range(FLAGS.latency_rounds):
+        for key in (order if r % 2 == 0 else order[::-1]):
+            rounds[key].append(latency.measure_tflite_latency(
+                tflite[key], num_threads=1, runs=50).median_ms)
+    dense = rounds["checkpoint"]
+    lines = []
+    for f in files:
+        m = MODEL_FILE.match(f)
+        ratios = [a / b for a, b in zip(rounds[f], dense)]
+        lines.append({
+            "stage": "latency", "file": f, "variant": m.group(2),
+            "seed": int(m.group(4)), "flops_target": FLAGS.flops,
+            "median_ms": statistics.median(rounds[f]),
+            "dense_ms": statistics.median(dense),
+            "latency_fraction": statistics.median(ratios)})
+    return lines
 
 
 def finetune(name, train, val):
@@ -233,7 +292,8 @@ def finetune(name, train, val):
     os.makedirs(os.path.join(FLAGS.run_dir, "models"), exist_ok=True)
     final.save(os.path.join(
         FLAGS.run_dir, "models",
-        f"r{FLAGS.depth}_{name}_f{FLAGS.flops:g}_seed{FLAGS.seed}.keras"))
+        f"r{FLAGS.depth}_{name}{_options_tag(options)}_f{FLAGS.flops:g}"
+        f"_seed{FLAGS.seed}.keras"))
     return {
         "variant": name,
         "flops_target": FLAGS.flops,
