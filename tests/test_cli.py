@@ -219,10 +219,16 @@ def test_table_measures_and_prune_spends_a_latency_budget(files, tmp_path):
                  f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "keep 60% of the predicted latency" in result.stdout
+    # The method spends the budget by the table...
+    spent = float(result.stdout.split(" of dense cost")[0].split("kept ")[-1])
+    assert spent <= 0.6 + 1e-6
+    # ... and the compact's price is printed (the table prices a stripped
+    # model without knowing which dense layer each came from: a few
+    # percent apart on this 0.08 ms model).
     kept = float(result.stdout.split("predicted latency (the table's "
                                      "device): ")[1].split("kept ")[1]
                  .split()[0])
-    assert kept <= 0.6 + 0.02
+    assert 0.4 < kept <= 0.6 * 1.1
     assert (out / "compact.tflite").exists()
 
 

@@ -68,3 +68,30 @@ def free_input_axes(model):
     return [(_graph.producer_of(t).name, tuple(t.shape))
             for t in _graph.inputs_of(model)
             if any(d is None for d in t.shape[1:])]
+
+
+def at_fixed_size(model, input_shape, why, fix):
+    """`model` at `input_shape` when given, else `model` if its size is
+    fixed.
+
+    Args:
+        model: the model.
+        input_shape: the user's shape (without the batch axis), or None.
+        why: what needs a fixed size, completing "... of free size S, " in
+            the error.
+        fix: the call that gives the size, for the error.
+
+    Raises:
+        ValueError: no `input_shape` for a model of free size, naming its
+            input, `why` and `fix`; or an `input_shape` that does not fit.
+    """
+    if input_shape is not None:
+        return at_input_shape(model, input_shape)
+    free = free_input_axes(model)
+    if free:
+        name, shape = free[0]
+        raise ValueError(
+            f"Model '{model.name}' has input '{name}' of free size {shape}, "
+            f"{why}. Pass the size the device will feed, without the batch "
+            f"axis: {fix}.")
+    return model

@@ -339,16 +339,11 @@ def latency_config(target, cost_table, model, input_shape=None):
         raise ValueError(
             "`cost_table` must be a LatencyTable or the path of its JSON "
             f"file, got {type(cost_table).__name__}.")
-    if input_shape is not None:
-        model = input_shapes.at_input_shape(model, input_shape)
-    free = input_shapes.free_input_axes(model)
-    if free:
-        raise ValueError(
-            f"Model '{model.name}' has input '{free[0][0]}' of free size "
-            f"{free[0][1]}, and its latency depends on the size: pass "
-            "`input_shape=(224, 224, 3)` (say) to the pruning entry point, "
-            "the size the table was built at "
-            "(`build_latency_table(model, path, input_shape=...)`).")
+    model = input_shapes.at_fixed_size(
+        model, input_shape, "and its latency depends on the size",
+        "`input_shape=(224, 224, 3)` (say) to the pruning entry point, the "
+        "size the table was built at (`build_latency_table(model, path, "
+        "input_shape=...)`)")
     return cost_table.subset(model).to_json()
 
 

@@ -440,18 +440,10 @@ def _at_export_shape(model, reference, input_shape):
 
     if input_shape is None and hasattr(reference, "pruning_config"):
         input_shape = reference.pruning_config.get("input_shape")
-    if input_shape is not None:
-        return input_shapes.at_input_shape(model, input_shape)
-    free = input_shapes.free_input_axes(model)
-    if free:
-        name, shape = free[0]
-        raise ValueError(
-            f"Model '{reference.name}' has input '{name}' of free size "
-            f"{shape}, and a TFLite file runs only at the size it was "
-            "converted for. Pass the size the device will feed (without "
-            "the batch axis): `export_tflite(model, path, input_shape=(224, "
-            "224, 3))`, say.")
-    return model
+    return input_shapes.at_fixed_size(
+        model, input_shape, "and a TFLite file runs only at the size it was "
+        "converted for", "`export_tflite(model, path, input_shape=(224, 224, "
+        "3))`, say")
 
 
 def _check_model(model):

@@ -90,16 +90,10 @@ def build_latency_table(model, path=None, threads=1, *, round_to=8,
                 value < low):
             raise ValueError(f"`{name}` must be an int >= {low}, got "
                              f"{value!r}.")
-    if input_shape is not None:
-        model = input_shapes.at_input_shape(model, input_shape)
-    free = input_shapes.free_input_axes(model)
-    if free:
-        raise ValueError(
-            f"Model '{model.name}' has input '{free[0][0]}' of free size "
-            f"{free[0][1]}; latency depends on the size. Pass the size the "
-            "device will feed, without the batch axis: "
-            "`build_latency_table(model, path, input_shape=(224, 224, 3))`, "
-            "say (and the same `input_shape=` to the pruning entry point).")
+    model = input_shapes.at_fixed_size(
+        model, input_shape, "and its latency depends on the size",
+        "`build_latency_table(model, path, input_shape=(224, 224, 3))`, say "
+        "(and the same `input_shape=` to the pruning entry point)")
     cached, calibrations, old = {}, {}, None
     if path is not None and os.path.exists(path):
         old = latency_table.LatencyTable.load(path)
