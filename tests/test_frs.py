@@ -442,6 +442,26 @@ def test_relevance_prune_leaves_unscored_groups_alone():
     assert masks["after"].sum() == 1
 
 
+def test_relevance_passes_a_batchnorm_whose_channels_are_the_output():
+    # A backbone without a classifier (MobileNetV2 with include_top=False):
+    # the last BatchNorm's channels are the model's output, never pruned,
+    # and relevance must still flow through it to the groups upstream.
+    inp = keras.Input((8, 8, 3))
+    x = layers.ReLU()(layers.BatchNormalization()(
+        layers.Conv2D(8, 3, name="first")(inp)))
+    x = layers.BatchNormalization(name="last_bn")(layers.Conv2D(6, 1)(x))
+    model = keras.Model(inp, layers.GlobalAveragePooling2D()(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapped = keras_chex.relevance_prune(model, flops=0.5, seed=0)
+    x = np.random.default_rng(0).normal(size=(8, 8, 8, 3)).astype("float32")
+    y = np.arange(8) % 6
+    scores = keras_chex.relevance_scores(wrapped, (x, y))
+    assert set(scores) == {"first"}
+    assert np.all(np.isfinite(scores["first"]))
+    assert np.any(scores["first"] > 0)
+
+
 def test_a_model_that_is_not_a_classifier_is_refused():
     inp = keras.Input((8, 8, 3))
     out = layers.Conv2D(4, 3)(layers.Conv2D(4, 3)(inp))

@@ -41,6 +41,7 @@ from keras import layers as L
 
 from keras_chex.core import _graph
 from keras_chex.core import masking
+from keras_chex.core import statistics
 
 ALPHA = 2.0
 BETA = 1.0
@@ -67,6 +68,9 @@ for _cls in _classes(
 ):
     _LAYER_RULES[_cls] = PASS
 _LAYER_RULES[masking.ChannelMask] = PASS
+# The BatchNorms a wrapped model holds: masked, or only tracking statistics
+# (those whose channels are never pruned, e.g. before the model's output).
+_LAYER_RULES[statistics.TrackingBatchNormalization] = PASS
 _LAYER_RULES[masking.MaskedBatchNormalization] = PASS
 for _cls in _classes(
     "Flatten", "Reshape", "Permute", "Concatenate", "RepeatVector",
