@@ -25,6 +25,8 @@ from keras_chex.methods import registry
 USAGE_ERROR = 2
 # Batches `prune` re-estimates the BatchNorm statistics on after fitting.
 RECALIBRATION_BATCHES = 50
+# What `prune --data` feeds: CIFAR-layout images.
+IMAGE_SHAPE = (32, 32, 3)
 
 
 class CliError(Exception):
@@ -314,10 +316,12 @@ def cmd_prune(args):
     if keras_chex.is_wrapped(model):
         raise CliError(f"{args.model} is already a pruning model; give the "
                        "plain model to prune")
-    if tuple(model.inputs[0].shape[1:]) != (32, 32, 3):
+    shape = tuple(model.inputs[0].shape[1:])
+    if len(model.inputs) != 1 or len(shape) != 3 or any(
+            d not in (None, want) for d, want in zip(shape, IMAGE_SHAPE)):
         raise CliError(
             f"--data gives 32x32x3 images, but the model's input is "
-            f"{tuple(model.inputs[0].shape[1:])}")
+            f"{shape}")
     target = _target(args)
     fraction, resource = ((target["flops"], "MACs") if "flops" in target
                           else (target["latency"], "predicted latency"))
@@ -345,7 +349,9 @@ def cmd_prune(args):
     method = registry.get(args.method)
     prune, callback_class = method.load()
     try:
-        wrapped = prune(model, seed=args.seed, **target)
+        # A model of free size is priced (and exported) at the data's size.
+        wrapped = prune(model, seed=args.seed, input_shape=IMAGE_SHAPE,
+                        **target)
     except ValueError as e:
         raise CliError(str(e).splitlines()[0])
     callback = method.make_callback(callback_class, train, verbose=1)
@@ -374,13 +380,16 @@ def cmd_prune(args):
     compact.save(os.path.join(args.output_dir, "compact.keras"))
     report = keras_chex.export_tflite(
         compact, os.path.join(args.output_dir, "compact.tflite"),
-        overwrite=args.overwrite, verbose=True)
-    dense, after = keras_chex.count_macs(model), keras_chex.count_macs(
-        compact)
+        overwrite=args.overwrite, verbose=True, input_shape=IMAGE_SHAPE)
+    dense, after = (keras_chex.count_macs(m, input_shape=IMAGE_SHAPE)
+                    for m in (model, compact))
     print(after.table(top=10, reference=dense))
     if "cost_table" in target:
         table = target["cost_table"]
-        ms, dense_ms = table.predict(compact), table.predict(model)
+        from keras_chex.core import input_shapes
+
+        ms, dense_ms = (table.predict(input_shapes.at_input_shape(
+            m, IMAGE_SHAPE)) for m in (compact, model))
         print(f"predicted latency (the table's device): {ms:.3f} ms of "
               f"{dense_ms:.3f} ms dense, kept {ms / dense_ms:.3f}")
     print(f"MACs kept {after.macs / dense.macs:.3f}; held-out accuracy of "

@@ -187,6 +187,21 @@ def test_prune_fits_strips_and_exports(files, tmp_path):
         assert (out / name).stat().st_size > 0, name
 
 
+def test_prune_takes_a_model_of_free_size_at_the_datas_size(tmp_path):
+    keras.utils.set_random_seed(0)
+    free = tmp_path / "free_resnet.keras"
+    cifar_resnet(8, widths=(8, 8, 8), input_shape=(None, None, 3)).save(free)
+    out = tmp_path / "run"
+    result = run("prune", free, "--method=frs", "--epochs=1",
+                 f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    kept = float(result.stdout.split("MACs kept ")[1].split(";")[0])
+    assert kept <= 0.5 + 1e-9
+    compact = keras.saving.load_model(out / "compact.keras")
+    assert tuple(compact.inputs[0].shape) == (None, None, None, 3)
+    assert (out / "compact.tflite").exists()
+
+
 def test_prune_distills_from_the_input_model(files, tmp_path):
     out = tmp_path / "run"
     result = run("prune", files / "plain.keras", "--method=smcp",

@@ -209,8 +209,9 @@ class PruningState(keras.layers.Layer):
                                      self.current_counts())
         if not chosen.feasible and not self._plain.get("warned"):
             self._plain["warned"] = True
-            warn_unreachable(self.config["target"], fraction,
-                             chosen.cost / dense)
+            warn_unreachable(self.config["target"],
+                             self.config["target_value"],
+                             chosen.cost / dense, step_budget=fraction)
         mask = keep_a_channel_per_producer(
             allocation.mask_from_counts(orders, self.group_sizes,
                                         chosen.counts),
@@ -233,11 +234,21 @@ class PruningState(keras.layers.Layer):
         return {"name": self.name}
 
 
-def warn_unreachable(target, value, reachable):
-    """Warns that no allowed widths meet the target; names what does."""
+def warn_unreachable(target, value, reachable, step_budget=None):
+    """Warns that no allowed widths meet the target; names what does.
+
+    Args:
+        target: the target's kind ("flops", ...), as the user gave it.
+        value: the user's target value.
+        reachable: the narrowest widths' cost, a fraction of dense.
+        step_budget: the budget of the step that found it, when a schedule
+            approaches the target in steps (named if it is not the target).
+    """
+    step = ("" if step_budget is None or abs(step_budget - value) < 1e-9
+            else f", more than even this step's budget of {step_budget:.3f}")
     warnings.warn(
         f"The target {target}={value:g} cannot be met: even the narrowest "
-        f"widths allowed keep {reachable:.3f} of the dense cost (the "
+        f"widths allowed keep {reachable:.3f} of the dense cost{step} (the "
         "`min_channels` and `round_to` floors). The model is pruned to "
         "those widths. Lower `min_channels` or `round_to`, or raise the "
         "target.", stacklevel=3)
