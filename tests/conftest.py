@@ -14,6 +14,9 @@ from keras_chex.deploy import latency_table  # noqa: E402
 from keras_chex.testing.random_graphs import random_masks  # noqa: E402,F401
 from keras_chex.testing.random_graphs import randomize_weights  # noqa: E402,F401
 
+# The repository root, for tests that run its scripts and examples.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def assert_strips_exactly(model, inputs, rng, keep=0.5, rtol=1e-4):
     """Wrap, mask at random, strip, and compare outputs and MACs.

@@ -5,8 +5,9 @@ import re
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLE = os.path.join(ROOT, "examples", "cifar10_resnet_chex.py")
+from conftest import REPO_ROOT
+
+EXAMPLE = os.path.join(REPO_ROOT, "examples", "cifar10_resnet_chex.py")
 
 
 def run_example(*flags, timeout=600):

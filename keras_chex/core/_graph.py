@@ -8,7 +8,7 @@ classes under `keras.src.ops`). Keras has no public API to
 enumerate the call sites (nodes) of a graph network with their arguments, and
 channel analysis needs exactly that. Everything else in the package goes
 through the small surface below, so a Keras upgrade breaks one file, and
-`tests/test_graph.py` pins the behaviour we rely on.
+`tests/core/test_graph.py` pins the behaviour we rely on.
 """
 
 import dataclasses
@@ -18,7 +18,7 @@ from keras import tree
 
 try:  # Keras >= 3.0 keeps these here; only for isinstance checks.
     from keras.src.models.functional import Functional as _Functional
-except ImportError:  # pragma: no cover - guarded by tests/test_graph.py
+except ImportError:  # pragma: no cover - guarded by tests/core/test_graph.py
     _Functional = keras.Model
 
 

@@ -8,8 +8,8 @@ import keras
 import pytest
 
 from keras_chex.cifar import resnet as cifar_resnet
+from conftest import REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """End-to-end deployment of pruned models: strip, TFLite, SavedModel, tool.
 
-Unlike tests/test_export.py (plain models, a faked stripping step), these
+Unlike tests/deploy/test_export.py (plain models, a faked stripping step), these
 tests export real keras-chex pruning models with random masks, so the
 stripping, the conversion and the verification are checked together.
 """
@@ -21,10 +21,8 @@ from keras_chex.cifar import resnet as cifar_resnet
 from keras_chex.deploy import export
 from keras_chex.deploy import litert
 
-from conftest import random_masks
+from conftest import REPO_ROOT, random_masks
 from conftest import randomize_weights
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _small_cnn():

@@ -4,8 +4,8 @@ import json
 import os
 import subprocess
 import sys
+from conftest import REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO_ROOT, "keras_chex", "data", "cifar10_sample.zip")
 
 

@@ -14,7 +14,6 @@ import tensorflow as tf
 from keras_chex.deploy import export
 from keras_chex.deploy.saved_model import export_saved_model
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _randomize_batchnorm(model, seed=0):
