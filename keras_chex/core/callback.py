@@ -152,6 +152,16 @@ class PruningCallback(keras.callbacks.Callback):
                 "this warning.", stacklevel=2)
             # The train function may be traced with the old loss already.
             self.model.make_train_function(force=True)
+        dropped = students.dropped_regularization(self.model)
+        if dropped:
+            warnings.warn(
+                f"'{self.model.name}' trains '{model.name}' without its "
+                f"{dropped} regularization loss(es) (e.g. a "
+                "`kernel_regularizer`'s weight decay): Keras' `Distiller` "
+                "does not add a student's own losses to its loss. For weight "
+                "decay while distilling, give the optimizer `weight_decay=` "
+                "(e.g. `keras.optimizers.SGD(0.01, momentum=0.9, "
+                "weight_decay=5e-4)`).", stacklevel=2)
         _trainer.install_gradient_hook(self.model, model)
         self._length = (steps, epochs)
         self._plan = None

@@ -58,3 +58,27 @@ def _instance_for_name(loss):
     if loss is keras.losses.kl_divergence:
         return keras.losses.KLDivergence()
     return loss
+
+
+def dropped_regularization(model):
+    """How many regularization losses of a Distiller's student its training
+    leaves out.
+
+    Keras' `Distiller.compute_loss` returns the weighted student and
+    distillation losses only: the student's own `losses` (a
+    `kernel_regularizer`'s weight decay, an activity regularizer) are not
+    added, as `Model.compute_loss` would. A Distiller subclass with its own
+    `compute_loss` is assumed to know what it does.
+
+    Args:
+        model: the model `fit` runs on.
+
+    Returns:
+        The number of the student's losses left out (0 for other models).
+    """
+    distillation = getattr(keras, "distillation", None)
+    if distillation is None or not isinstance(model, distillation.Distiller):
+        return 0
+    if type(model).compute_loss is not distillation.Distiller.compute_loss:
+        return 0
+    return len(model.student.losses)

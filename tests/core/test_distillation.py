@@ -203,6 +203,49 @@ def test_a_refused_fit_leaves_the_distillers_train_step_alone():
     assert "train_step" not in vars(distiller)
 
 
+def test_a_student_whose_regularization_the_distiller_drops_is_named():
+    teacher = _teacher()
+    student = keras_chex.prune_and_regrow(
+        _regularized(teacher), flops=0.5, interval=0.5, seed=0)
+    distiller = _distiller(teacher, student)
+    x, y = tiny_data(32)
+    with pytest.warns(UserWarning, match=r"without its \d+ regularization"
+                      r".*weight_decay="):
+        distiller.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                      callbacks=[keras_chex.ChannelExploration()])
+    # Keras' behaviour the warning describes: the Distiller's loss is the
+    # weighted student and distillation losses, without the student's own.
+    logs = distiller.evaluate(x, y, batch_size=32, verbose=0,
+                              return_dict=True)
+    assert student.losses
+    np.testing.assert_allclose(
+        logs["total_loss"],
+        0.5 * logs["student_loss"] + 0.5 * logs["distillation_loss"],
+        rtol=1e-4)
+
+
+def test_an_unregularized_student_gets_no_such_warning(recwarn):
+    teacher = _teacher()
+    distiller = _distiller(teacher, _student("chex", teacher))
+    x, y = tiny_data(32)
+    distiller.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                  callbacks=[keras_chex.ChannelExploration()])
+    assert not [w for w in recwarn if "regularization" in str(w.message)]
+
+
+def _regularized(model):
+    """A copy of `model` whose convolutions decay their kernels."""
+    config = model.get_config()
+    for layer in config["layers"]:
+        if layer["class_name"] == "Conv2D":
+            layer["config"]["kernel_regularizer"] = {
+                "module": "keras.regularizers", "class_name": "L2",
+                "config": {"l2": 5e-4}, "registered_name": None}
+    copy = keras.Model.from_config(config)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def _softened_kl(teacher_logits, student_logits, temperature):
     def softmax(z):
         e = np.exp(z / temperature - np.max(z / temperature, -1,
