@@ -51,8 +51,8 @@ def records(paths, rename=None):
                 if not line:
                     continue
                 record = json.loads(line)
-                if "variant" not in record:
-                    continue  # A header line.
+                if "variant" not in record or record.get("stage"):
+                    continue  # A header line, or a timing line.
                 name = record["variant"] + _qualifier(record)
                 record["variant"] = rename.get(name, name)
                 yield record
@@ -77,6 +77,23 @@ def load(paths, rename=None):
         results.setdefault(record["variant"], {})[int(record["seed"])] = (
             100.0 * record["val_accuracy"])
     return results
+
+
+def latency_fractions(paths, rename=None):
+    """{variant: {seed: LiteRT latency / dense}} from the timing lines
+    (`benchmark_finetune.py --stage=latency`); the last line counts."""
+    rename = dict(rename or {})
+    fractions = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                record = json.loads(line) if line.strip() else {}
+                if record.get("stage") != "latency":
+                    continue
+                name = rename.get(record["variant"], record["variant"])
+                fractions.setdefault(name, {})[int(record["seed"])] = (
+                    record["latency_fraction"])
+    return fractions
 
 
 def stage_widths(conv_filters):
@@ -217,8 +234,15 @@ def main(argv):
         raise app.UsageError("Give one or more JSON-lines result files.")
     rename = dict(item.split("=", 1) for item in FLAGS.rename)
     results = load(paths, rename)
-    print(bench_report.markdown_table(
-        *summary_rows(results, FLAGS.reference, FLAGS.variants)))
+    columns, rows = summary_rows(results, FLAGS.reference, FLAGS.variants)
+    timed = latency_fractions(paths, rename)
+    if timed:
+        columns.append("LiteRT latency / dense (seed mean)")
+        for row in rows:
+            seeds = timed.get(row[0], {})
+            row.append(f"{statistics.mean(seeds.values()):.3f}" if seeds
+                       else "-")
+    print(bench_report.markdown_table(columns, rows))
     if FLAGS.widths:
         print()
         print(bench_report.markdown_table(

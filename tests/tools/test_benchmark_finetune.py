@@ -55,3 +55,15 @@ def test_pretrain_then_finetune_with_and_without_distillation(tmp_path):
     assert set(timed) == set(os.listdir(run_dir / "models"))
     for r in timed.values():
         assert r["median_ms"] > 0 and r["latency_fraction"] > 0
+    # The summary pairs the seeds and adds the timing as a column.
+    summary = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "tools", "chex_results.py"),
+         str(output), "--reference=dense",
+         "--variants=dense,l1,smcp[importance=magnitude]"],
+        capture_output=True, text=True, timeout=300)
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    header, _, *rows = summary.stdout.strip().splitlines()
+    assert "LiteRT latency / dense" in header
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "dense", "l1", "smcp[importance=magnitude]"]
+    assert all(r.split("|")[-2].strip() != "-" for r in rows)
