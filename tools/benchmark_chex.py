@@ -12,6 +12,7 @@ Variants (all ResNet-`depth`, SGD + momentum, cosine learning rate):
   chex      CHEX;
   chex8     CHEX with widths in multiples of 8;
   chex16    CHEX with widths in multiples of 16 (XNNPACK's blocking);
+  chex_knapsack  CHEX re-allocating widths with the shared knapsack;
   smcp      SMCP at `--latency` of the dense LiteRT latency, priced by a
             latency table measured on this machine (`--latency_table`,
             built there if missing);
@@ -72,6 +73,11 @@ flags.DEFINE_string("save_dir", None,
                     "<variant>_seed<seed>.keras, to time them all later in "
                     "one quiet pass (tools/time_models.py).")
 flags.DEFINE_integer("seed", 0, "Seed shared by all variants.")
+flags.DEFINE_integer("recalibrate_batches", 0,
+                     "Re-estimate the BatchNorm statistics of every pruned "
+                     "variant on this many training batches when its fit "
+                     "ends (`RecalibrateBatchNorm`; 0: off, as the runs "
+                     "before issue 21).")
 flags.DEFINE_string("output", None, "Append one JSON line per variant here.")
 flags.DEFINE_integer("threads", 0,
                      "TensorFlow intra- and inter-op threads (0: TensorFlow's "
@@ -86,7 +92,9 @@ def chex_options(name):
     "chex" is the default; "fixed" regrows nothing and is never explored;
     "chex8" and "chex16" round widths to 8 and 16; "chex_regrow<x>" and
     "chex_interval<x>" change delta0 and the exploration interval;
-    "chex_min<x>" sets min_channels (a fraction of each group's size).
+    "chex_min<x>" sets min_channels (a fraction of each group's size);
+    "chex_knapsack" re-allocates widths with the shared knapsack (cost
+    per group) instead of the global |gamma| threshold.
     """
     options = {"regrow": 0.3, "interval": FLAGS.interval}
     if name == "fixed":
@@ -99,6 +107,8 @@ def chex_options(name):
         options["interval"] = float(name[len("chex_interval"):])
     elif name.startswith("chex_min"):
         options["min_channels"] = float(name[len("chex_min"):])
+    elif name == "chex_knapsack":
+        options["allocator"] = "knapsack"
     elif name not in ("chex", "noregrow"):
         raise app.UsageError(f"Unknown variant {name!r}.")
     return options
@@ -144,6 +154,9 @@ def run_variant(name, train, val, steps):
             model._pruning_config_json = json.dumps(config)
         if name != "fixed":
             callbacks = [keras_chex.ChannelExploration(verbose=1)]
+    if FLAGS.recalibrate_batches and keras_chex.is_wrapped(model):
+        callbacks.append(keras_chex.RecalibrateBatchNorm(
+            train, batches=FLAGS.recalibrate_batches))
     warmup = round(FLAGS.warmup_epochs * steps)
     # With warmup_steps=0 this is the plain cosine from 0.1 (same values).
     lr = keras.optimizers.schedules.CosineDecay(
@@ -177,6 +190,7 @@ def run_variant(name, train, val, steps):
         "depth": FLAGS.depth,
         "flops_target": FLAGS.flops,
         "warmup_epochs": FLAGS.warmup_epochs,
+        "recalibrate_batches": FLAGS.recalibrate_batches,
         "conv_filters": [layer.filters for layer in final.layers
                          if isinstance(layer, keras.layers.Conv2D)],
     }

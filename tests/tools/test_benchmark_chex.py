@@ -276,3 +276,15 @@ def test_bn_recalibration_reports_saved_models(tmp_path):
     assert 0 <= line["accuracy_saved"] <= 1
     assert abs(line["difference"] - (line["accuracy_recalibrated"]
                                      - line["accuracy_saved"])) < 1e-9
+
+
+def test_the_knapsack_ablation_with_recalibrated_statistics(tmp_path):
+    output = tmp_path / "bench.jsonl"
+    _run("benchmark_chex.py", "--depth=8", "--epochs=2",
+         "--train_per_class=40", "--val_per_class=10", "--interval=0.5",
+         "--threads=1", "--variants=chex_knapsack",
+         "--recalibrate_batches=2", f"--output={output}")
+    result = json.loads(output.read_text().splitlines()[1])
+    assert result["variant"] == "chex_knapsack"
+    assert result["recalibrate_batches"] == 2
+    assert 0.4 <= result["macs_fraction"] <= 0.5
