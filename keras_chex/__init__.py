@@ -52,6 +52,7 @@ from keras_chex.deploy.latency_table import LatencyTable  # noqa: E402
 from keras_chex.deploy.table_builder import build_latency_table  # noqa: E402
 from keras_chex.methods.chex.callback import ChannelExploration  # noqa: E402
 from keras_chex.methods.chex.method import prune_and_regrow  # noqa: E402
+from keras_chex.methods.chex.oneshot import prune_once  # noqa: E402
 from keras_chex.methods.frs.callback import RelevancePruning  # noqa: E402
 from keras_chex.methods.frs.method import relevance_prune  # noqa: E402
 from keras_chex.methods.frs.scores import relevance_scores  # noqa: E402
@@ -80,6 +81,7 @@ __all__ = [
     "is_wrapped",
     "plot_widths",
     "prune_and_regrow",
+    "prune_once",
     "recalibrate_batchnorm",
     "register_layer_rule",
     "relevance_prune",

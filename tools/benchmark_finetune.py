@@ -43,7 +43,6 @@ import os
 import re
 import statistics
 import time
-import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -250,15 +249,10 @@ def finetune(name, train, val):
                                             seed=FLAGS.seed, **options)
         callbacks = [keras_chex.ChannelExploration(verbose=1)]
     elif base == "l1":
-        # CHEX starts from this cut (with `regrow` more removed, to grow
-        # back): every group keeps the same share of its channels, those
-        # of largest filter L1 norm (Li et al.).
-        # Stripped at once and fine-tuned plainly, it is the one-shot
-        # recipe; the fine-tune re-estimates the BatchNorm statistics.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Stripping model")
-            model = keras_chex.strip(keras_chex.prune_and_regrow(
-                trained, flops=FLAGS.flops, regrow=0.0, seed=FLAGS.seed))
+        # The one-shot recipe: `prune_once` (every group cut by the same
+        # share, largest filter L1 norms kept), then K epochs of plain
+        # fine-tuning, which re-estimates the BatchNorm statistics.
+        model = keras_chex.prune_once(trained, flops=FLAGS.flops)
     elif base == "smcp":
         model = keras_chex.soft_mask_prune(trained, flops=FLAGS.flops,
                                            seed=FLAGS.seed, **options)

@@ -76,3 +76,25 @@ def test_a_trained_model_keeps_its_accuracy_at_half_the_macs(
             / keras_chex.count_macs(model).macs)
     assert kept <= 0.5 + 1e-9
     assert accuracy(compact, *held_out) >= dense_accuracy - 0.03
+
+
+@pytest.mark.parametrize("distill", [False, True], ids=["plain", "distilled"])
+def test_a_model_cut_once_recovers_with_fine_tuning(trained, distill):
+    model, dense_accuracy = trained
+    x, y = separable(512, 0)
+    held_out = separable(256, 1)
+    compact = keras_chex.prune_once(model, flops=0.5)
+    trainer = compact
+    if distill:
+        teacher = keras.models.clone_model(model)
+        teacher.set_weights(model.get_weights())
+        trainer = keras.distillation.Distiller(
+            teacher=teacher, student=compact,
+            distillation_losses=keras.distillation.LogitsDistillation(
+                temperature=2.0, loss=keras.losses.KLDivergence()),
+            student_loss_weight=0.5)
+    compile_sgd(trainer, lr=0.01)
+    trainer.fit(x, y, batch_size=32, epochs=4, verbose=0)
+    assert (keras_chex.count_macs(compact).macs
+            <= 0.5 * keras_chex.count_macs(model).macs + 1e-9)
+    assert accuracy(compact, *held_out) >= dense_accuracy - 0.03
