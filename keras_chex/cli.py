@@ -6,6 +6,8 @@
         --representative=images/] [--input_shape=224,224,3]
     keras-chex prune model.keras --method=chex --flops=0.5 --data=train.zip
         --epochs=30 [--distill] [--output_dir=out]
+    keras-chex prune trained.keras --method=once --flops=0.5 --epochs=6
+        --distill
     keras-chex table model.keras latency.json [--threads=1]
     keras-chex prune model.keras --latency=0.5 --cost_table=latency.json
 
@@ -25,6 +27,8 @@ from keras_chex.methods import registry
 USAGE_ERROR = 2
 # Batches `prune` re-estimates the BatchNorm statistics on after fitting.
 RECALIBRATION_BATCHES = 50
+# `prune --method` for `prune_once` followed by plain fine-tuning.
+ONCE = "once"
 # What `prune --data` feeds: CIFAR-layout images.
 IMAGE_SHAPE = (32, 32, 3)
 
@@ -135,9 +139,12 @@ def build_parser():
                                          "export")
     prune.add_argument("model", help="a .keras classifier (plain)")
     prune.add_argument(
-        "--method", choices=registry.names(), default="chex",
-        help="; ".join(f"{n}: {registry.get(n).summary}"
-                       for n in registry.names()))
+        "--method", choices=registry.names() + [ONCE], default="chex",
+        help="; ".join([f"{n}: {registry.get(n).summary}"
+                        for n in registry.names()]
+                       + [f"{ONCE}: cut once by filter L1 norm, then "
+                          "fine-tune the compact model (for a trained "
+                          "model: the best route measured)"]))
     prune.add_argument("--flops", type=_fraction, default=None,
                        help="fraction of the MACs to keep (default 0.5)")
     prune.add_argument("--latency", type=_fraction, default=None,
@@ -332,7 +339,9 @@ def cmd_prune(args):
             if getattr(args, name) is not None:
                 raise CliError(f"--{name} sets up distillation: add "
                                "--distill, or drop it")
-    for name in ("pruning.keras", "compact.keras", "compact.tflite"):
+    outputs = (("compact.keras", "compact.tflite") if args.method == ONCE
+               else ("pruning.keras", "compact.keras", "compact.tflite"))
+    for name in outputs:
         _check_target(os.path.join(args.output_dir, name), args.overwrite)
     try:
         (x, y), (xv, yv) = datasets.load_cifar10(args.data)
@@ -346,15 +355,27 @@ def cmd_prune(args):
     print(f"{args.method.upper()}: keep {fraction:.0%} of the {resource} of "
           f"{args.model}; {args.epochs} epoch(s), batch {args.batch_size}, "
           f"learning rate {args.learning_rate}")
-    method = registry.get(args.method)
-    prune, callback_class = method.load()
     try:
         # A model of free size is priced (and exported) at the data's size.
-        wrapped = prune(model, seed=args.seed, input_shape=IMAGE_SHAPE,
-                        **target)
+        if args.method == ONCE:
+            wrapped = keras_chex.prune_once(model, input_shape=IMAGE_SHAPE,
+                                            **target)
+            callbacks = []
+            kept = (keras_chex.count_macs(wrapped, input_shape=IMAGE_SHAPE)
+                    .macs / keras_chex.count_macs(
+                        model, input_shape=IMAGE_SHAPE).macs)
+            print(f"cut once: {kept:.3f} of the MACs kept; held-out "
+                  f"accuracy {datasets.accuracy(wrapped, val):.4f} before "
+                  "fine-tuning")
+        else:
+            method = registry.get(args.method)
+            prune, callback_class = method.load()
+            wrapped = prune(model, seed=args.seed, input_shape=IMAGE_SHAPE,
+                            **target)
+            callbacks = [method.make_callback(callback_class, train,
+                                              verbose=1)]
     except ValueError as e:
         raise CliError(str(e).splitlines()[0])
-    callback = method.make_callback(callback_class, train, verbose=1)
     loss = keras.losses.SparseCategoricalCrossentropy(
         from_logits=_ends_in_logits(model))
     trainer = _distiller(model, wrapped, args) if args.distill else wrapped
@@ -363,7 +384,7 @@ def cmd_prune(args):
     # A progress bar only where someone watches it: in a redirected log it
     # is kilobytes of control codes.
     trainer.fit(train, epochs=args.epochs, validation_data=val,
-                shuffle=False, callbacks=[callback],
+                shuffle=False, callbacks=callbacks,
                 verbose=1 if sys.stdout.isatty() else 2)
     # The moving averages lag weights that moved to the last step (and any
     # late mask change); the final weights' statistics are a cheap pass
@@ -375,8 +396,11 @@ def cmd_prune(args):
           f"batches: held-out accuracy {moving:.4f} -> "
           f"{datasets.accuracy(wrapped, val):.4f}")
     os.makedirs(args.output_dir, exist_ok=True)
-    compact = keras_chex.strip(wrapped)
-    wrapped.save(os.path.join(args.output_dir, "pruning.keras"))
+    if keras_chex.is_wrapped(wrapped):
+        compact = keras_chex.strip(wrapped)
+        wrapped.save(os.path.join(args.output_dir, "pruning.keras"))
+    else:
+        compact = wrapped
     compact.save(os.path.join(args.output_dir, "compact.keras"))
     report = keras_chex.export_tflite(
         compact, os.path.join(args.output_dir, "compact.tflite"),

@@ -202,6 +202,23 @@ def test_prune_takes_a_model_of_free_size_at_the_datas_size(tmp_path):
     assert (out / "compact.tflite").exists()
 
 
+def test_prune_once_cuts_then_fine_tunes_with_distillation(files, tmp_path):
+    out = tmp_path / "run"
+    result = run("prune", files / "plain.keras", "--method=once",
+                 "--flops=0.5", "--epochs=1", "--distill",
+                 f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ONCE: keep 50% of the MACs" in result.stdout
+    assert "cut once: " in result.stdout and "before fine-tuning" in (
+        result.stdout)
+    kept = float(result.stdout.split("MACs kept ")[1].split(";")[0])
+    assert 0.4 < kept <= 0.5 + 1e-9
+    # Nothing to strip: the compact model is what was fine-tuned.
+    assert not (out / "pruning.keras").exists()
+    for name in ("compact.keras", "compact.tflite"):
+        assert (out / name).stat().st_size > 0, name
+
+
 def test_prune_distills_from_the_input_model(files, tmp_path):
     out = tmp_path / "run"
     result = run("prune", files / "plain.keras", "--method=smcp",
