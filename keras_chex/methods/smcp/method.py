@@ -50,7 +50,10 @@ def soft_mask_prune(model, *, latency=None, flops=None, params=None,
             `keras_chex.build_latency_table(model)`, or the path of the
             JSON file it cached.
         importance: "taylor" (first-order Taylor of the loss, accumulated
-            inside the train step) or "magnitude" (sum of |W|).
+            inside the train step) or "magnitude" (sum of |W|). For a
+            trained model, "magnitude": a converged model's gradients are
+            small and the Taylor ranking churned (docs/benchmarks.md,
+            "Compressing a trained model").
         warmup: fraction of training before the first pruning.
         ramp: fraction of training over which the pruned share of the cost
             ramps up (exponentially) to the target.
