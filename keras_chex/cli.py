@@ -355,15 +355,15 @@ def cmd_prune(args):
     print(f"{args.method.upper()}: keep {fraction:.0%} of the {resource} of "
           f"{args.model}; {args.epochs} epoch(s), batch {args.batch_size}, "
           f"learning rate {args.learning_rate}")
+    dense = keras_chex.count_macs(model, input_shape=IMAGE_SHAPE)
     try:
         # A model of free size is priced (and exported) at the data's size.
         if args.method == ONCE:
             wrapped = keras_chex.prune_once(model, input_shape=IMAGE_SHAPE,
                                             **target)
             callbacks = []
-            kept = (keras_chex.count_macs(wrapped, input_shape=IMAGE_SHAPE)
-                    .macs / keras_chex.count_macs(
-                        model, input_shape=IMAGE_SHAPE).macs)
+            kept = keras_chex.count_macs(
+                wrapped, input_shape=IMAGE_SHAPE).macs / dense.macs
             print(f"cut once: {kept:.3f} of the MACs kept; held-out "
                   f"accuracy {datasets.accuracy(wrapped, val):.4f} before "
                   "fine-tuning")
@@ -405,8 +405,7 @@ def cmd_prune(args):
     report = keras_chex.export_tflite(
         compact, os.path.join(args.output_dir, "compact.tflite"),
         overwrite=args.overwrite, verbose=True, input_shape=IMAGE_SHAPE)
-    dense, after = (keras_chex.count_macs(m, input_shape=IMAGE_SHAPE)
-                    for m in (model, compact))
+    after = keras_chex.count_macs(compact, input_shape=IMAGE_SHAPE)
     print(after.table(top=10, reference=dense))
     if "cost_table" in target:
         table = target["cost_table"]

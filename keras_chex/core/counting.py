@@ -148,8 +148,8 @@ def count_macs(model, class_mask=None, input_shape=None):
     print(keras_chex.count_macs(fcn, input_shape=(160, 160, 3)))
     ```
     """
-    if input_shape is None and hasattr(model, "pruning_config"):
-        input_shape = model.pruning_config.get("input_shape")
+    # A model wrapped with `input_shape=` needs no rebuild: its own cached
+    # analysis (below) is priced at that shape.
     if input_shape is not None:
         model = _graph.with_input_shapes(
             model, input_shapes.input_batch_shapes(model, input_shape))

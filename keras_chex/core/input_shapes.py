@@ -54,7 +54,6 @@ def input_batch_shapes(model, input_shape):
     return result
 
 
-
 def at_input_shape(model, input_shape):
     """`model`'s graph on inputs of `input_shape` (checked as in
     `input_batch_shapes`), sharing its layers and weights."""

@@ -277,9 +277,9 @@ def export_tflite(
     reference = _check_model(model)
     from keras_chex.core import stripping
 
-    stages = progress.Stages(verbose, (["strip"] if stripping.is_wrapped(reference)
-                               else [])
-                     + ["convert"] + (["verify"] if verify else []))
+    stages = progress.Stages(
+        verbose, (["strip"] if stripping.is_wrapped(reference) else [])
+        + ["convert"] + (["verify"] if verify else []))
     with stages.run("strip", "stripping the pruning model"):
         model, stripped = strip_if_wrapped(reference)
     model = _at_export_shape(model, reference, input_shape)

@@ -32,6 +32,18 @@ def accuracy(model, x, y):
     return float(np.mean(np.argmax(logits, -1) == y))
 
 
+def _distiller(model, student):
+    """`student` learning from a copy of `model`: the Distiller freezes its
+    teacher for good, and the other tests prune the same trained model."""
+    teacher = keras.models.clone_model(model)
+    teacher.set_weights(model.get_weights())
+    return keras.distillation.Distiller(
+        teacher=teacher, student=student,
+        distillation_losses=keras.distillation.LogitsDistillation(
+            temperature=2.0, loss=keras.losses.KLDivergence()),
+        student_loss_weight=0.5)
+
+
 @pytest.fixture(scope="module")
 def trained():
     x, y = separable(512, 0)
@@ -56,17 +68,7 @@ def test_a_trained_model_keeps_its_accuracy_at_half_the_macs(
         # Nothing is removed before the first step: the wrapped model is
         # the trained one.
         assert accuracy(student, *held_out) == dense_accuracy
-    trainer = student
-    if distill:
-        # A copy: the Distiller freezes its teacher for good, and the
-        # other tests wrap the same trained model.
-        teacher = keras.models.clone_model(model)
-        teacher.set_weights(model.get_weights())
-        trainer = keras.distillation.Distiller(
-            teacher=teacher, student=student,
-            distillation_losses=keras.distillation.LogitsDistillation(
-                temperature=2.0, loss=keras.losses.KLDivergence()),
-            student_loss_weight=0.5)
+    trainer = _distiller(model, student) if distill else student
     compile_sgd(trainer, lr=0.01)
     trainer.fit(x, y, batch_size=32, epochs=4, verbose=0,
                 callbacks=[callback((x, y)),
@@ -84,15 +86,7 @@ def test_a_model_cut_once_recovers_with_fine_tuning(trained, distill):
     x, y = separable(512, 0)
     held_out = separable(256, 1)
     compact = keras_chex.prune_once(model, flops=0.5)
-    trainer = compact
-    if distill:
-        teacher = keras.models.clone_model(model)
-        teacher.set_weights(model.get_weights())
-        trainer = keras.distillation.Distiller(
-            teacher=teacher, student=compact,
-            distillation_losses=keras.distillation.LogitsDistillation(
-                temperature=2.0, loss=keras.losses.KLDivergence()),
-            student_loss_weight=0.5)
+    trainer = _distiller(model, compact) if distill else compact
     compile_sgd(trainer, lr=0.01)
     trainer.fit(x, y, batch_size=32, epochs=4, verbose=0)
     assert (keras_chex.count_macs(compact).macs
