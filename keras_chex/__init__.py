@@ -48,7 +48,7 @@ from keras_chex.core.wrapping import is_wrapped  # noqa: E402
 from keras_chex.core.wrapping import wrap  # noqa: E402
 from keras_chex.deploy.saved_model import export_saved_model  # noqa: E402
 from keras_chex.deploy.export import export_tflite  # noqa: E402
-from keras_chex.deploy.latency_table import LatencyTable  # noqa: E402
+from keras_chex.core.latency_table import LatencyTable  # noqa: E402
 from keras_chex.deploy.table_builder import build_latency_table  # noqa: E402
 from keras_chex.methods.chex.callback import ChannelExploration  # noqa: E402
 from keras_chex.methods.chex.method import prune_and_regrow  # noqa: E402

@@ -438,7 +438,7 @@ def _target(args):
     if not os.path.exists(args.cost_table):
         raise CliError(f"--cost_table {args.cost_table}: no such file "
                        "(`keras-chex table model.keras FILE` measures one)")
-    from keras_chex.deploy import latency_table
+    from keras_chex.core import latency_table
 
     try:
         table = latency_table.LatencyTable.load(args.cost_table)

@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 
 import keras_chex  # noqa: E402
 from keras_chex.core import _graph  # noqa: E402
-from keras_chex.deploy import latency_table  # noqa: E402
+from keras_chex.core import latency_table  # noqa: E402
 from keras_chex.testing.random_graphs import random_masks  # noqa: E402,F401
 from keras_chex.testing.random_graphs import randomize_weights  # noqa: E402,F401
 

@@ -13,6 +13,8 @@ Variants (all ResNet-`depth`, SGD + momentum, cosine learning rate):
   chex8     CHEX with widths in multiples of 8;
   chex16    CHEX with widths in multiples of 16 (XNNPACK's blocking);
   chex_knapsack  CHEX re-allocating widths with the shared knapsack;
+  chex_merit  CHEX with pruned channels ranked by their last-used |gamma|
+            (`pruned_importance="last"`: a layer can widen on merit);
   smcp      SMCP at `--latency` of the dense LiteRT latency, priced by a
             latency table measured on this machine (`--latency_table`,
             built there if missing);
@@ -94,7 +96,8 @@ def chex_options(name):
     "chex_interval<x>" change delta0 and the exploration interval;
     "chex_min<x>" sets min_channels (a fraction of each group's size);
     "chex_knapsack" re-allocates widths with the shared knapsack (cost
-    per group) instead of the global |gamma| threshold.
+    per group) instead of the global |gamma| threshold; "chex_merit" ranks
+    pruned channels by their last-used |gamma|.
     """
     options = {"regrow": 0.3, "interval": FLAGS.interval}
     if name == "fixed":
@@ -109,6 +112,8 @@ def chex_options(name):
         options["min_channels"] = float(name[len("chex_min"):])
     elif name == "chex_knapsack":
         options["allocator"] = "knapsack"
+    elif name == "chex_merit":
+        options["pruned_importance"] = "last"
     elif name not in ("chex", "noregrow"):
         raise app.UsageError(f"Unknown variant {name!r}.")
     return options
@@ -152,6 +157,8 @@ def run_variant(name, train, val, steps):
             # regrows nothing (the initial masks are already set).
             config = dict(model.pruning_config, regrow=0.0)
             model._pruning_config_json = json.dumps(config)
+            state = model.pruning_state
+            state._plain["config"] = state.config.replace(regrow=0.0)
         if name != "fixed":
             callbacks = [keras_chex.ChannelExploration(verbose=1)]
     if FLAGS.recalibrate_batches and keras_chex.is_wrapped(model):

@@ -29,7 +29,7 @@ import bench_report  # noqa: E402
 import keras_chex  # noqa: E402
 from keras_chex.cifar import resnet as cifar_resnet  # noqa: E402
 from keras_chex.deploy import latency  # noqa: E402
-from keras_chex.deploy import latency_table  # noqa: E402
+from keras_chex.core import latency_table  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["resnet20", "mobilenetv2"], "Models to test.")

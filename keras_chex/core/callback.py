@@ -301,13 +301,13 @@ class PruningCallback(keras.callbacks.Callback):
         """
         if len(plan) > 1:
             return None
-        config = self.pruned.pruning_config
-        until = config["until"]
+        config = self.state.config
+        until = config.until
         suggested = max(0.01, math.floor(100 * until * epochs / 4) / 100)
         return (
             f"{self.method.upper()}: this fit ({epochs} epoch(s) of "
             f"{steps_per_epoch} steps) has room for one pruning step only "
-            f"(at step {plan[0][0]}) with `interval={config['interval']:g}` "
+            f"(at step {plan[0][0]}) with `interval={config.interval:g}` "
             f"epochs and `until={until:g}`, so {consequence}. For gradual "
             "pruning pass a smaller `interval` to "
             f"`{self.entry_point.split('(')[0]}` (e.g. interval="

@@ -11,12 +11,12 @@ the state class, so a loaded model gets its state back, and
 `register_callback` to its callbacks, so `fit` can tell when one is
 missing.
 
-The argument checks every method shares (a fraction of the dense cost, a
-minimum width, a multiple to round widths to, a seed) live here once, with
-the width arithmetic they imply.
+What the entry point was given is a typed `config.MethodConfig` (the
+state's `config`); the argument checks live in `checks`. The width
+arithmetic every method shares (minimum widths, rounding, the widths a
+group may take) lives here once.
 """
 
-import numbers
 import os
 import warnings
 import weakref
@@ -25,10 +25,11 @@ import keras
 import numpy as np
 
 from keras_chex.core import allocation
+from keras_chex.core import config as config_lib
 from keras_chex.core import input_shapes
 from keras_chex.core import costs
 from keras_chex.core import masks as masks_lib
-from keras_chex.deploy import latency_table
+from keras_chex.core import latency_table
 
 # method name -> class of the state object a wrapped model carries for it.
 _METHOD_STATES = {}
@@ -100,14 +101,19 @@ class PruningState(keras.layers.Layer):
         model: the `PrunableModel`.
         name: the layer name of the state.
 
+    A subclass sets `config_class`, its `config.MethodConfig` subclass:
+    the state reads the model's stored configuration back as one.
+
     Attributes:
-        config: the model's pruning configuration (a dict).
+        config: the model's pruning configuration (a `config_class`).
         analysis: the model's `ModelAnalysis`.
         cost: the `costs.CostModel` of the analysis.
         group_sizes: int array, channels per group.
         group_ids: int array, the group of every channel.
         min_counts: int array, fewest channels each group keeps.
     """
+
+    config_class = config_lib.MethodConfig
 
     def __init__(self, model, name, **kwargs):
         super().__init__(name=name, **kwargs)
@@ -116,14 +122,15 @@ class PruningState(keras.layers.Layer):
         # inside it would lead the walk round in a circle.
         self._plain["model"] = weakref.ref(model)
         analysis = model.analysis
-        self._plain["config"] = dict(model.pruning_config)
+        self._plain["config"] = self.config_class.from_dict(
+            model.pruning_config)
         self._plain["analysis"] = analysis
         self.cost = costs.CostModel(analysis)
         self.num_channels = analysis.num_channels
         self.group_sizes = np.array([g.size for g in analysis.groups],
                                     dtype=np.int64)
         self.group_ids = costs.channel_groups_of(analysis)
-        self.min_counts = min_counts(self.config.get("min_channels", 1),
+        self.min_counts = min_counts(self.config.min_channels,
                                      self.group_sizes)
 
     def attach_trainer(self, model):
@@ -148,7 +155,7 @@ class PruningState(keras.layers.Layer):
         """'macs', 'params' or 'latency': what the method's target counts
         (MACs for targets that count channels)."""
         return {"params": "params", "latency": "latency"}.get(
-            self.config.get("target"), "macs")
+            self.config.target, "macs")
 
     def group_cost(self):
         """The target's cost as a `costs.GroupCost` of group widths: MACs,
@@ -156,7 +163,7 @@ class PruningState(keras.layers.Layer):
         if self._plain.get("group_cost") is None:
             if self.resource() == "latency":
                 table = latency_table.LatencyTable.from_json(
-                    self.config["cost_table"])
+                    self.config.cost_table)
                 cost = table.group_cost(self.analysis.sized)
             else:
                 cost = self.cost.group_cost(self.analysis, self.resource())
@@ -176,7 +183,7 @@ class PruningState(keras.layers.Layer):
 
     def widths(self):
         """The widths each group may take (`width_options`)."""
-        return [width_options(size, minimum, self.config.get("round_to", 1))
+        return [width_options(size, minimum, self.config.round_to)
                 for size, minimum in zip(self.group_sizes, self.min_counts)]
 
     def allocate(self, importance, fraction, priority=None):
@@ -209,8 +216,8 @@ class PruningState(keras.layers.Layer):
                                      self.current_counts())
         if not chosen.feasible and not self._plain.get("warned"):
             self._plain["warned"] = True
-            warn_unreachable(self.config["target"],
-                             self.config["target_value"],
+            warn_unreachable(self.config.target,
+                             self.config.target_value,
                              chosen.cost / dense, step_budget=fraction)
         mask = keep_a_channel_per_producer(
             allocation.mask_from_counts(orders, self.group_sizes,
@@ -254,74 +261,7 @@ def warn_unreachable(target, value, reachable, step_budget=None):
         "target.", stacklevel=3)
 
 
-# -- argument checks ----------------------------------------------------------
-def is_number(value):
-    """A real Python or NumPy number, not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def check_fraction(name, value, low_open=True, high_closed=True,
-                   optional=False):
-    """Raises a ValueError naming `name` unless `value` is in the interval.
-
-    The default interval is (0, 1]. `None` passes only when `optional` (a
-    target that was not given).
-    """
-    if value is None and optional:
-        return
-    # Type first: comparing a string would raise an unhelpful TypeError, and
-    # `True` would pass as 1. NumPy scalars (np.float32) are numbers.Real.
-    ok = is_number(value) and (
-        (value > 0 if low_open else value >= 0)
-        and (value <= 1 if high_closed else value < 1)
-    )
-    if not ok:
-        interval = ("(0" if low_open else "[0") + (
-            ", 1]" if high_closed else ", 1)"
-        )
-        raise ValueError(f"`{name}` must be a number in {interval}, got "
-                         f"{value!r}.")
-
-
-def one_target(targets, descriptions):
-    """The single target given: (name, value as float).
-
-    Args:
-        targets: dict name -> value or None.
-        descriptions: dict name -> what the value means, for the error.
-
-    Raises:
-        ValueError: none or several targets are given, or the one given
-            is not a number.
-    """
-    given = [k for k, v in targets.items() if v is not None]
-    if len(given) != 1:
-        listing = ", ".join(f"`{k}` ({descriptions[k]})" for k in targets)
-        raise ValueError(
-            f"Give exactly one target: {listing}; got "
-            f"{', '.join(given) if given else 'none'}."
-        )
-    name = given[0]
-    if not is_number(targets[name]):
-        raise ValueError(f"`{name}` must be a number ({descriptions[name]}), "
-                         f"got {targets[name]!r}.")
-    return name, float(targets[name])
-
-
-def check_positive(name, value, unit):
-    """Raises unless `value` is a number > 0."""
-    if not is_number(value) or value <= 0:
-        raise ValueError(f"`{name}` must be a number > 0 ({unit}), got "
-                         f"{value!r}.")
-
-
-def check_choice(name, value, choices):
-    """Raises a ValueError naming `name` unless `value` is one of `choices`."""
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"`{name}` must be one of {choices}, got "
-                         f"{value!r}.")
-
-
+# -- latency tables --------------------------------------------------------------
 def latency_config(target, cost_table, model, input_shape=None):
     """What a model stores of `cost_table` (None unless `target` is
     "latency"): the entries and calibration it uses, so its `.keras` file
@@ -356,35 +296,6 @@ def latency_config(target, cost_table, model, input_shape=None):
         "size the table was built at (`build_latency_table(model, path, "
         "input_shape=...)`)")
     return cost_table.subset(model).to_json()
-
-
-def check_round_to(round_to):
-    if isinstance(round_to, bool) or not isinstance(
-            round_to, numbers.Integral) or round_to < 1:
-        raise ValueError(f"`round_to` must be an int >= 1, got {round_to!r}.")
-    return int(round_to)
-
-
-def check_min_channels(min_channels):
-    if isinstance(min_channels, bool) or not (
-        (isinstance(min_channels, numbers.Integral) and min_channels >= 1)
-        or (isinstance(min_channels, float) and 0 < min_channels < 1)
-    ):
-        raise ValueError(
-            "`min_channels` must be an int >= 1 or a fraction in (0, 1), "
-            f"got {min_channels!r}."
-        )
-    return min_channels
-
-
-def resolve_seed(seed):
-    """`seed` as an int; a random one when None (stored with the model, so
-    a loaded model continues with the same draws)."""
-    if seed is None:
-        return int(np.random.default_rng().integers(2**31 - 1))
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"`seed` must be an int or None, got {seed!r}.")
-    return int(seed)
 
 
 # -- widths -------------------------------------------------------------------

@@ -9,7 +9,7 @@ import functools
 import math
 import numbers
 
-from keras_chex.core import method
+from keras_chex.core import checks
 
 
 def _round_half_up(x):
@@ -51,11 +51,11 @@ class PeriodicSchedule:
     """
 
     def __init__(self, interval=2.0, until=0.72):
-        if not method.is_number(interval) or not interval > 0:
+        if not checks.is_number(interval) or not interval > 0:
             raise ValueError(
                 f"`interval` must be a number > 0 (epochs), got {interval!r}."
             )
-        if not method.is_number(until) or not 0 < until <= 1:
+        if not checks.is_number(until) or not 0 < until <= 1:
             raise ValueError(
                 f"`until` must be a number in (0, 1] (a fraction of the "
                 f"planned training), got {until!r}."
@@ -134,7 +134,7 @@ def check_training_length(steps_per_epoch, epochs):
         raise ValueError(
             f"`steps_per_epoch` must be an int >= 1, got {steps_per_epoch!r}."
         )
-    if not method.is_number(epochs) or not epochs > 0:
+    if not checks.is_number(epochs) or not epochs > 0:
         raise ValueError(f"`epochs` must be a number > 0, got {epochs!r}.")
 
 

@@ -27,7 +27,7 @@ from keras_chex.core import stripping
 from keras_chex.core import wrapping
 from keras_chex.deploy import export
 from keras_chex.deploy import latency
-from keras_chex.deploy import latency_table
+from keras_chex.core import latency_table
 
 
 def build_latency_table(model, path=None, threads=1, *, round_to=8,

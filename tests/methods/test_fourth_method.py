@@ -4,54 +4,45 @@ Entry point, state, callback and registry entry in one short file, with no
 code from the other methods: what a new method costs.
 """
 
+import dataclasses
+from typing import ClassVar
+
 import keras
 import numpy as np
 
 import keras_chex
 from keras_chex.cifar.resnet import cifar_resnet
-from keras_chex.core import callback, importance, method, wrapping
+from keras_chex.core import callback, config, importance, method, wrapping
 from keras_chex.methods import registry
 
 NAME = "l1_oneshot_test"
 
 
-def l1_prune(model, *, flops=None, seed=None):
-    """Prunes the lowest-L1 filters of every group once, after one step."""
-    method.check_fraction("flops", flops)
-    config = {"method": NAME, "target": "flops", "target_value": float(flops),
-              "seed": method.resolve_seed(seed)}
-    return wrapping.wrap(model, mode="hard", pruning=config)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class L1Config(config.MethodConfig):
+    method: ClassVar[str] = NAME
+    targets: ClassVar[tuple] = ("flops", "params")
+
+
+def l1_prune(model, *, flops=None, params=None, seed=None):
+    """Prunes the lowest-L1 filters once, after one step, widths chosen by
+    the shared allocator."""
+    config = L1Config.from_arguments({"flops": flops, "params": params},
+                                     seed=seed)
+    return wrapping.wrap(model, mode="hard", pruning=config.to_dict())
 
 
 class L1State(method.PruningState):
+    config_class = L1Config
+
     def __init__(self, model, **kwargs):
         super().__init__(model, name="l1_state", **kwargs)
 
     def prune(self):
-        """Uniform sparsity by bisection, the lowest-L1 filters removed."""
         scores = importance.ImportancePlan(self.analysis, True).magnitude()
         old = self.masks.numpy()
-        budget = self.config["target_value"] * self.cost.dense_macs
-
-        def mask_at(keep):
-            counts = np.maximum(self.min_counts,
-                                np.floor(keep * self.group_sizes))
-            parts, start = [], 0
-            for size, k in zip(self.group_sizes, counts):
-                order = np.argsort(-scores[start:start + size], kind="stable")
-                part = np.zeros(size, bool)
-                part[order[:int(k)]] = True
-                parts.append(part)
-                start += size
-            return np.concatenate(parts)
-
-        lo, hi = 0.0, 1.0
-        for _ in range(30):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if self.cost.macs(mask_at(mid)) <= budget else (
-                lo, mid)
-        self.masks.assign(mask_at(lo))
-        new = self.masks.numpy()
+        _, new, _ = self.allocate(scores, self.config.target_value)
+        self.masks.assign(new)
         return [self.kept_fraction(), float(np.sum(old & ~new)), 0.0]
 
 
@@ -99,6 +90,7 @@ def test_a_fourth_method_is_one_short_file(monkeypatch, tmp_path):
     model.save(tmp_path / "l1.keras")
     loaded = keras.saving.load_model(tmp_path / "l1.keras")
     assert isinstance(loaded.pruning_state, L1State)
+    assert loaded.pruning_state.config == model.pruning_state.config
     np.testing.assert_array_equal(loaded.masks.numpy(),
                                   model.masks.numpy())
 

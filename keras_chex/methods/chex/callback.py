@@ -42,15 +42,14 @@ class ChannelExploration(callback.PruningCallback):
         "chex_regrown")
 
     def plan(self, steps_per_epoch, epochs):
-        config = self.pruned.pruning_config
+        config = self.state.config
         schedule = schedules.ExplorationSchedule(
-            interval=config["interval"], until=config["until"]
-        )
+            interval=config.interval, until=config.until)
         t_max = schedule.t_max(steps_per_epoch, epochs)
         plan = []
         for step in schedule.exploration_steps(steps_per_epoch, epochs):
             t = schedule.exploration_index(step, steps_per_epoch, epochs)
-            delta = schedules.regrow_fraction(t, t_max, config["regrow"])
+            delta = schedules.regrow_fraction(t, t_max, config.regrow)
             plan.append((step, (step, t, delta)))
         return plan
 

@@ -4,8 +4,8 @@ import numpy as np
 import tensorflow as tf
 
 
-def channel_scores(backups, mask, matrices, group_sizes):
-    """Per-channel importance of the active channels (0 where pruned).
+def channel_scores(backups, mask, matrices, group_sizes, pruned="zero"):
+    """Per-channel importance (by default 0 where pruned).
 
     A channel scaled by BatchNorms scores its |gamma|; a coupled group (a
     residual stream) feeds several BatchNorms, and a channel that any of
@@ -24,6 +24,10 @@ def channel_scores(backups, mask, matrices, group_sizes):
         mask: float tensor over all channels, 1 = active.
         matrices: per group, its filter matrix (`filter_matrix`).
         group_sizes: int array, channels per group.
+        pruned: "zero" (the paper's: a pruned channel ranks after every
+            active one, so a layer never widens on merit) or "last" (a
+            pruned channel competes with the importance it had when it was
+            last used, kept in the backups).
 
     Returns:
         A float32 tensor over all channels.
@@ -51,4 +55,5 @@ def channel_scores(backups, mask, matrices, group_sizes):
                                      tf.reduce_sum(active))
         norms.append(tf.math.divide_no_nan(norm, mean) * bn_mean)
     fallback = tf.concat(norms, 0) if norms else tf.zeros([n])
-    return tf.where(has_bn, gamma, fallback) * mask
+    scores = tf.where(has_bn, gamma, fallback)
+    return scores * mask if pruned == "zero" else scores

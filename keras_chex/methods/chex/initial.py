@@ -11,7 +11,7 @@ def uniform_counts(state, sparsity):
     sizes = state.group_sizes
     counts = np.maximum(np.floor((1 - sparsity) * sizes + 0.5),
                         state.min_counts)
-    counts = method.round_counts(counts, sizes, state.config["round_to"],
+    counts = method.round_counts(counts, sizes, state.config.round_to,
                                  state.min_counts)
     return np.minimum(counts, sizes).astype(int)
 
@@ -48,6 +48,6 @@ def uniform_sparsity(state, l1, fraction):
     narrowest = state.cost_of(uniform_mask(state, l1, hi))
     # Without channels the wrapper has already said so.
     if state.num_channels and narrowest > budget * (1 + 1e-9):
-        method.warn_unreachable(state.config["target"], fraction,
+        method.warn_unreachable(state.config.target, fraction,
                                 narrowest / dense)
     return hi

@@ -36,19 +36,20 @@ from keras_chex.core import method
 from keras_chex.core import wrapping
 from keras_chex.methods.chex import allocation
 from keras_chex.methods.chex import backups as backups_lib
+from keras_chex.methods.chex import config as config_lib
 from keras_chex.methods.chex import importance
 from keras_chex.methods.chex import initial
 from keras_chex.methods.chex import regrowth
 from keras_chex.methods.chex import subset_selection
 
-METHOD = "chex"
+METHOD = config_lib.ChexConfig.method
 
 
 def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
                      latency=None, cost_table=None, allocator=None,
                      regrow=0.3, interval=2, until=0.72, min_channels=0.05,
                      round_to=1, exclude=(), seed=None,
-                     input_shape=None):
+                     input_shape=None, pruned_importance="zero"):
     """Prepares a model for CHEX channel exploration during `model.fit`.
 
     Args:
@@ -84,6 +85,10 @@ def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
             None, 3))`); the wrapped and stripped models keep the free size.
         seed: random seed for regrowth sampling (drawn at random if None,
             and stored with the model, so a loaded model continues the same).
+        pruned_importance: how a pruned channel ranks at re-allocation:
+            "zero" (the paper's: after every active channel) or "last"
+            (with the |gamma| it had when last used, so a layer can widen
+            on merit). Being measured (docs/benchmarks.md, issue 24).
 
     Returns:
         A `keras_chex.PrunableModel` to compile and fit with
@@ -98,62 +103,18 @@ def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
     compact = keras_chex.strip(model)
     ```
     """
-    target, value = method.one_target(
+    config = config_lib.ChexConfig.from_arguments(
         {"flops": flops, "params": params, "sparsity": sparsity,
          "latency": latency},
-        {"flops": "fraction of MACs to keep",
-         "params": "fraction of parameters to keep",
-         "sparsity": "fraction of channels to remove",
-         "latency": "fraction of the predicted latency to keep"},
-    )
-    allocator = _check_allocator(allocator, target)
-    method.check_fraction("flops", flops, optional=True)
-    method.check_fraction("latency", latency, optional=True)
-    method.check_fraction("params", params, optional=True)
-    method.check_fraction("sparsity", sparsity, low_open=False,
-                          high_closed=False, optional=True)
-    method.check_fraction("regrow", regrow, low_open=False,
-                          high_closed=False)
-    method.check_fraction("until", until)
-    method.check_positive("interval", interval, "epochs")
-    round_to = method.check_round_to(round_to)
-    method.check_min_channels(min_channels)
-    seed = method.resolve_seed(seed)
-    config = {
-        "method": METHOD,
-        "target": target,
-        "target_value": value,
-        "regrow": float(regrow),
-        "interval": float(interval),
-        "until": float(until),
-        "min_channels": min_channels,
-        "round_to": round_to,
-        "seed": int(seed),
-        "allocator": allocator,
-        "cost_table": method.latency_config(
-            target, cost_table, model, input_shape),
-    }
+        allocator=allocator, regrow=regrow, interval=interval, until=until,
+        min_channels=min_channels, round_to=round_to, seed=seed,
+        pruned_importance=pruned_importance)
+    config = config.replace(cost_table=method.latency_config(
+        config.target, cost_table, model, input_shape))
     wrapped = wrapping.wrap(model, mode="hard", exclude=exclude,
-                            pruning=config, input_shape=input_shape)
+                            pruning=config.to_dict(), input_shape=input_shape)
     wrapped.pruning_state.initialize()
     return wrapped
-
-
-def _check_allocator(allocator, target):
-    if allocator is None:
-        return "knapsack" if target == "latency" else "threshold"
-    method.check_choice("allocator", allocator, ("threshold", "knapsack"))
-    if allocator == "threshold" and target == "latency":
-        raise ValueError(
-            "`allocator='threshold'` cannot price a latency target (it "
-            "ranks channels without their cost); use `allocator="
-            "'knapsack'` or leave `allocator` unset.")
-    if allocator == "knapsack" and target == "sparsity":
-        raise ValueError(
-            "`allocator='knapsack'` needs a cost to fit (`flops`, `params` "
-            "or `latency`), not `sparsity`; use `allocator='threshold'` or "
-            "leave `allocator` unset.")
-    return allocator
 
 
 class ChexState(method.PruningState):
@@ -167,6 +128,8 @@ class ChexState(method.PruningState):
     Args:
         model: the `PrunableModel`.
     """
+
+    config_class = config_lib.ChexConfig
 
     def __init__(self, model, **kwargs):
         super().__init__(model, name="chex_state", **kwargs)
@@ -183,7 +146,7 @@ class ChexState(method.PruningState):
 
     def allocator(self):
         """'threshold' (one global ranking) or 'knapsack' (cost-aware)."""
-        return self.config.get("allocator", "threshold")
+        return self.config.allocator
 
     # -- one exploration, in three compiled parts ----------------------------
     def _score(self):
@@ -194,18 +157,19 @@ class ChexState(method.PruningState):
         matrices = [stored.filter_matrix(g)
                     for g in range(len(self.group_sizes))]
         return importance.channel_scores(stored, mask, matrices,
-                                         self.group_sizes)
+                                         self.group_sizes,
+                                         self.config.pruned_importance)
 
     def _threshold_counts(self, scores, delta):
         """CHEX's global ranking: counts at the target and after regrowth."""
-        if self.config["target"] == "sparsity":
-            sparsity = tf.constant(self.config["target_value"], tf.float64)
+        if self.config.target == "sparsity":
+            sparsity = tf.constant(self.config.target_value, tf.float64)
         else:
             sparsity = allocation.sparsity_for_budget(
                 lambda s: self._mask_from_counts(scores, self._counts(
                     scores, s)),
                 self.cost.tf_cost(self.resource()),
-                self.config["target_value"] * (
+                self.config.target_value * (
                     self.cost.dense_params if self.resource() == "params"
                     else self.cost.dense_macs))
         delta = tf.minimum(tf.cast(delta, tf.float64), sparsity / 2)
@@ -218,12 +182,12 @@ class ChexState(method.PruningState):
     def _knapsack_counts(self, scores, delta):
         """The shared allocator's counts at the target; regrowth adds
         `delta` of each group's size, as the paper's per-layer rule."""
-        counts, _, _ = self.allocate(scores, self.config["target_value"])
+        counts, _, _ = self.allocate(scores, self.config.target_value)
         delta = min(float(delta), (1 - counts.sum() / self.num_channels) / 2)
         grown = np.minimum(counts + np.floor(delta * self.group_sizes + 0.5),
                            self.group_sizes).astype(np.int64)
         grown = method.round_counts(grown, self.group_sizes,
-                                    self.config["round_to"], self.min_counts)
+                                    self.config.round_to, self.min_counts)
         return counts.astype(np.int32), np.maximum(grown, counts).astype(
             np.int32)
 
@@ -232,7 +196,7 @@ class ChexState(method.PruningState):
             scores, self.group_ids, len(self.group_sizes), sparsity,
             self.min_counts)
         return method.round_counts(counts, self.group_sizes,
-                                   self.config["round_to"], self.min_counts,
+                                   self.config.round_to, self.min_counts,
                                    ops=tf)
 
     def _mask_from_counts(self, scores, counts):
@@ -301,7 +265,7 @@ class ChexState(method.PruningState):
             counts, grown = self._knapsack_counts(scores.numpy(), delta)
         else:
             counts, grown = threshold(scores, tf.constant(delta, tf.float32))
-        seed = self.config["seed"] * 1000003 + int(index)
+        seed = self.config.seed * 1000003 + int(index)
         changed = step(scores, tf.constant(counts, tf.int32),
                        tf.constant(grown, tf.int32),
                        tf.constant(seed, tf.int64))
@@ -317,10 +281,10 @@ class ChexState(method.PruningState):
         stored.copy_all()
         l1 = [np.abs(np.asarray(stored.filter_matrix(g))).sum(0)
               for g in range(len(self.group_sizes))]
-        s = self.config["target_value"]
-        if self.config["target"] != "sparsity":
+        s = self.config.target_value
+        if self.config.target != "sparsity":
             s = initial.uniform_sparsity(self, l1, s)
-        start = s - min(self.config["regrow"], s / 2)
+        start = s - min(self.config.regrow, s / 2)
         if self.num_channels:
             self.masks.assign(method.keep_a_channel_per_producer(
                 initial.uniform_mask(self, l1, start), np.concatenate(l1),

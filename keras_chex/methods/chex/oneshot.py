@@ -10,7 +10,7 @@ its own: the compact model comes back at once, ready to fine-tune.
 
 import warnings
 
-from keras_chex.core import method
+from keras_chex.core import checks
 from keras_chex.core import stripping
 from keras_chex.methods.chex import method as chex_method
 
@@ -55,7 +55,7 @@ def prune_once(model, *, flops=None, params=None, latency=None,
     compact.fit(train_ds, epochs=6)
     ```
     """
-    method.one_target(
+    checks.one_target(
         {"flops": flops, "params": params, "latency": latency},
         {"flops": "fraction of MACs to keep",
          "params": "fraction of parameters to keep",

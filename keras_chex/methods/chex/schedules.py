@@ -12,7 +12,7 @@ import math
 import keras
 import tensorflow as tf
 
-from keras_chex.core import method
+from keras_chex.core import checks
 from keras_chex.core import schedule
 
 
@@ -45,7 +45,7 @@ def regrow_fraction(t, t_max, delta0):
     >>> regrow_fraction(4, 4, 0.3)
     0.0
     """
-    if all(method.is_number(x) for x in (t, t_max, delta0)):
+    if all(checks.is_number(x) for x in (t, t_max, delta0)):
         if t < 0:
             raise ValueError(f"`t` must be >= 0, got {t}.")
         if t_max < 0:

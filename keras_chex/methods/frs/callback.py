@@ -4,7 +4,6 @@ import keras
 import tensorflow as tf
 
 from keras_chex.core import callback
-from keras_chex.core import schedule as schedule_lib
 from keras_chex.methods.frs import scores as scores_lib
 
 
@@ -55,16 +54,14 @@ class RelevancePruning(callback.PruningCallback):
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         if (self.data is None
-                and self.pruned.pruning_config.get("criterion") != "l1"):
+                and self.state.config.criterion != "l1"):
             raise ValueError(
                 "RelevancePruning needs the data to score channels on: "
                 "`keras_chex.RelevancePruning(train_dataset)` (a dataset of "
                 "(x, y) batches or an (x, y) tuple of arrays).")
 
     def plan(self, steps_per_epoch, epochs):
-        config = self.pruned.pruning_config
-        schedule = schedule_lib.PeriodicSchedule(
-            interval=config["interval"], until=config["until"])
+        schedule = self.state.config.schedule()
         steps = schedule.steps(steps_per_epoch, epochs)
         return [(step, (step, i + 1, len(steps)))
                 for i, step in enumerate(steps)]

@@ -14,19 +14,18 @@ kept, reached in equal steps of cost, or `channels=x`, the paper's fixed
 number of channels removed per step.
 """
 
-import numbers
 
 import numpy as np
 
 from keras_chex.core import importance as weight_importance
 from keras_chex.core import method
-from keras_chex.core import schedule as schedule_lib
 from keras_chex.core import wrapping
+from keras_chex.methods.frs import config as config_lib
 from keras_chex.methods.frs import scores as scores_lib
 from keras_chex.methods.frs import selection
 
-METHOD = "frs"
-CRITERIA = ("relevance", "l1")
+METHOD = config_lib.FrsConfig.method
+CRITERIA = config_lib.CRITERIA
 
 
 def relevance_prune(model, *, flops=None, params=None, latency=None,
@@ -80,47 +79,16 @@ def relevance_prune(model, *, flops=None, params=None, latency=None,
     compact = keras_chex.strip(model)
     ```
     """
-    target, value = method.one_target(
+    config = config_lib.FrsConfig.from_arguments(
         {"flops": flops, "params": params, "latency": latency,
          "channels": channels},
-        {"flops": "fraction of MACs to keep",
-         "params": "fraction of parameters to keep",
-         "latency": "fraction of the predicted latency to keep",
-         "channels": "channels removed per step"},
-    )
-    for name, v in (("flops", flops), ("params", params),
-                    ("latency", latency)):
-        method.check_fraction(name, v, optional=True)
-    if channels is not None and (
-            isinstance(channels, bool)
-            or not isinstance(channels, numbers.Integral) or channels < 1):
-        raise ValueError(
-            f"`channels` must be an int >= 1 (channels removed per pruning "
-            f"step), got {channels!r}.")
-    schedule = schedule_lib.PeriodicSchedule(interval=interval, until=until)
-    if (isinstance(score_batches, bool)
-            or not isinstance(score_batches, numbers.Integral)
-            or score_batches < 1):
-        raise ValueError(f"`score_batches` must be an int >= 1, got "
-                         f"{score_batches!r}.")
-    method.check_choice("criterion", criterion, CRITERIA)
-    round_to = method.check_round_to(round_to)
-    method.check_min_channels(min_channels)
-    config = {
-        "method": METHOD,
-        "target": target,
-        "target_value": value,
-        **schedule.get_config(),
-        "score_batches": int(score_batches),
-        "min_channels": min_channels,
-        "round_to": round_to,
-        "seed": method.resolve_seed(seed),
-        "criterion": criterion,
-        "cost_table": method.latency_config(
-            target, cost_table, model, input_shape),
-    }
+        interval=interval, until=until, score_batches=score_batches,
+        min_channels=min_channels, round_to=round_to, seed=seed,
+        criterion=criterion)
+    config = config.replace(cost_table=method.latency_config(
+        config.target, cost_table, model, input_shape))
     wrapped = wrapping.wrap(model, mode="permanent", exclude=exclude,
-                            pruning=config, input_shape=input_shape)
+                            pruning=config.to_dict(), input_shape=input_shape)
     if criterion == "relevance":
         # Checked now, not at the first pruning step: a model LRP cannot
         # score should fail (or warn) before any training.
@@ -138,6 +106,8 @@ class FrsState(method.PruningState):
     Args:
         model: the `PrunableModel`.
     """
+
+    config_class = config_lib.FrsConfig
 
     def __init__(self, model, **kwargs):
         super().__init__(model, name="frs_state", **kwargs)
@@ -161,12 +131,12 @@ class FrsState(method.PruningState):
 
     def channel_scores(self, data):
         """Normalised scores of every channel (NaN: not scored)."""
-        if self.config["criterion"] == "l1":
+        if self.config.criterion == "l1":
             plan = weight_importance.ImportancePlan(self.analysis,
                                                     filters_only=True)
             return scores_lib.normalise_per_group(plan.magnitude(),
                                                   self.analysis.groups)
-        dataset = scores_lib.as_dataset(data, self.config["score_batches"])
+        dataset = scores_lib.as_dataset(data, self.config.score_batches)
         return self.scorer().scores(dataset)
 
     def prune_step(self, data, index, steps):
@@ -181,22 +151,22 @@ class FrsState(method.PruningState):
             return stats
         values = self.channel_scores(data)
         kept = self.masks.numpy()
-        rng = np.random.default_rng(self.config["seed"] + int(index))
+        rng = np.random.default_rng(self.config.seed + int(index))
         units = selection.removal_units(
             values, kept, self.analysis.groups, self.min_counts,
-            self.config["round_to"], rng.permutation(self.num_channels))
-        if self.config["target"] == "channels":
+            self.config.round_to, rng.permutation(self.num_channels))
+        if self.config.target == "channels":
             new = selection.remove_channels(
-                kept, units, int(self.config["target_value"]))
+                kept, units, int(self.config.target_value))
         else:
             dense = self.cost_of(np.ones(self.num_channels, bool))
-            goal = 1.0 - (1.0 - self.config["target_value"]) * index / steps
+            goal = 1.0 - (1.0 - self.config.target_value) * index / steps
             new, reached = selection.remove_to_cost(
                 kept, units, self.cost_of, goal * dense)
             if not reached and not self._plain.get("warned"):
                 self._plain["warned"] = True
                 method.warn_unreachable(
-                    self.config["target"], self.config["target_value"],
+                    self.config.target, self.config.target_value,
                     self.cost_of(new) / dense)
         # Never a layer's last channel (a concatenation inside a group);
         # only a channel still kept may stay.

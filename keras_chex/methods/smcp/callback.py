@@ -3,7 +3,6 @@
 import keras
 
 from keras_chex.core import callback
-from keras_chex.methods.smcp import schedule as schedule_lib
 
 
 @keras.saving.register_keras_serializable(package="keras_chex")
@@ -37,15 +36,12 @@ class SoftMaskPruning(callback.PruningCallback):
         "smcp_regrown")
 
     def plan(self, steps_per_epoch, epochs):
-        config = self.pruned.pruning_config
-        schedule = schedule_lib.SoftMaskSchedule(
-            warmup=config["warmup"], ramp=config["ramp"],
-            freeze=config["freeze"],
-            interval_steps=config["interval_steps"])
+        config = self.state.config
+        schedule = config.schedule()
         total = steps_per_epoch * epochs
         return [
             (step, (step, schedule.kept_fraction(step, total,
-                                                 config["target_value"])))
+                                                 config.target_value)))
             for step in schedule.recompute_steps(total)
         ]
 

@@ -25,10 +25,9 @@ import tensorflow as tf
 from keras_chex.core import importance as weight_importance
 from keras_chex.core import method
 from keras_chex.core import wrapping
-from keras_chex.methods.smcp import importance as importance_lib
-from keras_chex.methods.smcp import schedule as schedule_lib
+from keras_chex.methods.smcp import config as config_lib
 
-METHOD = "smcp"
+METHOD = config_lib.SmcpConfig.method
 
 
 def soft_mask_prune(model, *, latency=None, flops=None, params=None,
@@ -92,45 +91,17 @@ def soft_mask_prune(model, *, latency=None, flops=None, params=None,
     model.fit(x, y, epochs=30, callbacks=[keras_chex.SoftMaskPruning()])
     ```
     """
-    target, value = method.one_target(
+    config = config_lib.SmcpConfig.from_arguments(
         {"latency": latency, "flops": flops, "params": params},
-        {"latency": "fraction of the predicted latency to keep",
-         "flops": "fraction of MACs to keep",
-         "params": "fraction of parameters to keep"},
-    )
-    for name, v in (("latency", latency), ("flops", flops),
-                    ("params", params)):
-        method.check_fraction(name, v, optional=True)
-    importance_lib.check_importance(importance)
-    schedule = schedule_lib.SoftMaskSchedule(
-        warmup=warmup, ramp=ramp, freeze=freeze,
-        interval_steps=interval_steps)
-    round_to = method.check_round_to(round_to)
-    method.check_min_channels(min_channels)
-    if not method.is_number(pruned_decay) or pruned_decay < 0:
-        raise ValueError(
-            f"`pruned_decay` must be a number >= 0, got {pruned_decay!r}.")
-    if not isinstance(bn_rescale, bool):
-        raise ValueError(f"`bn_rescale` must be True or False, got "
-                         f"{bn_rescale!r}.")
-    table_json = method.latency_config(target, cost_table, model,
-                                     input_shape)
-    config = {
-        "method": METHOD,
-        "target": target,
-        "target_value": value,
-        "importance": importance,
-        **schedule.get_config(),
-        "round_to": round_to,
-        "min_channels": min_channels,
-        "pruned_decay": float(pruned_decay),
-        "bn_rescale": bn_rescale,
-        "seed": method.resolve_seed(seed),
-        "cost_table": table_json,
-    }
+        importance=importance, warmup=warmup, ramp=ramp,
+        interval_steps=interval_steps, freeze=freeze, round_to=round_to,
+        min_channels=min_channels, pruned_decay=pruned_decay,
+        bn_rescale=bn_rescale, seed=seed)
+    config = config.replace(cost_table=method.latency_config(
+        config.target, cost_table, model, input_shape))
     wrapped = wrapping.wrap(model, mode="straight_through", exclude=exclude,
-                            pruning=config, input_shape=input_shape)
-    if target == "latency":
+                            pruning=config.to_dict(), input_shape=input_shape)
+    if config.target == "latency":
         # Checked on the wrapped copy: its analysis names the layers the
         # table must cover.
         wrapped.pruning_state.group_cost()
@@ -145,6 +116,8 @@ class SmcpState(method.PruningState):
     Args:
         model: the `PrunableModel`.
     """
+
+    config_class = config_lib.SmcpConfig
 
     def __init__(self, model, **kwargs):
         super().__init__(model, name="smcp_state", **kwargs)
@@ -191,13 +164,13 @@ class SmcpState(method.PruningState):
         """Accumulates Taylor importance; decays pruned weights."""
         if not self.num_channels:
             return grads
-        if self.config["importance"] == "taylor":
+        if self.config.importance == "taylor":
             step = self._plain["plan"].taylor(grads, variables)
             # A step whose gradients overflowed (mixed precision) is
             # skipped by the optimizer; it must not count here either.
             self.importance.assign_add(tf.where(
                 tf.reduce_all(tf.math.is_finite(step)), step, 0.0))
-        decay = self.config["pruned_decay"]
+        decay = self.config.pruned_decay
         if not decay:
             return grads
         mask = tf.convert_to_tensor(self.channel_mask)
@@ -216,7 +189,7 @@ class SmcpState(method.PruningState):
     # -- recomputation -------------------------------------------------------
     def scores(self):
         """Per-channel importance used by the next recomputation."""
-        if self.config["importance"] == "magnitude":
+        if self.config.importance == "magnitude":
             return self._plain["plan"].magnitude()
         return np.asarray(self.importance.numpy())[:self.num_channels]
 
@@ -229,12 +202,12 @@ class SmcpState(method.PruningState):
         """
         if not self.num_channels:
             return np.asarray(self.last_stats.numpy())
-        rng = np.random.default_rng(self.config["seed"])
+        rng = np.random.default_rng(self.config.seed)
         priority = rng.permutation(self.num_channels)
         _, new, fraction = self.allocate(self.scores(), kept_fraction,
                                          priority)
         old = self.masks.numpy()
-        if self.config["bn_rescale"]:
+        if self.config.bn_rescale:
             self._rescale_gammas(old, new)
         self.masks.assign(new)
         self.channel_mask.assign(new.astype(np.float32))

@@ -12,7 +12,7 @@ the final budget, so the frozen masks always meet it.
 
 import math
 
-from keras_chex.core import method
+from keras_chex.core import checks
 
 # The reference ramp `1 - exp(-0.05 t)` over ~55 epochs, normalised to [0, 1].
 RAMP_RATE = 2.75
@@ -48,10 +48,10 @@ class SoftMaskSchedule:
 
     def __init__(self, warmup=0.1, ramp=0.6, freeze=0.25,
                  interval_steps=None):
-        method.check_fraction("warmup", warmup, low_open=False,
+        checks.check_fraction("warmup", warmup, low_open=False,
                               high_closed=False)
-        method.check_fraction("ramp", ramp)
-        method.check_fraction("freeze", freeze, low_open=False,
+        checks.check_fraction("ramp", ramp)
+        checks.check_fraction("freeze", freeze, low_open=False,
                               high_closed=False)
         if warmup + ramp > 1 - freeze + 1e-9:
             raise ValueError(

@@ -203,6 +203,7 @@ def test_exactly_one_target(small_model, kwargs):
     ({"sparsity": 0.5, "min_channels": "2"}, "min_channels"),
     ({"sparsity": 0.5, "allocator": "knapsack"}, "allocator"),
     ({"flops": 0.5, "allocator": "greedy"}, "allocator"),
+    ({"flops": 0.5, "pruned_importance": "max"}, "pruned_importance"),
     ({"latency": 0.5}, "latency"),
     ({"flops": 0.5, "cost_table": "table.json"}, "cost_table"),
 ])
@@ -429,6 +430,35 @@ def test_a_coupled_channel_scores_its_largest_gamma():
     kept = {("conv_c" if g.name == "conv_c" else "coupled"): int(
         g.mask.sum()) for g in groups}
     assert kept == {"coupled": 8, "conv_c": 4}  # 12 = 0.75 * 16 channels
+
+
+@pytest.mark.parametrize("pruned_importance, widths", [
+    ("zero", {"conv_a": 2, "conv_b": 8}), ("last", {"conv_a": 8,
+                                                     "conv_b": 2})])
+def test_a_pruned_channel_ranks_by_its_last_used_gamma_on_request(
+        pruned_importance, widths):
+    # conv_a's channels all had |gamma| 2 when last used, conv_b's at most
+    # 1.6. With 2 of conv_a's 8 active, the paper's ranking (pruned = 0)
+    # cannot widen conv_a; ranked by their last-used |gamma| its pruned
+    # channels win back their places and conv_b pays.
+    model = keras_chex.prune_and_regrow(
+        parallel_model(), sparsity=0.5, regrow=0.0, min_channels=1, seed=0,
+        pruned_importance=pruned_importance)
+    state = model.pruning_state
+    groups = groups_of(model)
+    for group in groups.values():
+        group.set_mask(np.ones(group.size, bool))
+    layer_var(model, "bn_a", "gamma").assign(np.full(8, 2.0, "float32"))
+    layer_var(model, "bn_b", "gamma").assign(
+        np.linspace(0.5, 1.6, 12).astype("float32"))
+    state._plain["backups"].refresh(model.masks.tensor())
+    groups["conv_a"].set_mask(np.array([1, 1, 0, 0, 0, 0, 0, 0], bool))
+    state.explore(0.0, 0)
+    assert {name: int(g.mask.sum()) for name, g in groups.items()} == widths
+    # A channel that comes back comes back with its last-used weights.
+    np.testing.assert_allclose(
+        np.abs(layer_var(model, "bn_a", "gamma").numpy())[groups[
+            "conv_a"].mask], 2.0)
 
 
 def test_exploration_step_uses_kept_filters_only_for_css():

@@ -9,7 +9,7 @@ from keras import layers
 
 import keras_chex
 from keras_chex.deploy import export
-from keras_chex.deploy import latency_table
+from keras_chex.core import latency_table
 from keras_chex.deploy import table_builder
 
 

@@ -1,0 +1,73 @@
+"""CHEX's configuration: what `prune_and_regrow` takes, checked once."""
+
+import dataclasses
+from typing import ClassVar
+
+from keras_chex.core import checks
+from keras_chex.core import config
+
+ALLOCATORS = ("threshold", "knapsack")
+PRUNED_IMPORTANCES = ("zero", "last")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ChexConfig(config.MethodConfig):
+    """The arguments of `keras_chex.prune_and_regrow`, as the model stores
+    them (see that function for their meaning).
+
+    `allocator=None` becomes the target's default: "knapsack" for a
+    latency target, "threshold" otherwise (and for files saved before
+    there was a choice).
+
+    Example:
+
+    ```python
+    config = ChexConfig.from_arguments({"flops": 0.5}, seed=0)
+    assert config.allocator == "threshold" and config.regrow == 0.3
+    ```
+    """
+
+    method: ClassVar[str] = "chex"
+    targets: ClassVar[tuple] = ("flops", "params", "sparsity", "latency")
+
+    min_channels: object = 0.05
+    regrow: float = 0.3
+    interval: float = 2.0
+    until: float = 0.72
+    allocator: object = None
+    pruned_importance: str = "zero"
+
+    def check_target(self):
+        if self.target == "sparsity":
+            checks.check_fraction("sparsity", self.target_value,
+                                  low_open=False, high_closed=False)
+        else:
+            super().check_target()
+
+    def check(self):
+        self._set("allocator", _allocator(self.allocator, self.target))
+        checks.check_fraction("regrow", self.regrow, low_open=False,
+                              high_closed=False)
+        checks.check_fraction("until", self.until)
+        checks.check_positive("interval", self.interval, "epochs")
+        checks.check_choice("pruned_importance", self.pruned_importance,
+                            PRUNED_IMPORTANCES)
+        for name in ("regrow", "interval", "until"):
+            self._set(name, float(getattr(self, name)))
+
+
+def _allocator(allocator, target):
+    if allocator is None:
+        return "knapsack" if target == "latency" else "threshold"
+    checks.check_choice("allocator", allocator, ALLOCATORS)
+    if allocator == "threshold" and target == "latency":
+        raise ValueError(
+            "`allocator='threshold'` cannot price a latency target (it "
+            "ranks channels without their cost); use `allocator="
+            "'knapsack'` or leave `allocator` unset.")
+    if allocator == "knapsack" and target == "sparsity":
+        raise ValueError(
+            "`allocator='knapsack'` needs a cost to fit (`flops`, `params` "
+            "or `latency`), not `sparsity`; use `allocator='threshold'` or "
+            "leave `allocator` unset.")
+    return allocator
