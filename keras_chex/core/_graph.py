@@ -229,13 +229,63 @@ def clone_layer(layer, config=None, cls=None):
 
     The config comes from this process, not from a file, so Lambda layers
     are rebuilt without the safe-mode refusal meant for untrusted files.
+
+    A config its class refuses only because it holds keys the constructor
+    does not take (keras-hub's `ViTPatchingAndEmbedding` reports the sizes
+    it derives, `num_patches` and `num_positions`) is retried without them;
+    the new layer's `dropped_config_keys` then names them (the caller's
+    weights check that nothing that mattered was dropped).
+
+    Raises:
+        ValueError: the layer cannot be rebuilt from its config, naming it
+            and the cause.
     """
     from keras.src.saving import serialization_lib
 
+    cls = cls or layer.__class__
+    config = layer.get_config() if config is None else config
     with serialization_lib.SafeModeScope(False):
-        return (cls or layer.__class__).from_config(
-            layer.get_config() if config is None else config
-        )
+        try:
+            return cls.from_config(config)
+        except Exception as error:  # Any failure of the user's class.
+            extra = unaccepted_keys(cls, config)
+            if extra:
+                try:
+                    new = cls.from_config(
+                        {k: v for k, v in config.items() if k not in extra})
+                except Exception:
+                    pass
+                else:
+                    new.dropped_config_keys = tuple(extra)
+                    return new
+            raise ValueError(
+                f"keras-chex copies every layer of the model it works on, "
+                f"and layer '{layer.name}' ({cls.__name__}) cannot be "
+                f"rebuilt from its config: `{cls.__name__}.from_config("
+                f"layer.get_config())` fails with {type(error).__name__}: "
+                f"{_first_line(error)}. Make the layer's `get_config` return "
+                "what its constructor takes (and its `from_config` accept "
+                "it), or build the model without it.") from None
+
+
+def unaccepted_keys(cls, config):
+    """Keys of `config` that neither `cls`'s constructor nor
+    `keras.layers.Layer`'s names."""
+    import inspect
+
+    taken = set()
+    for c in (cls, keras.layers.Layer):
+        taken.update(inspect.signature(c.__init__).parameters)
+    taken.update(("input_shape", "batch_input_shape", "batch_size",
+                  "input_dim", "input_dtype"))
+    return sorted(k for k in config if k not in taken)
+
+
+def _first_line(error):
+    text = str(error).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    # Keras wraps the constructor's error; its last line names the cause.
+    return (lines[-1] if lines else type(error).__name__)[:300]
 
 
 def set_layer_weights(layer, values):

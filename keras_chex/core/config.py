@@ -29,7 +29,7 @@ TARGET_MEANINGS = {
 
 # Keys of a `pruning_config` that belong to the wrapping, not the method.
 _WRAPPING_KEYS = ("method", "method_version", "config_version", "exclude",
-                  "mask_mode", "input_shape")
+                  "mask_mode", "input_shape", "config_repairs")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

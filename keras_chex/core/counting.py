@@ -7,7 +7,9 @@ equals the count of the stripped model.
 """
 
 import dataclasses
+import warnings
 
+import keras
 import numpy as np
 
 from keras_chex.core import _graph
@@ -39,11 +41,15 @@ class CountResult:
         macs: total multiply-accumulates for one input sample.
         params: total parameters (trainable and not, masks excluded).
         layers: per-layer `LayerCount`s in graph order.
+        uncounted: names of the layers whose MACs are unknown (custom
+            layers keras-chex cannot look inside, attention, ...): `macs`
+            leaves them out (their parameters are in `params`).
     """
 
     macs: int
     params: int
     layers: tuple
+    uncounted: tuple = ()
 
     def table(self, top=None, reference=None):
         """A text table of the per-layer counts (largest MACs first).
@@ -104,6 +110,43 @@ def _has_free_nested_inputs(model):
             d is None for t in _graph.inputs_of(node.operation)
             for d in t.shape[1:])
         for node in _graph.nodes(model))
+
+
+# Layers whose matrices are looked up, not multiplied: no MACs to miss.
+_LOOKUPS = (keras.layers.Embedding,)
+
+
+def uncounted_layers(analysis):
+    """Layers that compute with weight matrices the MACs count misses.
+
+    A layer holding a matrix (a weight with two or more axes longer than
+    1: a kernel) without a MACs rule multiplies with it somewhere
+    keras-chex cannot see: a custom layer with a convolution inside,
+    attention, an `EinsumDense`. Broadcast vectors (a `Normalization`'s
+    mean of shape (1, 1, 1, 3)) are not matrices.
+
+    Returns:
+        (names, their share of the model's parameters).
+    """
+    names, hidden, total = [], 0, 0
+    known = {name for name, *_ in analysis.macs_weights()}
+    for layer, weights in analysis.parameter_weights():
+        size = sum(int(np.prod(v.shape)) for v in weights)
+        total += size
+        if (layer.name not in known and not isinstance(layer, _LOOKUPS)
+                and any(sum(d > 1 for d in v.shape) >= 2
+                        for v in weights)):
+            names.append(layer.name)
+            hidden += size
+    return names, (hidden / total if total else 0.0)
+
+
+def describe_uncounted(names, share):
+    """The layers `uncounted_layers` found, for a message."""
+    listed = ", ".join(f"'{n}'" for n in names[:5]) + (
+        f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (f"the MACs of {listed} are unknown to keras-chex (layers it "
+            f"cannot look inside; {share:.0%} of the parameters)")
 
 
 def _kept_size(variable, slices, class_mask):
@@ -174,6 +217,11 @@ def count_macs(model, class_mask=None, input_shape=None):
         if s.filters:
             outputs[s.layer.name] = int(
                 masks_lib.keep_mask(s.classes, class_mask).sum())
+    uncounted, share = uncounted_layers(analysis)
+    if uncounted:
+        warnings.warn(
+            f"count_macs('{model.name}'): {describe_uncounted(uncounted, share)}"
+            ", so the MACs total leaves them out.", stacklevel=2)
     rows = []
     for layer, weights in analysis.parameter_weights():
         params = sum(kept(layer, v) for v in weights)
@@ -187,4 +235,5 @@ def count_macs(model, class_mask=None, input_shape=None):
         macs=int(sum(r.macs for r in rows)),
         params=int(sum(r.params for r in rows)),
         layers=tuple(rows),
+        uncounted=tuple(uncounted),
     )

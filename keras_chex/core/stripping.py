@@ -108,4 +108,15 @@ def strip(model):
 
         return _graph.rebuild(graph, node_fn, input_shape_fn=input_shape)
 
-    return strip_graph(model)
+    compact = strip_graph(model)
+    refused = sorted({layer.name for layer in _graph.all_layers(compact)
+                      if getattr(layer, "dropped_config_keys", None)})
+    if refused:
+        warnings.warn(
+            f"The compact model of '{model.name}' works and exports, but a "
+            ".keras file of it will not load in plain Keras: the config of "
+            f"{', '.join(repr(n) for n in refused)} holds keys its own class "
+            "refuses (a bug of that layer). Ship it with `export_tflite` or "
+            "`export_saved_model`, or keep its weights (`save_weights`).",
+            stacklevel=2)
+    return compact

@@ -8,6 +8,7 @@ import keras
 
 from keras_chex.core import _graph
 from keras_chex.core import analysis as cg
+from keras_chex.core import counting
 from keras_chex.core import input_shapes
 from keras_chex.core import _trainer
 from keras_chex.core import masking
@@ -128,6 +129,34 @@ class PrunableModel(keras.Model):
         config = super().get_config()
         config["pruning"] = self.pruning_config
         return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        # Layers whose own config their class refuses (see
+        # `_graph.clone_layer`) load without the keys it does not take.
+        repairs = (config.get("pruning") or {}).get("config_repairs")
+        if repairs:
+            config = _without_keys(config, repairs)
+        return super().from_config(config, custom_objects=custom_objects)
+
+
+def _without_keys(config, repairs):
+    """A copy of a Functional `config` whose layers named in `repairs`
+    (name -> keys) lack those keys, nested models' layers too."""
+    config = dict(config)
+    layers = []
+    for entry in config.get("layers", ()):
+        entry = dict(entry)
+        inner = dict(entry.get("config") or {})
+        if inner.get("name") in repairs:
+            for key in repairs[inner["name"]]:
+                inner.pop(key, None)
+        if "layers" in inner:
+            inner = _without_keys(inner, repairs)
+        entry["config"] = inner
+        layers.append(entry)
+    config["layers"] = layers
+    return config
 
 
 def is_wrapped(model):
@@ -300,6 +329,10 @@ def wrap(model, *, mode="hard", exclude=(), pruning=None,
                 else:
                     clones[id(op)] = op  # A stateless keras.ops operation.
             new_op = clones[id(op)]
+            dropped = getattr(new_op, "dropped_config_keys", None)
+            if fresh and dropped:
+                config.setdefault("config_repairs", {})[new_op.name] = list(
+                    dropped)
             outputs = node.call_with(new_op, tensor_map)
             if fresh and new_op is not op and not _graph.is_graph_model(op):
                 if isinstance(new_op, masking.TrackingBatchNormalization):
@@ -314,4 +347,30 @@ def wrap(model, *, mode="hard", exclude=(), pruning=None,
     def top_model(inputs, outputs, name):
         return PrunableModel(inputs, outputs, name=name, pruning=config)
 
-    return copy_graph(model, top_model)
+    wrapped = copy_graph(model, top_model)
+    if config.get("target") == "flops":
+        _check_macs_visible(wrapped, config["target_value"])
+    return wrapped
+
+
+# A MACs target is refused when layers whose MACs are unknown hold more
+# than this share of the parameters: the fraction would be of the wrong
+# total.
+MAX_UNCOUNTED_SHARE = 0.25
+
+
+def _check_macs_visible(model, target):
+    names, share = counting.uncounted_layers(model.analysis)
+    if not names:
+        return
+    what = counting.describe_uncounted(names, share)
+    if share > MAX_UNCOUNTED_SHARE:
+        raise ValueError(
+            f"`flops={target:g}` cannot be measured on '{model.name}': "
+            f"{what}, so a fraction of the MACs keras-chex counts is not a "
+            "fraction of the model's. Give `params=` instead (parameters "
+            "are counted in full), or tell keras-chex about those layers "
+            "(`keras_chex.register_layer_rule`).")
+    warnings.warn(
+        f"'{model.name}': {what}; `flops={target:g}` is a fraction of the "
+        "MACs of the other layers.", stacklevel=4)

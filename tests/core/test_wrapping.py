@@ -299,3 +299,73 @@ def test_public_api_is_complete():
                  "relevance_prune", "RelevancePruning", "relevance_scores",
                  "register_layer_rule"):
         assert name in keras_chex.__all__ and hasattr(keras_chex, name)
+
+
+class _Scale(keras.layers.Layer):
+    """Reports a size it derives in `get_config`, which its constructor
+    refuses (as keras-hub's `ViTPatchingAndEmbedding` does)."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(input_shape[-1],),
+                                     initializer="ones")
+
+    def call(self, x):
+        return x * self.scale
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units,
+                "derived_size": 2 * self.units}
+
+
+class _Unbuildable(_Scale):
+    def get_config(self):
+        return {**super().get_config(), "units": "not a number",
+                "derived_size": 1}
+
+    @classmethod
+    def from_config(cls, config):
+        raise RuntimeError("cannot rebuild")
+
+
+def _with(layer):
+    inputs = keras.Input((6, 6, 3))
+    x = layers.Conv2D(8, 3, padding="same", name="conv")(inputs)
+    x = layers.BatchNormalization()(layers.ReLU()(x))
+    x = layers.Conv2D(8, 1, name="conv2")(x)
+    x = layer(layers.ReLU()(x))
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(2, name="head")(x))
+
+
+def test_a_layer_whose_config_its_class_refuses_still_wraps_saves_and_strips(
+        rng, tmp_path):
+    keras.saving.get_custom_objects()["_Scale"] = _Scale
+    try:
+        model = _with(_Scale(8, name="scale"))
+        model.get_layer("scale").scale.assign(
+            rng.uniform(0.5, 2, 8).astype("float32"))
+        x = rng.normal(size=(2, 6, 6, 3)).astype("float32")
+        wrapped = keras_chex.wrap(model)
+        np.testing.assert_allclose(wrapped(x), model(x), atol=1e-6)
+        assert wrapped.pruning_config["config_repairs"] == {
+            "scale": ["derived_size"]}
+        random_masks(wrapped, rng)
+        wrapped.save(tmp_path / "w.keras")
+        loaded = keras.saving.load_model(tmp_path / "w.keras")
+        np.testing.assert_allclose(loaded(x), wrapped(x), atol=1e-6)
+        with pytest.warns(UserWarning, match="'scale' holds keys its own "
+                                             "class refuses"):
+            compact = keras_chex.strip(loaded)
+        np.testing.assert_allclose(compact(x), wrapped(x), atol=1e-5)
+    finally:
+        del keras.saving.get_custom_objects()["_Scale"]
+
+
+def test_a_layer_that_cannot_be_rebuilt_is_a_clear_error():
+    with pytest.raises(ValueError, match="layer 'odd' \\(_Unbuildable\\) "
+                                         "cannot be rebuilt.*cannot rebuild"):
+        keras_chex.wrap(_with(_Unbuildable(8, name="odd")))
