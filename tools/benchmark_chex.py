@@ -15,6 +15,8 @@ Variants (all ResNet-`depth`, SGD + momentum, cosine learning rate):
   chex_knapsack  CHEX re-allocating widths with the shared knapsack;
   chex_merit  CHEX with pruned channels ranked by their last-used |gamma|
             (`pruned_importance="last"`: a layer can widen on merit);
+  chex_streams  CHEX keeping residual streams whole (`streams="keep"`);
+  chex_slim<x>  CHEX with an L1 pressure x on |gamma| (`gamma_l1=x`);
   smcp      SMCP at `--latency` of the dense LiteRT latency, priced by a
             latency table measured on this machine (`--latency_table`,
             built there if missing);
@@ -97,7 +99,8 @@ def chex_options(name):
     "chex_min<x>" sets min_channels (a fraction of each group's size);
     "chex_knapsack" re-allocates widths with the shared knapsack (cost
     per group) instead of the global |gamma| threshold; "chex_merit" ranks
-    pruned channels by their last-used |gamma|.
+    pruned channels by their last-used |gamma|; "chex_streams" keeps the
+    residual streams whole; "chex_slim<x>" adds an L1 pressure x on |gamma|.
     """
     options = {"regrow": 0.3, "interval": FLAGS.interval}
     if name == "fixed":
@@ -114,6 +117,10 @@ def chex_options(name):
         options["allocator"] = "knapsack"
     elif name == "chex_merit":
         options["pruned_importance"] = "last"
+    elif name == "chex_streams":
+        options["streams"] = "keep"
+    elif name.startswith("chex_slim"):
+        options["gamma_l1"] = float(name[len("chex_slim"):])
     elif name not in ("chex", "noregrow"):
         raise app.UsageError(f"Unknown variant {name!r}.")
     return options

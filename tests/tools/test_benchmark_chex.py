@@ -288,3 +288,16 @@ def test_the_knapsack_ablation_with_recalibrated_statistics(tmp_path):
     assert result["variant"] == "chex_knapsack"
     assert result["recalibrate_batches"] == 2
     assert 0.4 <= result["macs_fraction"] <= 0.5
+
+
+def test_the_issue_24_ablations_run(tmp_path):
+    output = tmp_path / "bench.jsonl"
+    _run("benchmark_chex.py", "--depth=8", "--epochs=2",
+         "--train_per_class=40", "--val_per_class=10", "--interval=0.5",
+         "--threads=1", "--variants=chex_merit,chex_streams,chex_slim1e-4",
+         f"--output={output}")
+    results = [json.loads(line) for line in output.read_text().splitlines()
+               if '"variant"' in line]
+    assert [r["variant"] for r in results] == [
+        "chex_merit", "chex_streams", "chex_slim1e-4"]
+    assert all(0.3 <= r["macs_fraction"] <= 0.5 for r in results)

@@ -8,6 +8,7 @@ from keras_chex.core import config
 
 ALLOCATORS = ("threshold", "knapsack")
 PRUNED_IMPORTANCES = ("zero", "last")
+STREAMS = ("prune", "keep")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,6 +37,8 @@ class ChexConfig(config.MethodConfig):
     until: float = 0.72
     allocator: object = None
     pruned_importance: str = "zero"
+    streams: str = "prune"
+    gamma_l1: float = 0.0
 
     def check_target(self):
         if self.target == "sparsity":
@@ -52,6 +55,11 @@ class ChexConfig(config.MethodConfig):
         checks.check_positive("interval", self.interval, "epochs")
         checks.check_choice("pruned_importance", self.pruned_importance,
                             PRUNED_IMPORTANCES)
+        checks.check_choice("streams", self.streams, STREAMS)
+        if not checks.is_number(self.gamma_l1) or self.gamma_l1 < 0:
+            raise ValueError("`gamma_l1` must be a number >= 0, got "
+                             f"{self.gamma_l1!r}.")
+        self._set("gamma_l1", float(self.gamma_l1))
         for name in ("regrow", "interval", "until"):
             self._set(name, float(getattr(self, name)))
 

@@ -49,7 +49,8 @@ def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
                      latency=None, cost_table=None, allocator=None,
                      regrow=0.3, interval=2, until=0.72, min_channels=0.05,
                      round_to=1, exclude=(), seed=None,
-                     input_shape=None, pruned_importance="zero"):
+                     input_shape=None, pruned_importance="zero",
+                     streams="prune", gamma_l1=0.0):
     """Prepares a model for CHEX channel exploration during `model.fit`.
 
     Args:
@@ -89,6 +90,14 @@ def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
             "zero" (the paper's: after every active channel) or "last"
             (with the |gamma| it had when last used, so a layer can widen
             on merit). Being measured (docs/benchmarks.md, issue 24).
+        streams: "prune" (every group competes) or "keep" (groups written
+            by several layers, a residual network's streams, keep every
+            channel; only the blocks' inner widths are pruned, as the
+            reference code does). Being measured.
+        gamma_l1: an L1 pressure on the |gamma| of the BatchNorms that
+            score channels (added to their gradient as `gamma_l1 *
+            sign(gamma)`, as network slimming does), so that |gamma|
+            separates channels early. 0 turns it off. Being measured.
 
     Returns:
         A `keras_chex.PrunableModel` to compile and fit with
@@ -108,7 +117,8 @@ def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
          "latency": latency},
         allocator=allocator, regrow=regrow, interval=interval, until=until,
         min_channels=min_channels, round_to=round_to, seed=seed,
-        pruned_importance=pruned_importance)
+        pruned_importance=pruned_importance, streams=streams,
+        gamma_l1=gamma_l1)
     config = config.replace(cost_table=method.latency_config(
         config.target, cost_table, model, input_shape))
     wrapped = wrapping.wrap(model, mode="hard", exclude=exclude,
@@ -140,9 +150,29 @@ class ChexState(method.PruningState):
             trainable=False,
         )  # cost fraction, pruned, regrown, explorations done.
         self._plain["fns"] = None
+        if self.config.streams == "keep":
+            streams = np.array([len(g.producers) > 1
+                                for g in self.analysis.groups], bool)
+            self.min_counts = np.where(streams, self.group_sizes,
+                                       self.min_counts).astype(np.int32)
+        self._plain["gammas"] = {
+            id(s.variable()) for s in self.analysis.weight_slices
+            if s.name == "gamma"}
         self.built = True
 
     backups = property(lambda self: self._plain["backups"].copies)
+
+    @property
+    def transform_gradients(self):
+        """The train step's gradient hook: the L1 pressure on |gamma| when
+        `gamma_l1` is set, else None (a plain train step)."""
+        return self._slimming if self.config.gamma_l1 else None
+
+    def _slimming(self, grads, variables):
+        rate = self.config.gamma_l1
+        return [g + tf.cast(rate, g.dtype) * tf.sign(tf.cast(v, g.dtype))
+                if g is not None and id(v) in self._plain["gammas"] else g
+                for g, v in zip(grads, variables)]
 
     def allocator(self):
         """'threshold' (one global ranking) or 'knapsack' (cost-aware)."""

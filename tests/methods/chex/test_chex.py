@@ -204,6 +204,8 @@ def test_exactly_one_target(small_model, kwargs):
     ({"sparsity": 0.5, "allocator": "knapsack"}, "allocator"),
     ({"flops": 0.5, "allocator": "greedy"}, "allocator"),
     ({"flops": 0.5, "pruned_importance": "max"}, "pruned_importance"),
+    ({"flops": 0.5, "streams": "all"}, "streams"),
+    ({"flops": 0.5, "gamma_l1": -1e-4}, "gamma_l1"),
     ({"latency": 0.5}, "latency"),
     ({"flops": 0.5, "cost_table": "table.json"}, "cost_table"),
 ])
@@ -841,6 +843,50 @@ def test_flops_target_on_a_residual_network():
     assert streams and any(not g.mask.all() for g in streams)
     stem = compact.get_layer("stem_conv").kernel.shape[-1]
     assert stem == groups_of(model)["stem_conv"].mask.sum() < 16
+
+
+def test_streams_keep_prunes_only_the_inner_widths():
+    keras.utils.set_random_seed(15)
+    base = tiny_resnet()
+    dense = keras_chex.count_macs(base).macs
+    model = compile_(keras_chex.prune_and_regrow(
+        base, flops=0.5, interval=1, seed=0, streams="keep"))
+    x, y = data(32, 16)
+    model.fit(x, y, batch_size=8, epochs=3, verbose=0,
+              callbacks=[keras_chex.ChannelExploration()])
+    compact = assert_compact_matches(model, x[:4])
+    assert keras_chex.count_macs(compact).macs <= 0.5 * dense
+    groups = keras_chex.channel_groups(model)
+    streams = [g for g in groups if len(g.producers) > 1]
+    inner = [g for g in groups if len(g.producers) == 1]
+    assert len(streams) == 3 and inner
+    assert all(g.mask.all() for g in streams)
+    assert sum(g.mask.sum() for g in inner) < sum(g.size for g in inner)
+
+
+def test_gamma_l1_adds_its_pressure_to_the_batchnorm_scales():
+    # Plain SGD from the same start on the same batch: the only difference
+    # between the two runs is -lr * rate * sign(gamma) on scoring gammas.
+    x, y = data(8, 6)
+    gammas = {}
+    for rate in (0.0, 0.5):
+        keras.utils.set_random_seed(3)
+        model = keras_chex.prune_and_regrow(
+            parallel_model(), sparsity=0.25, regrow=0.0, seed=0,
+            gamma_l1=rate)
+        assert (model.pruning_state.transform_gradients is None) == (
+            rate == 0)
+        model.compile(optimizer=keras.optimizers.SGD(0.1),
+                      loss=keras.losses.SparseCategoricalCrossentropy(
+                          from_logits=True))
+        start = layer_var(model, "bn_a", "gamma").numpy()
+        model.fit(x, y % 3, batch_size=8, epochs=1, verbose=0,
+                  callbacks=[keras_chex.ChannelExploration()])
+        gammas[rate] = layer_var(model, "bn_a", "gamma").numpy()
+    active = groups_of(model)["conv_a"].mask
+    np.testing.assert_allclose(
+        (gammas[0.5] - gammas[0.0])[active],
+        (-0.1 * 0.5 * np.sign(start))[active], atol=1e-5)
 
 
 def _fit_explorations(model, epochs=4):
