@@ -422,6 +422,19 @@ class OpRule(LayerRule):
         MergeRule(self.merge_kind).propagate(ctx, node)
 
 
+class PadRule(OpRule):
+    """`keras.ops.pad` of the spatial axes (keras-hub's pre-activation
+    ResNet stem): each channel maps to itself; masks sit after it, as after
+    any element-wise op, since a non-zero `constant_values` fills the
+    border of a masked channel."""
+
+    def propagate(self, ctx, node):
+        widths = node.operation.pad_width
+        if tuple(widths[-1]) != (0, 0):
+            raise Unsupported("pads the channel axis")
+        super().propagate(ctx, node)
+
+
 def node_kind(rule, node):
     """The zero-propagation kind of one call (ops depend on operand count)."""
     if isinstance(rule, OpRule):

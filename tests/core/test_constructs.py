@@ -149,6 +149,30 @@ def test_ops_on_keras_tensors_and_hard_swish(rng):
     _check(keras.Model(inp, out), rng, min_groups=2)
 
 
+@pytest.mark.parametrize("constant", [None, 1.5])
+def test_ops_pad_of_the_spatial_axes_passes_channels(rng, constant):
+    # keras-hub's pre-activation ResNet pads its stem with keras.ops.pad.
+    inp = keras.Input((8, 8, 3))
+    x = conv_bn_relu(inp, 8)
+    x = keras.ops.pad(x, [[0, 0], [1, 1], [2, 0], [0, 0]],
+                      constant_values=constant)
+    x = conv_bn_relu(x, 6)
+    model = keras.Model(inp, head(x))
+    names = {n for g in keras_chex.channel_groups(model) for n in g.layers}
+    assert len(keras_chex.channel_groups(model)) == 2
+    _check(model, rng, min_groups=2)
+    assert any("conv2d" in n for n in names)
+
+
+def test_ops_pad_of_the_channel_axis_is_left_alone(rng):
+    inp = keras.Input((8, 8, 3))
+    x = conv_bn_relu(inp, 8)
+    x = keras.ops.pad(x, [[0, 0], [0, 0], [0, 0], [0, 2]])
+    x = conv_bn_relu(x, 6)
+    with pytest.warns(UserWarning, match="pads the channel axis"):
+        keras_chex.wrap(keras.Model(inp, head(x)))
+
+
 def test_concatenate_maps_offsets(rng):
     inp = keras.Input((8, 8, 3))
     a = conv_bn_relu(inp, 4)

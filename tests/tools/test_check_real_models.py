@@ -1,0 +1,110 @@
+"""tools/check_real_models.py on three tiny keras-hub models (about 20 s)."""
+
+import importlib.util
+import json
+import os
+import re
+
+import keras_hub  # noqa: F401  (a test dependency: the models come from it)
+import pytest
+
+from conftest import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def tool():
+    path = os.path.join(REPO_ROOT, "tools", "check_real_models.py")
+    spec = importlib.util.spec_from_file_location("check_real_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def rows(tool):
+    names = ["ResNetBackbone-basic", "ResNetImageClassifier", "ViTBackbone"]
+    return {name: tool.check_model(name) for name in names}
+
+
+def test_every_family_is_listed(tool):
+    for name in ("MobileNetV2", "ConvNeXtTiny", "InceptionV3",
+                 "ResNetBackbone-v2", "EfficientNetBackbone-fused",
+                 "EfficientNetBackbone-mbconv", "ViTBackbone",
+                 "DeepLabV3ImageSegmenter", "RetinaNetObjectDetector",
+                 "DFineBackbone"):
+        assert name in tool.MODELS
+    assert tool.selected_models([], applications=False, hub=True) == list(
+        tool.HUB)
+    assert tool.selected_models(["ViTBackbone"]) == ["ViTBackbone"]
+
+
+def test_resnet_backbone_strips_counts_and_exports(rows):
+    row = rows["ResNetBackbone-basic"]
+    assert "build_error" not in row and "wrap_error" not in row, row
+    assert row["groups"] > 0
+    # The convolutions that write group channels: not those whose output is
+    # the model's (stack1's last block), but most.
+    assert 0 < row["prunable_convs"] < row["convs"]
+    assert row["unsupported"] == 0
+    assert row["kept_channels"] < row["group_channels"]  # Really masked.
+    assert row["strip_diff"] < 1e-4
+    assert row["macs_agree"] is True
+    assert 0 < row["compact_mmacs"] < row["dense_mmacs"]
+    assert row["uncounted"] == 0
+    assert row["tflite"] == "ok" and row["tflite_rel_diff"] < 1e-4
+    outcomes = row["entry_points"]
+    assert outcomes["prune_and_regrow"] == "ok"
+    assert outcomes["soft_mask_prune"] == "ok"
+    # A backbone has no (batch, classes) output: relevance scores refuse.
+    assert outcomes["relevance_prune"].startswith("refused: ")
+
+
+def test_classifier_takes_every_entry_point(rows):
+    row = rows["ResNetImageClassifier"]
+    assert row["entry_points"] == {
+        "prune_and_regrow": "ok", "soft_mask_prune": "ok",
+        "relevance_prune": "ok"}
+    assert row["strip_diff"] < 1e-4 and row["macs_agree"] is True
+
+
+def test_vit_is_left_alone_and_said_so(rows):
+    row = rows["ViTBackbone"]
+    assert "wrap_error" not in row and "strip_error" not in row, row
+    assert row["groups"] == 0
+    assert row["unsupported"] > 0
+    assert row["strip_diff"] < 1e-4
+    # Its encoder is a layer keras-chex cannot look inside: its MACs are
+    # not counted, and count_macs says so.
+    assert row["uncounted"] > 0
+    assert row["macs_agree"] is True
+    for outcome in row["entry_points"].values():
+        assert outcome.startswith("refused: "), outcome
+    assert row["tflite"] == "ok"
+
+
+def test_rows_are_json_and_markdown(tool, rows):
+    header = tool.COLUMNS
+    for row in rows.values():
+        assert json.loads(json.dumps(row)) == row
+        cells = tool.table_row(row)
+        assert len(cells) == len(header)
+        assert not any("|" in str(c) for c in cells)
+    table = tool.bench_report.markdown_table(
+        header, [tool.table_row(r) for r in rows.values()])
+    lines = table.splitlines()
+    assert re.fullmatch(r"\|(-+\|)+", lines[1])
+    resnet = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert resnet[0] == "ResNetBackbone-basic"
+    assert re.fullmatch(r"\d+ of \d+", resnet[2])
+    assert resnet[7].startswith("2/3")
+    vit = [c.strip() for c in lines[4].strip("|").split("|")]
+    assert vit[3].startswith("2 (") and vit[7].startswith("0/3; all refused")
+
+
+def test_a_failing_model_is_a_row(tool):
+    def broken():
+        raise RuntimeError("cannot build\nsecond line")
+
+    row = tool.check_model("broken", broken, tflite=False)
+    assert row["build_error"] == "RuntimeError: cannot build"
+    assert tool.table_row(row)[1].startswith("build failed: RuntimeError")
