@@ -11,7 +11,7 @@ from keras_chex.core.layer_rules import (
     ANY_DIRTY, ALL_DIRTY, PRODUCER, ActivationRule, BatchNormRule,
     ConcatenateRule, ConvRule, ConvTransposeRule, DenseRule, DepthwiseRule,
     FlattenRule, LayerRule, MergeRule, NormalizationRule, OpRule, PadRule,
-    PermuteRule, PoolingRule, PReLURule, ReshapeRule, SeparableRule,
+    PermuteRule, PoolingRule, PReLURule, ReshapeRule, SeparableRule, SplitRule,
     SoftmaxRule, Unsupported, weight_leaf_name)
 
 
@@ -82,9 +82,10 @@ def _build_registry():
         cls = _graph.numpy_op_class(name)
         if cls is not None:
             reg[cls] = OpRule(merge_kind=kind)
-    pad = _graph.numpy_op_class("Pad")
-    if pad is not None:
-        reg[pad] = PadRule()
+    for name, rule in (("Pad", PadRule()), ("Split", SplitRule())):
+        cls = _graph.numpy_op_class(name)
+        if cls is not None:
+            reg[cls] = rule
     return reg
 
 

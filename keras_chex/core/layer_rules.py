@@ -75,6 +75,11 @@ class LayerRule:
         """
         return config
 
+    def stripped_operation(self, op, node, kept):
+        """The `keras.ops` operation (not a layer) the compact model calls
+        in place of `op` (itself, unless its arguments count channels)."""
+        return op
+
 
 # Why a channels_first layer is left whole. The analysis warns about every
 # such layer: its channels are the ones a user wanted pruned.
@@ -433,6 +438,38 @@ class PadRule(OpRule):
         if tuple(widths[-1]) != (0, 0):
             raise Unsupported("pads the channel axis")
         super().propagate(ctx, node)
+
+
+class SplitRule(LayerRule):
+    """`keras.ops.split` (CSPNet's cross-stage halves). Along the channel
+    axis each part takes its slice of the channel ids (a part consumed by a
+    layer keeps at least one channel: `Masks.producer_segments`); along
+    another axis every part keeps them all."""
+
+    def propagate(self, ctx, node):
+        x = node.inputs[0]
+        ids = ctx.ids(x)
+        if not _splits_channels(node):
+            for y in node.outputs:
+                ctx.set_ids(y, ids)
+            return
+        start = 0
+        for y in node.outputs:
+            if y.shape[-1] is None:
+                raise Unsupported("splits channels into parts of unknown size")
+            ctx.set_ids(y, ids[start:start + y.shape[-1]])
+            start += y.shape[-1]
+
+    def stripped_operation(self, op, node, kept):
+        if not _splits_channels(node):
+            return op
+        bounds = np.cumsum([kept(y) for y in node.outputs])[:-1]
+        return type(op)([int(b) for b in bounds], axis=op.axis)
+
+
+def _splits_channels(node):
+    rank = len(node.inputs[0].shape)
+    return node.operation.axis % rank == rank - 1
 
 
 def node_kind(rule, node):

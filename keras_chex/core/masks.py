@@ -126,11 +126,14 @@ class Masks:
                 classes >= 0, tf.gather(mask, np.maximum(classes, 0)), 1.0))
 
     def producer_segments(self):
-        """The channels of each layer that writes only part of a group.
+        """The channels of each layer that writes, or reads, only part of
+        a group.
 
         A group may join the outputs of several layers (a concatenation
         added to another tensor, say); a mask must leave each of them at
-        least one channel, or the stripped layer would have none.
+        least one channel, or the stripped layer would have none. Likewise
+        a layer reading one part of a group (after `keras.ops.split`) must
+        keep an input channel.
 
         Returns:
             A list of (layer name, int array of channel indices).
@@ -139,8 +142,6 @@ class Masks:
             analysis = self._analysis
             segments = []
             for s in analysis.weight_slices:
-                if not s.filters:
-                    continue
                 classes = np.unique(s.classes[s.classes >= 0])
                 for g in analysis.groups:
                     inside = classes[(classes >= g.start)
@@ -167,10 +168,11 @@ class Masks:
         emptied = self.emptied_producers(mask)
         if emptied:
             raise ValueError(
-                f"The mask removes every output channel of layer(s) "
-                f"{emptied}: their channels are part of a larger group (a "
-                "concatenation joined to another tensor), and a layer must "
-                "keep at least one. Keep one of each of their channels.")
+                f"The mask removes every channel layer(s) {emptied} write or "
+                "read: their channels are part of a larger group (a "
+                "concatenation joined to another tensor, a part of a "
+                "`keras.ops.split`), and a layer must keep at least one. "
+                "Keep one of each of their channels.")
         if not analysis.mask_sites:
             raise ValueError(
                 f"Model '{analysis.model.name}' carries no channel masks. "

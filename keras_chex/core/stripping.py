@@ -95,10 +95,14 @@ def strip(model):
                         config = rule.stripped_config(config, node, kept)
                     memo[id(op)] = _graph.clone_layer(op, config, cls=cls)
                 else:
-                    memo[id(op)] = op
+                    rule = analysis.rule_for(op)
+                    memo[id(op)] = (
+                        op if rule is None or op.name in opaque
+                        else rule.stripped_operation(op, node, kept))
             new_op = memo[id(op)]
             outputs = node.call_with(new_op, tensor_map)
-            if fresh and new_op is not op and not _graph.is_graph_model(op):
+            if (fresh and isinstance(op, keras.layers.Layer)
+                    and not _graph.is_graph_model(op)):
                 _graph.set_layer_weights(
                     new_op, _slice_weights(op, analysis, class_mask))
             return outputs

@@ -173,6 +173,43 @@ def test_ops_pad_of_the_channel_axis_is_left_alone(rng):
         keras_chex.wrap(keras.Model(inp, head(x)))
 
 
+@pytest.mark.parametrize("sections", [2, [3]])
+def test_ops_split_of_the_channels_gives_each_part_its_slice(rng, sections):
+    # CSPNet's cross-stage block: one part skips the blocks, the other
+    # goes through them, and a concatenation joins them again.
+    inp = keras.Input((8, 8, 3))
+    x = conv_bn_relu(inp, 8)
+    skip, through = keras.ops.split(x, sections, axis=-1)
+    through = conv_bn_relu(through, 4)
+    x = conv_bn_relu(layers.Concatenate()([skip, through]), 6)
+    model = keras.Model(inp, head(x))
+    sizes = sorted(g.size for g in keras_chex.channel_groups(model))
+    assert sizes == [4, 6, 8]
+    for seed in range(5):
+        # Any mask: each part keeps a channel, the compact splits where
+        # the kept channels of the first part end.
+        _check(model, np.random.default_rng(seed), keep=0.3, min_groups=3)
+
+
+def test_a_mask_that_empties_a_split_part_is_refused():
+    inp = keras.Input((8, 8, 3))
+    x = conv_bn_relu(inp, 8)
+    skip, through = keras.ops.split(x, 2, axis=-1)
+    x = layers.Concatenate()([skip, conv_bn_relu(through, 4)])
+    wrapped = keras_chex.wrap(keras.Model(inp, head(x)))
+    group = next(g for g in keras_chex.channel_groups(wrapped) if g.size == 8)
+    with pytest.raises(ValueError, match="keep at least one"):
+        group.set_mask(np.array([0, 0, 0, 0, 1, 1, 1, 1], bool))
+
+
+def test_ops_split_of_another_axis_passes_channels(rng):
+    inp = keras.Input((8, 8, 3))
+    x = conv_bn_relu(inp, 8)
+    top, bottom = keras.ops.split(x, 2, axis=1)
+    x = conv_bn_relu(layers.Concatenate(axis=1)([bottom, top]), 6)
+    _check(keras.Model(inp, head(x)), rng, min_groups=2)
+
+
 def test_concatenate_maps_offsets(rng):
     inp = keras.Input((8, 8, 3))
     a = conv_bn_relu(inp, 4)
