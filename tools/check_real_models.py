@@ -2,7 +2,9 @@
 
 Every model is built from its constructor with random weights (no download):
 `keras.applications` at the smallest input size each accepts, and
-keras-hub backbones and tasks from tiny configs. For each model:
+keras-hub backbones and tasks from tiny configs (the applications with 10
+classes and no softmax, so the outputs compared are logits). For each
+model:
 
 - `groups`: the channel groups of the wrapped model;
 - `prunable convs`: how many of the model's Conv/Dense layers (found
@@ -30,6 +32,7 @@ A failure in one stage is reported in its column and never stops the run:
 
 import collections
 import json
+import linecache
 import os
 import sys
 import tempfile
@@ -53,17 +56,25 @@ from keras_chex.core import analysis as analysis_lib  # noqa: E402
 from keras_chex.testing.random_graphs import random_masks  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", [], "Names of the models to run (default: all "
-                  "of the selected families). See MODELS.")
-flags.DEFINE_string("output", None, "A .jsonl file to append one line per "
-                    "model to.")
-flags.DEFINE_boolean("applications", True, "Run the keras.applications "
-                     "models.")
-flags.DEFINE_boolean("hub", True, "Run the keras-hub models.")
-flags.DEFINE_boolean("tflite", True, "Export the compact models to TFLite.")
-flags.DEFINE_boolean("entry_points", True, "Try the three entry points.")
-flags.DEFINE_integer("seed", 0, "Seed of the weights, masks and inputs.")
-flags.DEFINE_integer("threads", 1, "TensorFlow threads (0: default).")
+
+
+def define_flags():
+    """The command's flags, defined when run as a script only: tests import
+    this module next to other tools that define `--seed`, `--models`, ...
+    in the same process, and absl refuses a flag defined twice."""
+    flags.DEFINE_list("models", [], "Names of the models to run (default: "
+                      "all of the selected families). See MODELS.")
+    flags.DEFINE_string("output", None, "A .jsonl file to append one line "
+                        "per model to.")
+    flags.DEFINE_boolean("applications", True, "Run the keras.applications "
+                         "models.")
+    flags.DEFINE_boolean("hub", True, "Run the keras-hub models.")
+    flags.DEFINE_boolean("tflite", True, "Export the compact models to "
+                         "TFLite.")
+    flags.DEFINE_boolean("entry_points", True, "Try the three entry points.")
+    flags.DEFINE_integer("seed", 0, "Seed of the weights, masks and inputs.")
+    flags.DEFINE_integer("threads", 1, "TensorFlow threads (0: default).")
+
 
 # The layers whose output channels are what channel pruning removes.
 CONV_TYPES = (
@@ -78,8 +89,11 @@ CONV_TYPES = (
 
 def _application(name, size):
     def build():
+        # Logits out (no softmax), so the strip check compares values that
+        # are not squashed into [0, 1].
         return getattr(keras.applications, name)(
-            weights=None, input_shape=(size, size, 3), classes=10)
+            weights=None, input_shape=(size, size, 3), classes=10,
+            classifier_activation=None)
     return build
 
 
@@ -379,8 +393,8 @@ def _max_diff(expected, actual):
     if len(expected) != len(actual):
         raise ValueError(f"{len(expected)} outputs against {len(actual)}")
     for e, a in zip(expected, actual):
-        e, a = np.asarray(e, dtype=np.float64), np.asarray(a,
-                                                           dtype=np.float64)
+        e = keras.ops.convert_to_numpy(e).astype(np.float64)
+        a = keras.ops.convert_to_numpy(a).astype(np.float64)
         if e.shape != a.shape:
             raise ValueError(f"output shapes differ: {e.shape} against "
                              f"{a.shape}")
@@ -398,15 +412,35 @@ def _count(model):
         return keras_chex.count_macs(model)
 
 
+def _refusal(error):
+    """Whether `error` is keras-chex refusing its arguments: a ValueError
+    raised by a `raise` statement in keras-chex's own code (not an error
+    of Keras or of a layer that keras-chex called)."""
+    if not isinstance(error, ValueError):
+        return False
+    tb, last = error.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    if last is None:
+        return False
+    filename = last.tb_frame.f_code.co_filename
+    line = linecache.getline(filename, last.tb_lineno).strip()
+    return (os.sep + "keras_chex" + os.sep in filename
+            and line.startswith("raise"))
+
+
 def _entry_point_outcome(fn, model):
+    """("ok" | "refused: <60 characters>" | "failed: <error>", the error's
+    first line or None)."""
     try:
         fn(model)
-        return "ok"
-    except ValueError as e:
-        return "refused: " + str(e).strip().splitlines()[0][:60] if str(
-            e).strip() else "refused"
-    except Exception as e:  # A crash is a finding.
-        return "failed: " + first_line(e)
+        return "ok", None
+    except Exception as e:  # A refusal or a crash: both are findings.
+        if _refusal(e):
+            lines = str(e).strip().splitlines()
+            return "refused: " + (lines[0][:60] if lines else ""), (
+                first_line(e))
+        return "failed: " + first_line(e), first_line(e)
 
 
 def check_model(name, build=None, *, seed=0, tflite=True, entry_points=True,
@@ -491,6 +525,13 @@ def check_model(name, build=None, *, seed=0, tflite=True, entry_points=True,
             row["prunable_convs"] = sum(id(c) in seen for c in convs)
         except Exception as e:
             row["wrap_error"] = first_line(e)
+            # Whose bug: can Keras itself copy the model from its layers'
+            # configs (what wrapping does)?
+            try:
+                keras.models.clone_model(model)
+                row["keras_clone"] = "ok"
+            except Exception as clone_error:
+                row["keras_clone"] = first_line(clone_error)
         done("wrap")
 
         if wrapped is not None:
@@ -500,8 +541,16 @@ def check_model(name, build=None, *, seed=0, tflite=True, entry_points=True,
                 row["kept_channels"] = int(wrapped.masks.numpy().sum())
                 compact = keras_chex.strip(wrapped)
                 x = _random_inputs(model, rng)
+                masked = wrapped(x, training=False)
                 row["strip_diff"], row["strip_rel_diff"] = _max_diff(
-                    wrapped(x, training=False), compact(x, training=False))
+                    masked, compact(x, training=False))
+                # How much the masks changed the outputs (a strip check on
+                # outputs the masks do not reach proves little).
+                row["output_scale"] = max(
+                    float(np.abs(keras.ops.convert_to_numpy(t)).max())
+                    for t in keras.tree.flatten(masked))
+                row["mask_effect"] = _max_diff(
+                    model(x, training=False), masked)[0]
             except Exception as e:
                 row["strip_error"] = first_line(e)
             done("strip")
@@ -537,9 +586,12 @@ def check_model(name, build=None, *, seed=0, tflite=True, entry_points=True,
 
         if entry_points:
             stage("entry_points")
-            row["entry_points"] = {
-                key: _entry_point_outcome(fn, model)
-                for key, fn in ENTRY_POINTS.items()}
+            row["entry_points"], row["entry_point_errors"] = {}, {}
+            for key, fn in ENTRY_POINTS.items():
+                outcome, error = _entry_point_outcome(fn, model)
+                row["entry_points"][key] = outcome
+                if error:
+                    row["entry_point_errors"][key] = error
             done("entry_points")
 
     row["warnings"] = sorted({str(w.message).strip().splitlines()[0][:200]
@@ -569,7 +621,13 @@ def table_row(row):
         failed = "build failed: " + row["build_error"]
         return [row["model"], _cell(failed), "-", "-", "-", "-", "-", "-",
                 "-", f"{row['seconds']:.0f}"]
-    groups = row.get("groups", row.get("wrap_error", "-"))
+    if "groups" in row:
+        groups = row["groups"]
+    else:
+        clone = row.get("keras_clone", "ok")
+        groups = _cell(row.get("wrap_error", "-"), 80) + (
+            " (keras.models.clone_model fails too)" if clone != "ok" else
+            " (keras.models.clone_model works)")
     prunable = (f"{row['prunable_convs']} of {row['convs']}"
                 if "prunable_convs" in row else f"? of {row['convs']}")
     if "unsupported" in row:
@@ -609,7 +667,7 @@ def table_row(row):
                for outcome, keys in alike.items()]
         entry = f"{ok}/{len(outcomes)}" + (
             "; " + "; ".join(bad) if bad else "")
-    return [row["model"], _cell(groups), prunable, _cell(unsupported),
+    return [row["model"], _cell(groups, 130), prunable, _cell(unsupported),
             _cell(strip), _cell(macs), uncounted, _cell(entry, 160),
             _cell(row.get("tflite", "-")), f"{row['seconds']:.0f}"]
 
@@ -657,4 +715,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
