@@ -295,7 +295,19 @@ def set_layer_weights(layer, values):
     keeps its mean and variance reshaped for broadcasting); Keras refreshes
     them in their `finalize_state` when it loads a file, not in
     `set_weights`.
+
+    Raises:
+        ValueError: `layer` (a copy rebuilt from a config) holds another
+            number of weights than `values`, naming it.
     """
+    if len(values) != len(layer.weights):
+        raise ValueError(
+            f"keras-chex copies every layer of the model it works on, and "
+            f"layer '{layer.name}' ({type(layer).__name__}) rebuilt from its "
+            f"config holds {len(layer.weights)} weights where the original "
+            f"holds {len(values)}: its `get_config` does not describe it "
+            "fully (a bug of that layer). Fix its `get_config`, or build the "
+            "model without it.")
     layer.set_weights(values)
     finalize = getattr(layer, "finalize_state", None)
     if finalize is not None:

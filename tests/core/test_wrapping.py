@@ -369,3 +369,27 @@ def test_a_layer_that_cannot_be_rebuilt_is_a_clear_error():
     with pytest.raises(ValueError, match="layer 'odd' \\(_Unbuildable\\) "
                                          "cannot be rebuilt.*cannot rebuild"):
         keras_chex.wrap(_with(_Unbuildable(8, name="odd")))
+
+
+class _Forgetful(_Scale):
+    """Its config forgets `extra`, so a copy holds one weight fewer."""
+
+    def __init__(self, units, extra=False, **kwargs):
+        super().__init__(units, **kwargs)
+        self.extra = extra
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if self.extra:
+            self.shift = self.add_weight(shape=(input_shape[-1],),
+                                         initializer="zeros")
+
+    def get_config(self):
+        return {**keras.layers.Layer.get_config(self), "units": self.units}
+
+
+def test_a_layer_whose_config_forgets_a_weight_is_a_clear_error():
+    with pytest.raises(ValueError, match="layer 'odd' \\(_Forgetful\\) "
+                                         "rebuilt from its config holds 1 "
+                                         "weights where the original holds 2"):
+        keras_chex.wrap(_with(_Forgetful(8, extra=True, name="odd")))
