@@ -140,13 +140,16 @@ class Masks:
         """
         if self._segments is None:
             analysis = self._analysis
-            segments = []
+            segments, seen = [], set()
             for s in analysis.weight_slices:
                 classes = np.unique(s.classes[s.classes >= 0])
                 for g in analysis.groups:
                     inside = classes[(classes >= g.start)
                                      & (classes < g.start + g.size)]
-                    if 0 < len(inside) < g.size:
+                    # A layer's kernel and bias name the same segment once.
+                    key = (s.layer.name, tuple(inside.tolist()))
+                    if 0 < len(inside) < g.size and key not in seen:
+                        seen.add(key)
                         segments.append((s.layer.name, inside))
             self._segments = segments
         return self._segments
