@@ -220,8 +220,9 @@ def count_macs(model, class_mask=None, input_shape=None):
     uncounted, share = uncounted_layers(analysis)
     if uncounted:
         warnings.warn(
-            f"count_macs('{model.name}'): {describe_uncounted(uncounted, share)}"
-            ", so the MACs total leaves them out.", stacklevel=2)
+            f"count_macs('{model.name}'): "
+            f"{describe_uncounted(uncounted, share)}, so the MACs total "
+            "leaves them out.", stacklevel=2)
     rows = []
     for layer, weights in analysis.parameter_weights():
         params = sum(kept(layer, v) for v in weights)

@@ -261,7 +261,7 @@ def warn_unreachable(target, value, reachable, step_budget=None):
         "target.", stacklevel=3)
 
 
-# -- latency tables --------------------------------------------------------------
+# -- latency tables -----------------------------------------------------------
 def latency_config(target, cost_table, model, input_shape=None):
     """What a model stores of `cost_table` (None unless `target` is
     "latency"): the entries and calibration it uses, so its `.keras` file

@@ -5,7 +5,6 @@ import json
 import os
 import re
 
-import keras_hub  # noqa: F401  (a test dependency: the models come from it)
 import pytest
 
 from conftest import REPO_ROOT
