@@ -18,6 +18,19 @@ from keras_chex.testing.random_graphs import randomize_weights  # noqa: E402,F40
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def load_tool(filename, name=None):
+    """The script `tools/<filename>` imported as a module (tools are
+    scripts, not a package)."""
+    import importlib.util
+
+    path = os.path.join(REPO_ROOT, "tools", filename)
+    spec = importlib.util.spec_from_file_location(
+        name or filename[:-len(".py")], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def assert_strips_exactly(model, inputs, rng, keep=0.5, rtol=1e-4):
     """Wrap, mask at random, strip, and compare outputs and MACs.
 

@@ -21,7 +21,7 @@ from keras_chex.cifar import resnet as cifar_resnet
 from keras_chex.deploy import export
 from keras_chex.deploy import litert
 
-from conftest import REPO_ROOT, random_masks
+from conftest import load_tool, random_masks
 from conftest import randomize_weights
 
 
@@ -284,13 +284,7 @@ def test_cli_export_of_a_saved_wrapped_model(tmp_path):
 
 
 def _load_benchmark_tool():
-    import importlib.util
-
-    path = os.path.join(REPO_ROOT, "tools", "benchmark_tflite_latency.py")
-    spec = importlib.util.spec_from_file_location("benchmark_tflite", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("benchmark_tflite_latency.py", "benchmark_tflite")
 
 
 def test_benchmark_interleaves_rounds_and_pairs_ratios():

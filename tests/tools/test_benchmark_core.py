@@ -1,24 +1,18 @@
 """Smoke test of tools/benchmark_core.py with tiny settings."""
 
-import importlib.util
-import os
 import re
 
 import keras
 import pytest
 
 from keras_chex.cifar import resnet as cifar_resnet
-from conftest import REPO_ROOT
+from conftest import load_tool
 
 
 
 @pytest.fixture(scope="module")
 def bench():
-    path = os.path.join(REPO_ROOT, "tools", "benchmark_core.py")
-    spec = importlib.util.spec_from_file_location("benchmark_core", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("benchmark_core.py")
 
 
 def _tiny_cnn():

@@ -1,22 +1,16 @@
 """tools/check_real_models.py on three tiny keras-hub models (about 20 s)."""
 
-import importlib.util
 import json
-import os
 import re
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import load_tool
 
 
 @pytest.fixture(scope="module")
 def tool():
-    path = os.path.join(REPO_ROOT, "tools", "check_real_models.py")
-    spec = importlib.util.spec_from_file_location("check_real_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("check_real_models.py")
 
 
 @pytest.fixture(scope="module")

@@ -43,8 +43,7 @@ class ChannelExploration(callback.PruningCallback):
 
     def plan(self, steps_per_epoch, epochs):
         config = self.state.config
-        schedule = schedules.ExplorationSchedule(
-            interval=config.interval, until=config.until)
+        schedule = config.schedule()
         t_max = schedule.t_max(steps_per_epoch, epochs)
         plan = []
         for step in schedule.exploration_steps(steps_per_epoch, epochs):

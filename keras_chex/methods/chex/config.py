@@ -5,6 +5,7 @@ from typing import ClassVar
 
 from keras_chex.core import checks
 from keras_chex.core import config
+from keras_chex.methods.chex import schedules
 
 ALLOCATORS = ("threshold", "knapsack")
 PRUNED_IMPORTANCES = ("zero", "last")
@@ -51,8 +52,8 @@ class ChexConfig(config.MethodConfig):
         self._set("allocator", _allocator(self.allocator, self.target))
         checks.check_fraction("regrow", self.regrow, low_open=False,
                               high_closed=False)
-        checks.check_fraction("until", self.until)
-        checks.check_positive("interval", self.interval, "epochs")
+        for name, value in self.schedule().get_config().items():
+            self._set(name, value)
         checks.check_choice("pruned_importance", self.pruned_importance,
                             PRUNED_IMPORTANCES)
         checks.check_choice("streams", self.streams, STREAMS)
@@ -60,8 +61,12 @@ class ChexConfig(config.MethodConfig):
             raise ValueError("`gamma_l1` must be a number >= 0, got "
                              f"{self.gamma_l1!r}.")
         self._set("gamma_l1", float(self.gamma_l1))
-        for name in ("regrow", "interval", "until"):
-            self._set(name, float(getattr(self, name)))
+        self._set("regrow", float(self.regrow))
+
+    def schedule(self):
+        """The `ExplorationSchedule` of the explorations (checks it)."""
+        return schedules.ExplorationSchedule(interval=self.interval,
+                                             until=self.until)
 
 
 def _allocator(allocator, target):

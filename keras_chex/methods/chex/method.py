@@ -155,9 +155,11 @@ class ChexState(method.PruningState):
                                 for g in self.analysis.groups], bool)
             self.min_counts = np.where(streams, self.group_sizes,
                                        self.min_counts).astype(np.int32)
-        self._plain["gammas"] = {
-            id(s.variable()) for s in self.analysis.weight_slices
-            if s.name == "gamma"}
+        if self.config.gamma_l1:
+            # The scoring gammas the L1 pressure pushes (see `_slimming`).
+            self._plain["gammas"] = {
+                id(s.variable()) for s in self.analysis.weight_slices
+                if s.name == "gamma"}
         self.built = True
 
     backups = property(lambda self: self._plain["backups"].copies)

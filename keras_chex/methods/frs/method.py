@@ -25,7 +25,6 @@ from keras_chex.methods.frs import scores as scores_lib
 from keras_chex.methods.frs import selection
 
 METHOD = config_lib.FrsConfig.method
-CRITERIA = config_lib.CRITERIA
 
 
 def relevance_prune(model, *, flops=None, params=None, latency=None,
