@@ -98,7 +98,8 @@ def chex_options(name):
     "chex_interval<x>" change delta0 and the exploration interval;
     "chex_min<x>" sets min_channels (a fraction of each group's size);
     "chex_knapsack" re-allocates widths with the shared knapsack (cost
-    per group) instead of the global |gamma| threshold; "chex_merit" ranks
+    per group) instead of the global |gamma| threshold; "chex_uniform"
+    keeps the same fraction of every group; "chex_merit" ranks
     pruned channels by their last-used |gamma|; "chex_streams" keeps the
     residual streams whole; "chex_slim<x>" adds an L1 pressure x on |gamma|.
     """
@@ -115,6 +116,8 @@ def chex_options(name):
         options["min_channels"] = float(name[len("chex_min"):])
     elif name == "chex_knapsack":
         options["allocator"] = "knapsack"
+    elif name == "chex_uniform":
+        options["allocator"] = "uniform"
     elif name == "chex_merit":
         options["pruned_importance"] = "last"
     elif name == "chex_streams":

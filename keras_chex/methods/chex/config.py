@@ -7,7 +7,7 @@ from keras_chex.core import checks
 from keras_chex.core import config
 from keras_chex.methods.chex import schedules
 
-ALLOCATORS = ("threshold", "knapsack")
+ALLOCATORS = ("threshold", "knapsack", "uniform")
 PRUNED_IMPORTANCES = ("zero", "last")
 STREAMS = ("prune", "keep")
 

@@ -70,8 +70,11 @@ def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
             |gamma|, the threshold bisected until the cost fits; the
             default for `flops`, `params`, `sparsity`) or `"knapsack"`
             (the allocator the methods share: the widths of maximal summed
-            |gamma| within the cost, priced per group; the default and the
-            only choice for `latency`).
+            |gamma| within the cost, priced per group; the default for
+            `latency`) or `"uniform"` (every group keeps the same fraction
+            of its channels, the one that meets the target, as a uniformly
+            narrow network; explorations choose only which channels).
+            Being measured (docs/benchmarks.md, issue 24).
         regrow: initial regrowth fraction delta0, decayed to 0 with a cosine.
         interval: epochs between exploration steps (fractions allowed).
         until: fraction of the planned training after which masks freeze.
@@ -177,7 +180,8 @@ class ChexState(method.PruningState):
                 for g, v in zip(grads, variables)]
 
     def allocator(self):
-        """'threshold' (one global ranking) or 'knapsack' (cost-aware)."""
+        """'threshold' (one global ranking), 'knapsack' (cost-aware) or
+        'uniform' (the same fraction of every group)."""
         return self.config.allocator
 
     # -- one exploration, in three compiled parts ----------------------------
@@ -222,6 +226,22 @@ class ChexState(method.PruningState):
                                     self.config.round_to, self.min_counts)
         return counts.astype(np.int32), np.maximum(grown, counts).astype(
             np.int32)
+
+    def _uniform_counts(self, delta):
+        """Every group cut by the one fraction that meets the target;
+        regrowth adds `delta` of each group's size."""
+        if "uniform_sparsity" not in self._plain:
+            # Only the counts matter to the cost, so any norms will do.
+            zeros = [np.zeros(size) for size in self.group_sizes]
+            self._plain["uniform_sparsity"] = (
+                self.config.target_value if self.config.target == "sparsity"
+                else initial.uniform_sparsity(self, zeros,
+                                              self.config.target_value))
+        s = self._plain["uniform_sparsity"]
+        counts = initial.uniform_counts(self, s)
+        grown = initial.uniform_counts(self, s - min(float(delta), s / 2))
+        return (counts.astype(np.int32),
+                np.maximum(grown, counts).astype(np.int32))
 
     def _counts(self, scores, sparsity):
         counts = allocation.global_keep_counts(
@@ -295,6 +315,8 @@ class ChexState(method.PruningState):
         scores = score()
         if self.allocator() == "knapsack":
             counts, grown = self._knapsack_counts(scores.numpy(), delta)
+        elif self.allocator() == "uniform":
+            counts, grown = self._uniform_counts(delta)
         else:
             counts, grown = threshold(scores, tf.constant(delta, tf.float32))
         seed = self.config.seed * 1000003 + int(index)

@@ -942,6 +942,30 @@ def test_knapsack_widths_carry_the_most_gamma_a_budget_allows():
             assert value(other) <= value(counts) + 1e-5
 
 
+def test_uniform_allocator_keeps_one_fraction_of_every_group():
+    """Every exploration keeps the widths of a uniformly narrow network at
+    the target (the same fraction of each group), regrows on top of them
+    while delta > 0, and ends at the target."""
+    keras.utils.set_random_seed(15)
+    base = tiny_resnet()
+    dense = keras_chex.count_macs(base).macs
+    model = compile_(keras_chex.prune_and_regrow(
+        base, flops=0.5, allocator="uniform", interval=1, regrow=0.4,
+        seed=0))
+    assert model.pruning_config["allocator"] == "uniform"
+    history, compact = _fit_explorations(model)
+    assert sum(history.history["chex_regrown"]) > 0
+    macs = keras_chex.count_macs(compact).macs
+    assert 0.4 * dense < macs <= 0.5 * dense
+    state = model.pruning_state
+    fractions = state.masks.counts() / state.group_sizes
+    # One fraction, up to rounding each group to whole channels.
+    assert np.ptp(fractions) <= 1.0 / state.group_sizes.min() + 1e-9
+    assert not np.all(fractions == 1)
+    with pytest.raises(ValueError, match="allocator"):
+        keras_chex.prune_and_regrow(base, flops=0.5, allocator="even")
+
+
 def test_latency_target_meets_the_table_budget():
     keras.utils.set_random_seed(15)
     base = tiny_resnet()
