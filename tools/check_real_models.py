@@ -53,6 +53,7 @@ import bench_report  # noqa: E402
 import keras_chex  # noqa: E402
 from keras_chex.core import _graph  # noqa: E402
 from keras_chex.core import analysis as analysis_lib  # noqa: E402
+from keras_chex.core import composites  # noqa: E402
 from keras_chex.testing.random_graphs import random_masks  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -495,7 +496,11 @@ def check_model(name, build=None, *, seed=0, tflite=True, entry_points=True,
             row["stage_seconds"] = stage_seconds
             return row
 
-        classes = _operation_classes(model)
+        try:  # The graph the analysis reads: composite layers opened.
+            opened = composites.open_composites(model)
+        except Exception:
+            opened = model
+        classes = _operation_classes(opened)
         convs = [layer for layer in _graph.every_layer(model)
                  if isinstance(layer, CONV_TYPES)]
         row["convs"] = len(convs)
@@ -520,7 +525,7 @@ def check_model(name, build=None, *, seed=0, tflite=True, entry_points=True,
             # Name -> layer objects of the layers the analysis sees, so a
             # layer inside a composite one with the same name as a graph
             # layer is not counted.
-            seen = {id(layer) for layer in _graph.all_layers(model)
+            seen = {id(layer) for layer in _graph.all_layers(opened)
                     if layer.name in producers}
             row["prunable_convs"] = sum(id(c) in seen for c in convs)
         except Exception as e:

@@ -53,6 +53,12 @@ class GraphNode:
         args, kwargs = self.arguments.fill_in(tensor_map)
         return tree.flatten(operation(*args, **kwargs))
 
+    def call_structure(self):
+        """The call's `(args, kwargs)` as recorded, original tensors in
+        place (to re-trace the call on fresh inputs of the same structure).
+        """
+        return self.arguments.args, self.arguments.kwargs
+
     def constant_arguments(self):
         """Returns the non-tensor leaves of the call (constants, flags)."""
         tensor_ids = {id(t) for t in self.inputs}
@@ -220,6 +226,17 @@ def every_layer(model):
     return model._flatten_layers(include_self=False, recursive=True)
 
 
+def sublayers(layer):
+    """The layers inside `layer` (recursively), without `layer` itself."""
+    return layer._flatten_layers(include_self=False, recursive=True)
+
+
+def own_variables(layer):
+    """The variables `layer` holds itself, not through a layer inside it."""
+    inner = {id(v) for sub in sublayers(layer) for v in sub.variables}
+    return [v for v in layer.variables if id(v) not in inner]
+
+
 def clone_layer(layer, config=None, cls=None):
     """A new layer of class `cls` (default: `layer`'s) from `config`.
 
@@ -243,7 +260,13 @@ def clone_layer(layer, config=None, cls=None):
     from keras.src.saving import serialization_lib
 
     cls = cls or layer.__class__
-    config = layer.get_config() if config is None else config
+    if config is None:
+        try:
+            config = layer.get_config()
+        except Exception:
+            if layer.variables or cls is not layer.__class__:
+                raise
+            return _stateless_copy(layer)
     with serialization_lib.SafeModeScope(False):
         try:
             return cls.from_config(config)
@@ -266,6 +289,16 @@ def clone_layer(layer, config=None, cls=None):
                 f"{_first_line(error)}. Make the layer's `get_config` return "
                 "what its constructor takes (and its `from_config` accept "
                 "it), or build the model without it.") from None
+
+
+def _stateless_copy(layer):
+    """A layer without variables whose config cannot be read (keras-hub
+    builds `Identity` layers with a dtype policy object their automatic
+    config refuses): a fresh `Identity`, or the same object, which holds
+    nothing a copy could protect."""
+    if type(layer) is keras.layers.Identity:
+        return keras.layers.Identity(name=layer.name)
+    return layer
 
 
 def unaccepted_keys(cls, config):

@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 
 from keras_chex.core import _graph
+from keras_chex.core import composites
 from keras_chex.core import layer_registry
 from keras_chex.core import layer_rules
 from keras_chex.core import masking
@@ -270,7 +271,10 @@ class ModelAnalysis:
     """
 
     def __init__(self, model, exclude=(), warn=True, input_shape=None):
+        # Composite layers are analysed through the layers inside them.
+        model = composites.open_composites(model)
         self.model = model
+        self._excluded_depth = 0
         self.exclude = set(exclude)
         self._tensor_ids = {}
         self._tensors = {}
@@ -334,7 +338,12 @@ class ModelAnalysis:
         op = node.operation
         if _graph.is_graph_model(op):
             if id(op) not in self._nodes:
+                # Excluding a nested model (or an opened composite layer)
+                # excludes every layer inside it.
+                excluded = composites.origin_name(op.name) in self.exclude
+                self._excluded_depth += excluded
                 self._walk(op, top=False)
+                self._excluded_depth -= excluded
             for outer, inner in zip(node.inputs, _graph.inputs_of(op)):
                 ctx.union(ctx.ids(outer), ctx.ids(inner))
             for outer, inner in zip(node.outputs, _graph.outputs_of(op)):
@@ -343,7 +352,11 @@ class ModelAnalysis:
         rule = self.rule_for(op)
         reason, keeps_channels = None, False
         if rule is None:
-            reason = f"{type(op).__name__} is not a supported layer"
+            closed = composites.closed_reason(op)
+            reason = (f"{type(op).__name__} is not a supported layer"
+                      if closed is None else
+                      f"{type(op).__name__} is made of layers, but keras-chex "
+                      f"cannot look inside it: {closed}")
         elif any(
             t.shape[-1] is None for t in node.inputs + node.outputs
             if len(t.shape) >= 2
@@ -360,7 +373,7 @@ class ModelAnalysis:
             for coef, name in rule.opaque_macs(node) if rule else ():
                 if coef is not None:
                     ctx.add_macs(node, coef, op, name)
-        elif op.name in self.exclude:
+        elif op.name in self.exclude or self._excluded_depth:
             for t in node.inputs + node.outputs:
                 ctx.block(ctx.ids(t), "excluded by the user")
 

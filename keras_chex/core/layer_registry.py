@@ -11,6 +11,7 @@ from keras_chex.core.layer_rules import (
     ANY_DIRTY, ALL_DIRTY, PRODUCER, ActivationRule, BatchNormRule,
     ConcatenateRule, ConvRule, ConvTransposeRule, DenseRule, DepthwiseRule,
     FlattenRule, LayerRule, MergeRule, NormalizationRule, OpRule, PadRule,
+    ReduceRule,
     PermuteRule, PoolingRule, PReLURule, ReshapeRule, SeparableRule, SplitRule,
     SoftmaxRule, Unsupported, weight_leaf_name)
 
@@ -82,7 +83,8 @@ def _build_registry():
         cls = _graph.numpy_op_class(name)
         if cls is not None:
             reg[cls] = OpRule(merge_kind=kind)
-    for name, rule in (("Pad", PadRule()), ("Split", SplitRule())):
+    for name, rule in (("Pad", PadRule()), ("Split", SplitRule()),
+                       ("Mean", ReduceRule()), ("Max", ReduceRule())):
         cls = _graph.numpy_op_class(name)
         if cls is not None:
             reg[cls] = rule
@@ -131,13 +133,29 @@ def _registry():
     return _REGISTRY
 
 
+# Layers of other libraries keras-chex knows, by qualified class name so
+# that nothing is imported for them: name -> channel-wise weights.
+KNOWN_CHANNELWISE = {
+    # `scale * x + bias` with scalar weights.
+    "keras_hub.src.models.hgnetv2.hgnetv2_layers."
+    "HGNetV2LearnableAffineBlock": (),
+}
+
+
 def rule_for(operation):
     """Returns the `LayerRule` for an operation, or None if unsupported.
 
     Exact classes only: a subclass may compute something else entirely
     (`register_layer_rule` says when it does not).
     """
-    return _registry().get(type(operation))
+    registry = _registry()
+    cls = type(operation)
+    rule = registry.get(cls)
+    if rule is None:
+        known = KNOWN_CHANNELWISE.get(f"{cls.__module__}.{cls.__qualname__}")
+        if known is not None:
+            rule = registry[cls] = ChannelwiseRule(known)
+    return rule
 
 
 def register_layer_rule(layer_class, *, like=None, channelwise_weights=None):

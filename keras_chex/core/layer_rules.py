@@ -440,6 +440,21 @@ class PadRule(OpRule):
         super().propagate(ctx, node)
 
 
+class ReduceRule(LayerRule):
+    """`keras.ops.mean` / `max` over axes other than the channels (the
+    global pooling of a squeeze-and-excite block): each channel maps to
+    itself, zero to zero."""
+
+    def propagate(self, ctx, node):
+        axis = node.operation.axis
+        rank = len(node.inputs[0].shape)
+        axes = range(rank) if axis is None else (
+            [axis] if isinstance(axis, int) else axis)
+        if any(a % rank == rank - 1 for a in axes):
+            raise Unsupported("reduces over the channel axis")
+        super().propagate(ctx, node)
+
+
 class SplitRule(LayerRule):
     """`keras.ops.split` (CSPNet's cross-stage halves). Along the channel
     axis each part takes its slice of the channel ids (a part consumed by a

@@ -278,6 +278,8 @@ def wrap(model, *, mode="hard", exclude=(), pruning=None,
             list(shape[1:])
             for shape in input_shapes.input_batch_shapes(model, input_shape)])
     analysis = cg.ModelAnalysis(model, exclude=exclude)
+    # The graph analysed: composite layers opened into nested models.
+    model = analysis.model
     if not analysis.groups:
         warnings.warn(
             f"Model '{model.name}' has no channels keras-chex can prune: "

@@ -11,7 +11,9 @@ from keras_chex.cifar.resnet import cifar_resnet
 
 
 class ConvBlock(keras.layers.Layer):
-    """A composite layer: a convolution keras-chex cannot look inside."""
+    """A composite layer keras-chex cannot look inside: besides its
+    convolution it holds a weight of its own, which a traced graph of its
+    inner layers would lose."""
 
     def __init__(self, filters, **kwargs):
         super().__init__(**kwargs)
@@ -20,9 +22,10 @@ class ConvBlock(keras.layers.Layer):
 
     def build(self, input_shape):
         self.conv.build(input_shape)
+        self.gain = self.add_weight(shape=(), initializer="ones", name="gain")
 
     def call(self, x):
-        return keras.ops.relu(self.conv(x))
+        return keras.ops.relu(self.conv(x)) * self.gain
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters}
