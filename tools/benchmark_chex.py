@@ -4,6 +4,8 @@ Variants (all ResNet-`depth`, SGD + momentum, cosine learning rate):
   dense     the unpruned model;
   narrow    a uniformly narrower model with about the same MACs as the target,
             trained from scratch;
+  narrow_wideinit  narrow, each kernel scaled to the spread of the dense
+            layer's initialisation (what a network pruned at init keeps)
   fixed     the initial CHEX masks (uniform, by filter L1 norm) fixed for the
             whole run: no exploration;
   noregrow  CHEX's initial masks (at S - delta0) and exploration steps with
@@ -42,6 +44,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
@@ -129,6 +132,23 @@ def chex_options(name):
     return options
 
 
+def wide_init_scale(narrow, dense):
+    """Scales each kernel of `narrow` to the spread the same layer has in
+    `dense` (He-normal: std ~ 1/sqrt(fan-in)), as a network pruned from
+    `dense` at initialisation keeps it: the control that tells a pruned
+    start's initial scale from its choice of filters."""
+    for layer in narrow.layers:
+        kernel = getattr(layer, "kernel", None)
+        if kernel is None:
+            continue
+        fan_in = np.prod(kernel.shape[:-1])
+        dense_fan_in = np.prod(dense.get_layer(layer.name).kernel.shape[:-1])
+        if isinstance(layer, keras.layers.Dense):  # Glorot: fan-in + out.
+            fan_in, dense_fan_in = (fan_in + kernel.shape[-1],
+                                    dense_fan_in + kernel.shape[-1])
+        kernel.assign(kernel * np.sqrt(fan_in / dense_fan_in))
+
+
 def run_variant(name, train, val, steps):
     keras.utils.set_random_seed(FLAGS.seed)
     dense = cifar_resnet.cifar_resnet(FLAGS.depth, weight_decay=5e-4)
@@ -136,10 +156,12 @@ def run_variant(name, train, val, steps):
     callbacks = []
     if name == "dense":
         model = dense
-    elif name == "narrow":
+    elif name in ("narrow", "narrow_wideinit"):
         widths = baselines.narrow_widths(FLAGS.flops * dense_macs, FLAGS.depth)
         model = cifar_resnet.cifar_resnet(FLAGS.depth, widths=widths,
                                           weight_decay=5e-4)
+        if name == "narrow_wideinit":
+            wide_init_scale(model, dense)
     elif name in ("smcp", "smcp_flops"):
         target = ({"latency": FLAGS.latency, "cost_table": latency_table()}
                   if name == "smcp" else {"flops": FLAGS.flops})
