@@ -358,12 +358,13 @@ def op_classes(names):
         dict name -> list of classes (one per `keras.src.ops` module that
         defines it).
     """
+    from keras.src.ops import core as ops_core
     from keras.src.ops import nn as ops_nn
     from keras.src.ops import numpy as ops_np
 
     found = {}
     for name in names:
-        for module in (ops_nn, ops_np):
+        for module in (ops_nn, ops_np, ops_core):
             cls = getattr(module, name, None)
             if isinstance(cls, type):
                 found.setdefault(name, []).append(cls)

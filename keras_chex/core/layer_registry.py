@@ -9,11 +9,11 @@ from keras import layers
 from keras_chex.core import _graph
 from keras_chex.core.layer_rules import (
     ANY_DIRTY, ALL_DIRTY, PRODUCER, ActivationRule, BatchNormRule,
-    ConcatenateRule, ConvRule, ConvTransposeRule, DenseRule, DepthwiseRule,
-    FlattenRule, LayerRule, MergeRule, NormalizationRule, OpRule, PadRule,
-    ReduceRule,
-    PermuteRule, PoolingRule, PReLURule, ReshapeRule, SeparableRule, SplitRule,
-    SoftmaxRule, Unsupported, weight_leaf_name)
+    ConcatenateOpRule, ConcatenateRule, ConvRule, ConvTransposeRule,
+    DenseRule, DepthwiseRule, FlattenRule, LayerRule, MergeRule, NormalizationRule, OpRule, PadRule,
+    PermuteRule, PoolingRule, PReLURule, ReduceRule, ReshapeRule,
+    ResizingRule, SeparableRule, SoftmaxRule, SplitRule, Unsupported,
+    weight_leaf_name)
 
 
 def _build_registry():
@@ -52,6 +52,7 @@ def _build_registry():
         L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D,
     ]
     add(pooling, PoolingRule())
+    add([L.Resizing], ResizingRule())
     passthrough = [
         L.Dropout, L.GaussianNoise, L.GaussianDropout, L.AlphaDropout,
         L.ActivityRegularization, getattr(L, "Identity", None),
@@ -84,6 +85,7 @@ def _build_registry():
         if cls is not None:
             reg[cls] = OpRule(merge_kind=kind)
     for name, rule in (("Pad", PadRule()), ("Split", SplitRule()),
+                       ("Concatenate", ConcatenateOpRule()),
                        ("Mean", ReduceRule()), ("Max", ReduceRule())):
         cls = _graph.numpy_op_class(name)
         if cls is not None:

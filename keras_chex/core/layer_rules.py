@@ -322,6 +322,18 @@ class PoolingRule(LayerRule):
         super().propagate(ctx, node)
 
 
+class ResizingRule(PoolingRule):
+    """`Resizing`: interpolates each channel on its own, zero to zero,
+    unless it pads to an aspect ratio with a non-zero fill."""
+
+    def propagate(self, ctx, node):
+        layer = node.operation
+        if getattr(layer, "pad_to_aspect_ratio", False) and getattr(
+                layer, "fill_value", 0.0):
+            raise Unsupported("pads with a non-zero fill value")
+        super().propagate(ctx, node)
+
+
 class FlattenRule(LayerRule):
     """Flatten of channels-last data: channel c lands on rows p*C + c."""
 
@@ -402,6 +414,17 @@ class ConcatenateRule(LayerRule):
             for other in parts[1:]:
                 ctx.union(parts[0], other)
             ctx.set_ids(node.outputs[0], parts[0])
+
+
+class ConcatenateOpRule(ConcatenateRule):
+    """`keras.ops.concatenate` (DeepLabV3's pyramid pooling): the layer's
+    rule, once every operand is known to be a graph tensor."""
+
+    def propagate(self, ctx, node):
+        if any(not isinstance(c, (int, type(None)))
+               for c in node.constant_arguments()):
+            raise Unsupported("concatenates a constant")
+        super().propagate(ctx, node)
 
 
 class OpRule(LayerRule):

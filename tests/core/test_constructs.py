@@ -173,6 +173,43 @@ def test_ops_pad_of_the_channel_axis_is_left_alone(rng):
         keras_chex.wrap(keras.Model(inp, head(x)))
 
 
+def test_pyramid_pooling_ops_pass_channels(rng):
+    # DeepLabV3's pyramid pooling and MobileNet's squeeze-and-excite:
+    # ops.mean over the spatial axes, a Resizing back up, ops.cast and
+    # ops.concatenate of the branches.
+    inp = keras.Input((8, 8, 3))
+    x = conv_bn_relu(inp, 8)
+    pooled = keras.ops.mean(x, axis=(1, 2), keepdims=True)
+    pooled = conv_bn_relu(pooled, 4, kernel=1)
+    pooled = layers.Resizing(8, 8, interpolation="bilinear")(pooled)
+    pooled = keras.ops.cast(pooled, "float32")
+    peak = keras.ops.max(x, axis=(1, 2), keepdims=True)
+    x = keras.ops.concatenate(
+        [conv_bn_relu(x, 6), pooled, x * keras.ops.sigmoid(peak)], axis=-1)
+    model = keras.Model(inp, head(conv_bn_relu(x, 5)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        groups = keras_chex.channel_groups(model)
+    assert sorted(g.size for g in groups) == [4, 5, 6, 8]
+    _check(model, rng, min_groups=4)
+
+
+def test_a_mean_over_the_channels_is_left_alone(rng):
+    inp = keras.Input((8, 8, 3))
+    x = conv_bn_relu(inp, 8)
+    x = keras.ops.mean(x, axis=-1, keepdims=True)
+    with pytest.warns(UserWarning, match="reduces over the channel axis"):
+        keras_chex.wrap(keras.Model(inp, head(conv_bn_relu(x, 4))))
+
+
+def test_resizing_that_pads_with_a_fill_is_left_alone():
+    inp = keras.Input((8, 8, 3))
+    x = conv_bn_relu(inp, 8)
+    x = layers.Resizing(8, 16, pad_to_aspect_ratio=True, fill_value=1.0)(x)
+    with pytest.warns(UserWarning, match="non-zero fill value"):
+        keras_chex.wrap(keras.Model(inp, head(conv_bn_relu(x, 4))))
+
+
 @pytest.mark.parametrize("sections", [2, [3]])
 def test_ops_split_of_the_channels_gives_each_part_its_slice(rng, sections):
     # CSPNet's cross-stage block: one part skips the blocks, the other
