@@ -4,9 +4,9 @@ This is, with `_trainer.py` (a train step with a gradient hook), the only
 module of keras-chex that touches private Keras internals
 (`Functional._nodes_by_depth`, `Node.arguments`, `Sequential._functional`,
 `Functional._inputs_struct`/`_outputs_struct`, the `keras.ops` operation
-classes under `keras.src.ops`). Keras has no public API to
-enumerate the call sites (nodes) of a graph network with their arguments, and
-channel analysis needs exactly that. Everything else in the package goes
+classes under `keras.src.ops` and `keras.src.activations`). Keras has no
+public API to enumerate the call sites (nodes) of a graph network with
+their arguments, and channel analysis needs exactly that. Everything else in the package goes
 through the small surface below, so a Keras upgrade breaks one file, and
 `tests/core/test_graph.py` pins the behaviour we rely on.
 """
@@ -358,13 +358,15 @@ def op_classes(names):
         dict name -> list of classes (one per `keras.src.ops` module that
         defines it).
     """
+    from keras.src.activations import activations as ops_act
     from keras.src.ops import core as ops_core
     from keras.src.ops import nn as ops_nn
     from keras.src.ops import numpy as ops_np
 
     found = {}
     for name in names:
-        for module in (ops_nn, ops_np, ops_core):
+        # `keras.activations.relu(x)` leaves an activations-module `ReLU`.
+        for module in (ops_nn, ops_np, ops_core, ops_act):
             cls = getattr(module, name, None)
             if isinstance(cls, type):
                 found.setdefault(name, []).append(cls)

@@ -180,9 +180,14 @@ class _Opener:
         if not leaves or not all(isinstance(t, keras.KerasTensor)
                                  for t in leaves):
             return "it is called with more than one argument"
-        inputs = tree.map_structure(
-            lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype),
-            args[0])
+        if isinstance(args[0], dict):
+            # Named after their keys, as Keras wants of dict inputs.
+            inputs = {k: keras.Input(batch_shape=t.shape, dtype=t.dtype,
+                                     name=k) for k, t in args[0].items()}
+        else:
+            inputs = tree.map_structure(
+                lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype),
+                args[0])
         try:
             outputs = layer.call(inputs)
             sub = keras.Model(inputs, outputs, name=name)

@@ -72,7 +72,7 @@ def _build_registry():
         "HardSilu", "HardSwish", "Gelu", "Elu", "Selu", "Softplus",
         "Softsign", "LeakyRelu", "Mish", "Celu", "Glu", "Tanh", "Exp",
         "Negative", "Abs", "Absolute", "Square", "Sqrt", "Clip",
-        "TrueDivide", "Divide", "Power", "Cast",
+        "TrueDivide", "Divide", "Power", "Cast", "ReLU",
     ]
     for classes in _graph.op_classes(unary).values():
         for cls in classes:

@@ -200,3 +200,37 @@ def test_a_head_shared_by_two_sizes_gets_one_nested_model_per_size():
     random_masks(wrapped, np.random.default_rng(0), keep=0.5)
     compact = keras_chex.strip(wrapped)
     np.testing.assert_allclose(compact(_x()), wrapped(_x()), atol=1e-5)
+
+
+class Pyramid(keras.layers.Layer):
+    """Takes a dict of feature maps, as RetinaNet's `FeaturePyramid`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.lateral = keras.layers.Conv2D(4, 1, name=f"{self.name}_lateral")
+        self.smooth = keras.layers.Conv2D(4, 3, padding="same",
+                                          name=f"{self.name}_smooth")
+
+    def build(self, input_shape):
+        self.lateral.build(input_shape["P4"])
+        self.smooth.build(input_shape["P3"][:-1] + (4,))
+
+    def call(self, inputs):
+        up = keras.ops.repeat(keras.ops.repeat(
+            self.lateral(inputs["P4"]), 2, axis=1), 2, axis=2)
+        return self.smooth(inputs["P3"] + up)
+
+
+def test_a_layer_taking_a_dict_opens_without_a_warning():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    p3 = keras.layers.Conv2D(4, 3, padding="same", name="p3")(inputs)
+    p4 = keras.layers.Conv2D(6, 3, strides=2, padding="same", name="p4")(p3)
+    x = Pyramid(name="fpn")({"P3": p3, "P4": p4})
+    x = keras.layers.Conv2D(5, 1, name="mix")(x)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opened = composites.open_composites(model)
+    assert opened is not model
+    np.testing.assert_array_equal(opened(_x()), model(_x()))
