@@ -32,7 +32,8 @@ def test_deeplab_is_pruned_to_the_budget_stripped_and_exported(tool):
     # and the budget holds on the whole model's MACs.
     assert result["groups"] >= 8
     assert 0.3 < result["macs_fraction"] <= 0.5 + 1e-9
-    for key in ("dense_miou", "wrapped_miou", "compact_miou"):
+    for key in ("dense_miou", "wrapped_miou", "compact_miou",
+                "dense_more_miou"):
         assert 0 <= result[key] <= 1
     # SMCP starts with every channel: wrapping alone changes nothing.
     assert result["wrapped_miou"] == result["dense_miou"]
