@@ -27,8 +27,13 @@ def prune_once(model, *, flops=None, params=None, latency=None,
     can be near chance), with `fit` alone or as the student of a
     `keras.distillation.Distiller` whose teacher is the original model.
 
+    Also the way to prune a freshly built model before training it: on a
+    deep network with a short schedule that beat both a narrow network and
+    CHEX's exploration (docs/benchmarks.md, issue 24).
+
     Args:
-        model: a trained Functional or Sequential Keras model (untouched).
+        model: a Functional or Sequential Keras model, trained or freshly
+            built (untouched).
         flops: fraction of the MACs to keep.
         params: fraction of the parameters to keep.
         latency: fraction of the latency to keep, as predicted by
