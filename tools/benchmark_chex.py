@@ -19,6 +19,9 @@ Variants (all ResNet-`depth`, SGD + momentum, cosine learning rate):
             (`pruned_importance="last"`: a layer can widen on merit);
   chex_streams  CHEX keeping residual streams whole (`streams="keep"`);
   chex_slim<x>  CHEX with an L1 pressure x on |gamma| (`gamma_l1=x`);
+  chex_regrow<x>, chex_interval<x>, chex_until<x>  CHEX with regrowth
+            fraction delta0 = x, explorations every x epochs, or
+            explorations only until x of the training;
   smcp      SMCP at `--latency` of the dense LiteRT latency, priced by a
             latency table measured on this machine (`--latency_table`,
             built there if missing);
@@ -99,6 +102,7 @@ def chex_options(name):
     "chex" is the default; "fixed" regrows nothing and is never explored;
     "chex8" and "chex16" round widths to 8 and 16; "chex_regrow<x>" and
     "chex_interval<x>" change delta0 and the exploration interval;
+    "chex_until<x>" ends the explorations at x of the training;
     "chex_min<x>" sets min_channels (a fraction of each group's size);
     "chex_knapsack" re-allocates widths with the shared knapsack (cost
     per group) instead of the global |gamma| threshold; "chex_uniform"
@@ -115,6 +119,8 @@ def chex_options(name):
         options["regrow"] = float(name[len("chex_regrow"):])
     elif name.startswith("chex_interval"):
         options["interval"] = float(name[len("chex_interval"):])
+    elif name.startswith("chex_until"):
+        options["until"] = float(name[len("chex_until"):])
     elif name.startswith("chex_min"):
         options["min_channels"] = float(name[len("chex_min"):])
     elif name == "chex_knapsack":
@@ -230,6 +236,9 @@ def run_variant(name, train, val, steps):
         "flops_target": FLAGS.flops,
         "warmup_epochs": FLAGS.warmup_epochs,
         "recalibrate_batches": FLAGS.recalibrate_batches,
+        # The method's own stored arguments, so a line says what ran.
+        "pruning_config": (model.pruning_config
+                           if keras_chex.is_wrapped(model) else None),
         "conv_filters": [layer.filters for layer in final.layers
                          if isinstance(layer, keras.layers.Conv2D)],
     }

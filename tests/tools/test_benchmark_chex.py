@@ -294,10 +294,18 @@ def test_the_issue_24_ablations_run(tmp_path):
     output = tmp_path / "bench.jsonl"
     _run("benchmark_chex.py", "--depth=8", "--epochs=2",
          "--train_per_class=40", "--val_per_class=10", "--interval=0.5",
-         "--threads=1", "--variants=chex_merit,chex_streams,chex_slim1e-4",
+         "--threads=1",
+         "--variants=chex_merit,chex_streams,chex_slim1e-4,chex_until0.4",
          f"--output={output}")
     results = [json.loads(line) for line in output.read_text().splitlines()
                if '"variant"' in line]
     assert [r["variant"] for r in results] == [
-        "chex_merit", "chex_streams", "chex_slim1e-4"]
+        "chex_merit", "chex_streams", "chex_slim1e-4", "chex_until0.4"]
     assert all(0.3 <= r["macs_fraction"] <= 0.5 for r in results)
+    # Each line carries the arguments the method stored, switch included.
+    configs = {r["variant"]: r["pruning_config"] for r in results}
+    assert configs["chex_merit"]["pruned_importance"] == "last"
+    assert configs["chex_streams"]["streams"] == "keep"
+    assert configs["chex_slim1e-4"]["gamma_l1"] == 1e-4
+    assert configs["chex_until0.4"]["until"] == 0.4
+    assert configs["chex_merit"]["until"] == 0.72
