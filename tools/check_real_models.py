@@ -8,7 +8,9 @@ model:
 
 - `groups`: the channel groups of the wrapped model;
 - `prunable convs`: how many of the model's Conv/Dense layers (found
-  anywhere, inside layers made of layers too) produce channels of a group;
+  anywhere, inside layers made of layers too; layers a block creates but
+  never calls, so never builds, are not counted) write channels of a
+  group (a depthwise convolution writes its input's);
 - `unsupported`: the layers the analysis leaves alone (count, first
   classes);
 - `strip diff`: random masks on every group (BatchNorm statistics random
@@ -502,7 +504,7 @@ def check_model(name, build=None, *, seed=0, tflite=True, entry_points=True,
             opened = model
         classes = _operation_classes(opened)
         convs = [layer for layer in _graph.every_layer(model)
-                 if isinstance(layer, CONV_TYPES)]
+                 if isinstance(layer, CONV_TYPES) and layer.built]
         row["convs"] = len(convs)
 
         stage("analyze")
@@ -522,11 +524,16 @@ def check_model(name, build=None, *, seed=0, tflite=True, entry_points=True,
             row["groups"] = len(groups)
             row["group_channels"] = int(sum(g.size for g in groups))
             producers = {n for g in groups for n in g.producers}
+            # A depthwise convolution's output channels are its input's:
+            # pruned when its weights are indexed by a group's.
+            indexed = {n for g in groups for n in g.layers}
             # Name -> layer objects of the layers the analysis sees, so a
             # layer inside a composite one with the same name as a graph
             # layer is not counted.
             seen = {id(layer) for layer in _graph.all_layers(opened)
-                    if layer.name in producers}
+                    if layer.name in producers or (
+                        isinstance(layer, keras.layers.DepthwiseConv2D)
+                        and layer.name in indexed)}
             row["prunable_convs"] = sum(id(c) in seen for c in convs)
         except Exception as e:
             row["wrap_error"] = first_line(e)

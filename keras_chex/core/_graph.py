@@ -281,14 +281,16 @@ def clone_layer(layer, config=None, cls=None):
                 else:
                     new.dropped_config_keys = tuple(extra)
                     return new
-            raise ValueError(
+            refusal = ValueError(
                 f"keras-chex copies every layer of the model it works on, "
                 f"and layer '{layer.name}' ({cls.__name__}) cannot be "
                 f"rebuilt from its config: `{cls.__name__}.from_config("
                 f"layer.get_config())` fails with {type(error).__name__}: "
                 f"{_first_line(error)}. Make the layer's `get_config` return "
                 "what its constructor takes (and its `from_config` accept "
-                "it), or build the model without it.") from None
+                "it), or build the model without it.")
+            refusal.reason = f"{type(error).__name__}: {_first_line(error)}"
+            raise refusal from None
 
 
 def _stateless_copy(layer):
@@ -299,6 +301,144 @@ def _stateless_copy(layer):
     if type(layer) is keras.layers.Identity:
         return keras.layers.Identity(name=layer.name)
     return layer
+
+
+def rebuilt_layer(layer):
+    """`clone_layer(layer)`, or, when `layer`'s config does not round-trip,
+    `copy_layer(layer)` (marked `copied_without_config`, already holding
+    its weights): a layer that stays as it is never blocks a model."""
+    try:
+        return clone_layer(layer)
+    except Exception as error:
+        new = copy_layer(layer, cause=error)
+        new.copied_without_config = True
+        return new
+
+
+def load_rebuilt_weights(layer, new, values, node, tensor_map, outputs):
+    """Loads `values` into `new`, `layer` rebuilt and called as `node`.
+
+    A rebuilt layer that cannot hold them (its config does not describe
+    it: D-FINE's decoder) is replaced, when `values` are `layer`'s own
+    weights unchanged, by `copy_layer(layer)`, called in its place.
+
+    Returns:
+        (the layer in the new graph, its outputs there).
+    """
+    if getattr(new, "copied_without_config", False):
+        return new, outputs
+    try:
+        set_layer_weights(new, values)
+        return new, outputs
+    except ValueError as error:
+        if len(values) != len(layer.weights) or any(
+                tuple(v.shape) != tuple(w.shape)
+                for v, w in zip(values, layer.weights)):
+            raise
+        copy = copy_layer(layer, cause=error)
+        copy.copied_without_config = True
+        return copy, node.call_with(copy, tensor_map)
+
+
+def copy_layer(layer, cause=None):
+    """A copy of `layer` with variables of its own, made without its config.
+
+    For layers whose config does not round-trip (keras-hub's `DeiTEncoder`
+    cannot produce one, MiT's attention refuses its own, D-FINE's decoder
+    rebuilt from one holds another number of weights): the layer's
+    objects are copied attribute by attribute, every variable becomes a new
+    one holding the same values, every layer inside becomes a copy, and
+    the copy forgets the graph calls of the original. Functions, classes
+    and objects from outside Keras are shared, not copied (immutable in
+    practice: activations, signatures).
+
+    Args:
+        layer: a built layer.
+        cause: the error of the config round trip, quoted if the copy
+            fails too.
+
+    Returns:
+        The copy, built, holding the same weight values.
+
+    Raises:
+        ValueError: the layer cannot be copied either, naming it.
+    """
+    try:
+        new = _copy_object(layer, {})
+        old_weights, new_weights = layer.weights, new.weights
+        fresh = not {id(v) for v in old_weights} & {id(v) for v in new_weights}
+        if not fresh or len(old_weights) != len(new_weights):
+            raise ValueError("its variables could not all be copied")
+    except Exception as error:
+        why = getattr(cause, "reason", None) or (
+            f"{type(cause).__name__}: {_first_line(cause)}" if cause
+            else "refused")
+        raise ValueError(
+            f"keras-chex copies every layer of the model it works on, and "
+            f"layer '{layer.name}' ({type(layer).__name__}) can neither be "
+            f"rebuilt from its config ({why}) nor copied "
+            f"({type(error).__name__}: {_first_line(error)}). Fix its "
+            "`get_config`, or build the model without it.") from None
+    return new
+
+
+_NODE_LISTS = ("_inbound_nodes", "_outbound_nodes")
+
+
+def _copy_object(obj, memo):
+    import types
+
+    import numpy as np
+
+    key = id(obj)
+    if key in memo:
+        return memo[key]
+    if isinstance(obj, keras.Variable):
+        new = keras.Variable(
+            initializer=obj.numpy(), dtype=obj.dtype,
+            trainable=obj.trainable, autocast=obj._autocast,
+            aggregation=obj.aggregation, name=obj.name)
+    elif isinstance(obj, types.MethodType):
+        new = types.MethodType(obj.__func__, _copy_object(obj.__self__, memo))
+    elif isinstance(obj, np.ndarray):
+        new = obj.copy()
+    elif type(obj).__name__ == "TrackableReference":
+        # TensorFlow's record of a checkpoint dependency (slots, no dict).
+        new = type(obj)(obj.name, _copy_object(obj.ref, memo))
+    elif isinstance(obj, (list, dict, set)):
+        # Keras' TrackedList/Dict/Set: filled through the base class, so
+        # their tracker (the original's) is never called.
+        base = list if isinstance(obj, list) else (
+            dict if isinstance(obj, dict) else set)
+        new = base.__new__(type(obj))
+        memo[key] = new
+        if base is dict:
+            dict.update(new, {k: _copy_object(v, memo)
+                              for k, v in obj.items()})
+        else:
+            (list.extend if base is list else set.update)(
+                new, [_copy_object(v, memo) for v in obj])
+        for name, value in getattr(obj, "__dict__", {}).items():
+            object.__setattr__(new, name, _copy_object(value, memo))
+        return new
+    elif isinstance(obj, tuple):
+        items = [_copy_object(v, memo) for v in obj]
+        new = (type(obj)(*items) if hasattr(obj, "_fields")
+               else tuple(items) if type(obj) is tuple else type(obj)(items))
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type) and (
+            isinstance(obj, keras.layers.Layer) or (
+                type(obj).__module__.startswith("keras")
+                and not isinstance(obj, keras.KerasTensor))):
+        new = object.__new__(type(obj))
+        memo[key] = new
+        for name, value in vars(obj).items():
+            value = [] if name in _NODE_LISTS else _copy_object(value, memo)
+            object.__setattr__(new, name, value)
+        return new
+    else:
+        new = obj
+    memo[key] = new
+    return new
 
 
 def unaccepted_keys(cls, config):
@@ -334,13 +474,16 @@ def set_layer_weights(layer, values):
             number of weights than `values`, naming it.
     """
     if len(values) != len(layer.weights):
-        raise ValueError(
+        error = ValueError(
             f"keras-chex copies every layer of the model it works on, and "
             f"layer '{layer.name}' ({type(layer).__name__}) rebuilt from its "
             f"config holds {len(layer.weights)} weights where the original "
             f"holds {len(values)}: its `get_config` does not describe it "
             "fully (a bug of that layer). Fix its `get_config`, or build the "
             "model without it.")
+        error.reason = (f"the rebuilt layer holds {len(layer.weights)} "
+                        f"weights, the original {len(values)}")
+        raise error
     layer.set_weights(values)
     finalize = getattr(layer, "finalize_state", None)
     if finalize is not None:

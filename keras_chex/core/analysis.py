@@ -229,6 +229,23 @@ class _Context:
         self.masks.append((layer, np.asarray(ids, dtype=np.int64)))
 
 
+def _composite_macs(layer, node):
+    """`(coefficient, layer, weight name)` MACs terms of a call of a
+    composite layer left closed, from the graph of its `call` (all its
+    channels are kept, so the full sizes count); none when the graph
+    cannot be traced or has layers whose MACs are unknown."""
+    from keras_chex.core import counting
+
+    sub = composites.traced_for_cost(layer, node)
+    if sub is None:
+        return []
+    inner = ModelAnalysis(sub, warn=False)
+    if counting.uncounted_layers(inner)[0] or any(
+            t.coef is None for t in inner.macs_terms):
+        return []
+    return [(t.coef, t.weight[0], t.weight[1]) for t in inner.macs_terms]
+
+
 class MaskSite:
     """A `ChannelMask` layer and the channel index of each position."""
 
@@ -240,10 +257,12 @@ class MaskSite:
 class MacsTerm:
     """MACs of one call: `coef` times the kept size of one weight."""
 
-    def __init__(self, layer_name, coef, weight):
+    def __init__(self, layer_name, coef, weight, operation=None):
         self.layer_name = layer_name
         self.coef = coef
         self.weight = weight  # (layer, weight name)
+        # The layer called (names repeat across nested models).
+        self.operation = operation
 
 
 class ModelAnalysis:
@@ -370,9 +389,13 @@ class ModelAnalysis:
                 keeps_channels = e.keeps_channels
         if reason is not None:
             self._opaque(node, reason, keeps_channels)
-            for coef, name in rule.opaque_macs(node) if rule else ():
+            if rule is None:
+                for coef, layer, name in _composite_macs(op, node):
+                    ctx.add_macs(node, coef, layer, name)
+            for coef, name, *holder in rule.opaque_macs(node) if rule else ():
                 if coef is not None:
-                    ctx.add_macs(node, coef, op, name)
+                    ctx.add_macs(node, coef, holder[0] if holder else op,
+                                 name)
         elif op.name in self.exclude or self._excluded_depth:
             for t in node.inputs + node.outputs:
                 ctx.block(ctx.ids(t), "excluded by the user")
@@ -476,7 +499,8 @@ class ModelAnalysis:
         self.mask_sites = [MaskSite(layer, classes(ids))
                            for layer, ids in ctx.masks]
         self.macs_terms = [
-            MacsTerm(node.operation.name, coef, (layer, name))
+            MacsTerm(node.operation.name, coef, (layer, name),
+                     node.operation)
             for node, coef, layer, name in ctx.macs
         ]
         self.groups = []

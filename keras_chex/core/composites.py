@@ -52,6 +52,8 @@ _TRAINING_BRANCH = re.compile(
 _CACHE = weakref.WeakKeyDictionary()
 # Layer -> why it stays whole, for the analysis' report.
 _CLOSED = weakref.WeakKeyDictionary()
+# Closed layer -> {input shapes: its traced graph (or None)}, for costs.
+_TRACES = weakref.WeakKeyDictionary()
 
 
 def closed_reason(layer):
@@ -169,36 +171,73 @@ class _Opener:
             return "it holds weights of its own besides its layers'"
         if _branches_on_training(type(layer)):
             return "its `call` branches on `training`"
-        args, kwargs = node.call_structure()
-        # `training=None` (a parent composite passing its own on, traced
-        # without one) leaves the mode to the call context, as a nested
-        # model does.
-        if len(args) != 1 or {k: v for k, v in kwargs.items()
-                              if not (k == "training" and v is None)}:
-            return "it is called with more than one argument"
-        leaves = tree.flatten(args[0])
-        if not leaves or not all(isinstance(t, keras.KerasTensor)
-                                 for t in leaves):
-            return "it is called with more than one argument"
-        if isinstance(args[0], dict):
-            # Named after their keys, as Keras wants of dict inputs.
-            inputs = {k: keras.Input(batch_shape=t.shape, dtype=t.dtype,
-                                     name=k) for k, t in args[0].items()}
-        else:
-            inputs = tree.map_structure(
-                lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype),
-                args[0])
-        try:
-            outputs = layer.call(inputs)
-            sub = keras.Model(inputs, outputs, name=name)
-        except Exception as error:
-            return ("its `call` cannot run on symbolic inputs "
-                    f"({type(error).__name__})")
+        traced = _trace(layer, node, name)
+        if isinstance(traced, str):
+            return traced
+        sub, inputs = traced
         if not _same_variables(layer, sub):
             return "its `call` uses weights other than through its layers"
         if not _same_outputs(layer, sub, inputs):
             return "the traced graph of its `call` computes something else"
         return sub
+
+
+def traced_for_cost(layer, node):
+    """The graph of a composite layer that stays closed, traced at this
+    call's sizes, to count its MACs (its channels are all kept, so the
+    graph need not compute exactly what the layer does, only the same
+    multiplications): None when it cannot be traced.
+
+    Example: keras-hub's `ViTPatchingAndEmbedding` holds a position
+    embedding of its own, so it stays closed; the convolution inside it is
+    counted through this graph.
+    """
+    if not _is_composite(layer):
+        return None
+    key = tuple(tuple(t.shape) for t in node.inputs)
+    try:
+        traces = _TRACES.setdefault(layer, {})
+    except TypeError:
+        traces = {}
+    if key not in traces:
+        # One sample: some layers size tensors by the batch (keras-hub's
+        # patch embeddings tile a class token), which a symbolic batch
+        # cannot do; MACs are per sample anyway.
+        traced = _trace(layer, node, layer.name, batch=1)
+        traces[key] = None if isinstance(traced, str) else traced[0]
+    return traces[key]
+
+
+def _trace(layer, node, name, batch=None):
+    """`(nested model of layer.call at the node's sizes, its inputs)`, or
+    why the call cannot be traced. `batch` fixes the batch size."""
+    args, kwargs = node.call_structure()
+    # `training=None` (a parent composite passing its own on, traced
+    # without one) leaves the mode to the call context, as a nested
+    # model does.
+    if len(args) != 1 or {k: v for k, v in kwargs.items()
+                          if not (k == "training" and v is None)}:
+        return "it is called with more than one argument"
+    leaves = tree.flatten(args[0])
+    if not leaves or not all(isinstance(t, keras.KerasTensor)
+                             for t in leaves):
+        return "it is called with more than one argument"
+    if isinstance(args[0], dict):
+        # Named after their keys, as Keras wants of dict inputs.
+        inputs = {k: keras.Input(batch_shape=(batch,) + t.shape[1:],
+                                 dtype=t.dtype, name=k)
+                  for k, t in args[0].items()}
+    else:
+        inputs = tree.map_structure(
+            lambda t: keras.Input(batch_shape=(batch,) + t.shape[1:],
+                                  dtype=t.dtype), args[0])
+    try:
+        outputs = layer.call(inputs)
+        sub = keras.Model(inputs, outputs, name=name)
+    except Exception as error:
+        return ("its `call` cannot run on symbolic inputs "
+                f"({type(error).__name__})")
+    return sub, inputs
 
 
 def origin_name(name):

@@ -129,11 +129,11 @@ def uncounted_layers(analysis):
         (names, their share of the model's parameters).
     """
     names, hidden, total = [], 0, 0
-    known = {name for name, *_ in analysis.macs_weights()}
+    known = {id(term.operation) for term in analysis.macs_terms}
     for layer, weights in analysis.parameter_weights():
         size = sum(int(np.prod(v.shape)) for v in weights)
         total += size
-        if (layer.name not in known and not isinstance(layer, _LOOKUPS)
+        if (id(layer) not in known and not isinstance(layer, _LOOKUPS)
                 and any(sum(d > 1 for d in v.shape) >= 2
                         for v in weights)):
             names.append(layer.name)
@@ -209,13 +209,17 @@ def count_macs(model, class_mask=None, input_shape=None):
         return _kept_size(variable, analysis.slices_for(layer, name),
                           class_mask)
 
+    # By layer, not name: nested models may repeat names (keras-hub's
+    # transformer blocks each hold a 'dense_1').
     macs = {}
-    for name, coef, layer, variable in analysis.macs_weights():
-        macs[name] = macs.get(name, 0) + coef * kept(layer, variable)
+    for term, (_, coef, layer, variable) in zip(analysis.macs_terms,
+                                                analysis.macs_weights()):
+        key = id(term.operation)
+        macs[key] = macs.get(key, 0) + coef * kept(layer, variable)
     outputs = {}
     for s in analysis.weight_slices:
         if s.filters:
-            outputs[s.layer.name] = int(
+            outputs[id(s.layer)] = int(
                 masks_lib.keep_mask(s.classes, class_mask).sum())
     uncounted, share = uncounted_layers(analysis)
     if uncounted:
@@ -226,11 +230,11 @@ def count_macs(model, class_mask=None, input_shape=None):
     rows = []
     for layer, weights in analysis.parameter_weights():
         params = sum(kept(layer, v) for v in weights)
-        if not params and layer.name not in macs:
+        if not params and id(layer) not in macs:
             continue
-        channels = outputs.get(layer.name, getattr(
+        channels = outputs.get(id(layer), getattr(
             layer, "filters", getattr(layer, "units", None)))
-        rows.append(LayerCount(layer.name, int(macs.get(layer.name, 0)),
+        rows.append(LayerCount(layer.name, int(macs.get(id(layer), 0)),
                                int(params), channels))
     return CountResult(
         macs=int(sum(r.macs for r in rows)),

@@ -8,7 +8,8 @@ from keras import layers
 
 from keras_chex.core import _graph
 from keras_chex.core.layer_rules import (
-    ANY_DIRTY, ALL_DIRTY, PRODUCER, ActivationRule, BatchNormRule,
+    ANY_DIRTY, ALL_DIRTY, PRODUCER, ActivationRule, AttentionRule,
+    BatchNormRule, EinsumDenseRule,
     ConcatenateOpRule, ConcatenateRule, ConvRule, ConvTransposeRule,
     DenseRule, DepthwiseRule, FlattenRule, LayerRule, MergeRule, NormalizationRule, OpRule, PadRule,
     PermuteRule, PoolingRule, PReLURule, ReduceRule, ReshapeRule,
@@ -66,6 +67,8 @@ def _build_registry():
         MergeRule(ANY_DIRTY))
     add([L.Multiply], MergeRule(ALL_DIRTY))
     add([L.Concatenate], ConcatenateRule())
+    add([L.EinsumDense], EinsumDenseRule())
+    add([L.MultiHeadAttention], AttentionRule())
 
     unary = [
         "Relu", "Relu6", "Sigmoid", "HardSigmoid", "Silu", "Swish",
@@ -135,6 +138,13 @@ def _registry():
     return _REGISTRY
 
 
+# Subclasses of `MultiHeadAttention` that compute what it does (a key/value
+# cache for generation changes nothing in one call's MACs).
+KNOWN_ATTENTION = {
+    "keras_hub.src.layers.modeling.cached_multi_head_attention."
+    "CachedMultiHeadAttention",
+}
+
 # Layers of other libraries keras-chex knows, by qualified class name so
 # that nothing is imported for them: name -> channel-wise weights.
 KNOWN_CHANNELWISE = {
@@ -154,9 +164,12 @@ def rule_for(operation):
     cls = type(operation)
     rule = registry.get(cls)
     if rule is None:
-        known = KNOWN_CHANNELWISE.get(f"{cls.__module__}.{cls.__qualname__}")
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        known = KNOWN_CHANNELWISE.get(name)
         if known is not None:
             rule = registry[cls] = ChannelwiseRule(known)
+        elif name in KNOWN_ATTENTION:
+            rule = registry[cls] = AttentionRule()
     return rule
 
 

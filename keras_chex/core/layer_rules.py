@@ -314,6 +314,99 @@ class SoftmaxRule(LayerRule):
         super().propagate(ctx, node)
 
 
+class WholeRule(LayerRule):
+    """A layer left whole on purpose whose MACs are still known: its
+    channels stay unpruned (as for an unsupported layer) and `opaque_macs`
+    prices each call. `opaque_macs` terms may name the sublayer holding
+    the weight: `(coefficient, weight name, layer)`."""
+
+    reason = "is left whole"
+
+    def propagate(self, ctx, node):
+        raise Unsupported(f"{type(node.operation).__name__} {self.reason}")
+
+
+class EinsumDenseRule(WholeRule):
+    """`EinsumDense`: every product of its equation is one MAC."""
+
+    reason = "is left whole (its MACs are counted)"
+
+    def opaque_macs(self, node):
+        layer = node.operation
+        total = einsum_macs(layer.equation, node.inputs[0].shape,
+                            layer.kernel.shape)
+        coef = None if total is None else total / product(layer.kernel.shape)
+        return [(coef, "kernel")]
+
+
+class AttentionRule(WholeRule):
+    """`MultiHeadAttention`: its four projections, the query-key scores and
+    the weighted sum of values."""
+
+    reason = "is left whole: attention heads are not pruned (its MACs are counted)"
+
+    def opaque_macs(self, node):
+        layer = node.operation
+        args, kwargs = node.call_structure()
+        query = args[0] if args else kwargs.get("query")
+        value = args[1] if len(args) > 1 else kwargs.get("value")
+        t_query, t_value = _positions(query), _positions(value)
+        if t_query is None or t_value is None:
+            return [(None, "kernel", layer.query_dense)]
+        q, k, v, o = (layer.query_dense, layer.key_dense, layer.value_dense,
+                      layer.output_dense)
+        pairs = t_query * t_value
+        return [
+            (t_query, "kernel", q), (t_value, "kernel", k),
+            (t_value, "kernel", v), (t_query, "kernel", o),
+            # heads * key_dim and heads * value_dim per pair of positions,
+            # as a share of the projection kernels (d_in * heads * dim).
+            (pairs / q.kernel.shape[0], "kernel", q),
+            (pairs / v.kernel.shape[0], "kernel", v),
+        ]
+
+
+def _positions(tensor):
+    """Positions per sample of a (batch, ..., features) tensor."""
+    if tensor is None or not hasattr(tensor, "shape"):
+        return None
+    dims = tensor.shape[1:-1]
+    if any(d is None for d in dims):
+        return None
+    return product(dims) if dims else 1
+
+
+def einsum_macs(equation, input_shape, kernel_shape):
+    """Multiply-adds per sample of `EinsumDense(equation)` on an input of
+    `input_shape` (batch axis first): the product of the sizes of every
+    index of the equation, the batch's excepted. None when a size is
+    unknown."""
+    operands = equation.split("->")[0]
+    inputs, kernel = operands.split(",")
+    shape = list(input_shape)
+    other = 1
+    if "..." in inputs:
+        start = inputs.index("...")
+        count = len(shape) - (len(inputs) - 3)
+        covered = shape[start:start + count]
+        shape = shape[:start] + shape[start + count:]
+        inputs = inputs.replace("...", "")
+        if start == 0:
+            covered = covered[1:]  # The batch axis.
+        if any(d is None for d in covered):
+            return None
+        other = product(covered) if covered else 1
+        batch = None
+    else:
+        batch = inputs[0]
+    sizes = dict(zip(inputs, shape))
+    sizes.update(zip(kernel, kernel_shape))
+    sizes.pop(batch, None)
+    if any(d is None for d in sizes.values()):
+        return None
+    return other * product(sizes.values())
+
+
 class PoolingRule(LayerRule):
     """Pooling, padding, cropping, upsampling, dropout: per-channel maps."""
 

@@ -87,13 +87,21 @@ def strip(model):
                     memo[id(op)] = strip_graph(op)
                 elif isinstance(op, keras.layers.Layer):
                     rule = analysis.rule_for(op)
-                    config, cls = op.get_config(), None
+                    if rule is not None and op.name in opaque:
+                        rule = None
                     if isinstance(op, masking.TrackingBatchNormalization):
                         config = op.batchnorm_config()
-                        cls = keras.layers.BatchNormalization
-                    if rule is not None and op.name not in opaque:
-                        config = rule.stripped_config(config, node, kept)
-                    memo[id(op)] = _graph.clone_layer(op, config, cls=cls)
+                        memo[id(op)] = _graph.clone_layer(
+                            op, rule.stripped_config(config, node, kept)
+                            if rule else config,
+                            cls=keras.layers.BatchNormalization)
+                    elif rule is None:
+                        # Left as it is: never blocked by its config.
+                        memo[id(op)] = _graph.rebuilt_layer(op)
+                    else:
+                        memo[id(op)] = _graph.clone_layer(
+                            op, rule.stripped_config(op.get_config(), node,
+                                                     kept))
                 else:
                     rule = analysis.rule_for(op)
                     memo[id(op)] = (
@@ -103,8 +111,10 @@ def strip(model):
             outputs = node.call_with(new_op, tensor_map)
             if (fresh and isinstance(op, keras.layers.Layer)
                     and not _graph.is_graph_model(op)):
-                _graph.set_layer_weights(
-                    new_op, _slice_weights(op, analysis, class_mask))
+                new_op, outputs = _graph.load_rebuilt_weights(
+                    op, new_op, _slice_weights(op, analysis, class_mask),
+                    node, tensor_map, outputs)
+                memo[id(op)] = new_op
             return outputs
 
         def input_shape(tensor):

@@ -327,7 +327,7 @@ def wrap(model, *, mode="hard", exclude=(), pruning=None,
                     clones[id(op)] = (
                         masking.TrackingBatchNormalization.replacing(op))
                 elif isinstance(op, keras.layers.Layer):
-                    clones[id(op)] = _graph.clone_layer(op)
+                    clones[id(op)] = _graph.rebuilt_layer(op)
                 else:
                     clones[id(op)] = op  # A stateless keras.ops operation.
             new_op = clones[id(op)]
@@ -340,7 +340,10 @@ def wrap(model, *, mode="hard", exclude=(), pruning=None,
                 if isinstance(new_op, masking.TrackingBatchNormalization):
                     new_op.load_batchnorm_weights(op)
                 else:
-                    _graph.set_layer_weights(new_op, op.get_weights())
+                    new_op, outputs = _graph.load_rebuilt_weights(
+                        op, new_op, op.get_weights(), node, tensor_map,
+                        outputs)
+                    clones[id(op)] = new_op
             return [add_mask(o, n) for o, n in zip(node.outputs, outputs)]
 
         return _graph.rebuild(graph, node_fn, input_fn=add_mask,

@@ -85,8 +85,11 @@ class _Builder:
         self.names = 0
 
     def name(self, kind):
+        # Not Keras' "<kind>_<n>": a `keras.ops` call in the graph is named
+        # that way from a process-wide counter, and two equal names make
+        # the model invalid.
         self.names += 1
-        return f"{kind}_{self.names}"
+        return f"{kind}{self.names}"
 
     def recent(self, pool):
         # Mostly the newest tensors, so the graph grows deep, not wide.

@@ -11,13 +11,30 @@ from keras_chex.cifar.resnet import cifar_resnet
 
 
 class ConvBlock(keras.layers.Layer):
-    """A composite layer keras-chex cannot look inside: besides its
-    convolution it holds a weight of its own, which a traced graph of its
-    inner layers would lose."""
+    """A convolution keras-chex cannot see: its own kernel, through
+    `keras.ops.conv` (no layer inside to look at)."""
 
     def __init__(self, filters, **kwargs):
         super().__init__(**kwargs)
         self.filters = filters
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(
+            shape=(3, 3, input_shape[-1], self.filters), name="kernel")
+
+    def call(self, x):
+        return keras.ops.relu(keras.ops.conv(x, self.kernel, padding="same"))
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters}
+
+
+class GainedConvBlock(keras.layers.Layer):
+    """A composite layer left closed (a weight of its own besides its
+    convolution's): its MACs are counted through the graph of its call."""
+
+    def __init__(self, filters, **kwargs):
+        super().__init__(**kwargs)
         self.conv = keras.layers.Conv2D(filters, 3, padding="same")
 
     def build(self, input_shape):
@@ -27,17 +44,14 @@ class ConvBlock(keras.layers.Layer):
     def call(self, x):
         return keras.ops.relu(self.conv(x)) * self.gain
 
-    def get_config(self):
-        return {**super().get_config(), "filters": self.filters}
 
-
-def _model(block_filters=8, head_filters=64, stem=16):
+def _model(block_filters=8, head_filters=64, stem=16, block=ConvBlock):
     inputs = keras.Input((8, 8, 3))
     x = keras.layers.Conv2D(stem, 3, padding="same", name="stem")(inputs)
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.ReLU()(x)
     x = keras.layers.Conv2D(head_filters, 1, name="wide")(x)
-    x = ConvBlock(block_filters, name="block")(x)
+    x = block(block_filters, name="block")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     return keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
 
@@ -63,15 +77,57 @@ def test_a_plain_cnn_counts_without_a_warning():
     assert result.uncounted == ()
 
 
-def test_attention_is_uncounted_and_an_embedding_lookup_is_not():
-    tokens = keras.Input((6,), dtype="int32")
-    x = keras.layers.Embedding(50, 8, name="embed")(tokens)
-    x = keras.layers.MultiHeadAttention(2, 4, name="attention")(x, x)
-    x = keras.layers.GlobalAveragePooling1D()(x)
-    model = keras.Model(tokens, keras.layers.Dense(2, name="head")(x))
-    with pytest.warns(UserWarning, match="'attention'"):
+def test_a_closed_composite_is_counted_through_its_call():
+    model = _model(block=GainedConvBlock)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         result = keras_chex.count_macs(model)
-    assert result.uncounted == ("attention",)
+    assert result.uncounted == ()
+    stem = 8 * 8 * 3 * 3 * 3 * 16
+    wide = 8 * 8 * 16 * 64
+    block = 8 * 8 * 3 * 3 * 64 * 8
+    assert {r.name: r.macs for r in result.layers}["block"] == block
+    assert result.macs == stem + wide + block + 8 * 3
+
+
+def test_attention_and_einsum_dense_are_counted_an_embedding_is_a_lookup():
+    tokens = keras.Input((6,), dtype="int32")
+    context = keras.Input((5, 12))
+    x = keras.layers.Embedding(50, 8, name="embed")(tokens)
+    x = keras.layers.MultiHeadAttention(2, 4, name="self")(x, x)
+    x = keras.layers.MultiHeadAttention(3, 5, value_dim=7, name="cross")(
+        x, context)
+    x = keras.layers.EinsumDense("abc,cd->abd", (None, 9), name="proj")(x)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    model = keras.Model([tokens, context],
+                        keras.layers.Dense(2, name="head")(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = keras_chex.count_macs(model)
+    assert result.uncounted == ()
+    macs = {r.name: r.macs for r in result.layers}
+    # Four projections, query-key scores, the weighted sum of values.
+    assert macs["self"] == 3 * 6 * 8 * 8 + 6 * 8 * 8 + 2 * 6 * 6 * 8
+    assert macs["cross"] == (6 * 8 * 15 + 5 * 12 * 15 + 5 * 12 * 21
+                             + 6 * 21 * 8 + 6 * 5 * 15 + 6 * 5 * 21)
+    assert macs["proj"] == 6 * 8 * 9 and "embed" not in macs or not macs[
+        "embed"]
+    assert result.macs == sum(macs.values())
+
+
+def test_layers_with_the_same_name_in_nested_models_count_once_each():
+    def block(name):
+        inputs = keras.Input((4, 4, 8))
+        y = keras.layers.Conv2D(8, 1, name="conv")(inputs)
+        return keras.Model(inputs, y, name=name)
+
+    inputs = keras.Input((4, 4, 8))
+    y = block("first")(inputs)
+    y = block("second")(y)
+    model = keras.Model(inputs, y)
+    result = keras_chex.count_macs(model)
+    assert [r.macs for r in result.layers] == [4 * 4 * 8 * 8] * 2
+    assert result.macs == 2 * 4 * 4 * 8 * 8
 
 
 def test_a_macs_target_against_a_mostly_unknown_total_is_refused():

@@ -77,3 +77,39 @@ def test_op_classes_are_the_classes_keras_ops_calls_leave_in_a_graph():
     assert classes & set(relu["Relu"])
     assert _graph.numpy_op_class("Add") in classes
     assert _graph.numpy_op_class("NoSuchOp") is None
+
+
+class _Block(keras.layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = layers.Dense(4)
+        self.dropout = layers.Dropout(0.5, seed=1)
+
+    def build(self, input_shape):
+        self.gate = self.add_weight(shape=(4,), initializer="random_normal")
+
+    def call(self, x, training=None):
+        return self.gate * self.dropout(self.dense(x), training=training)
+
+
+def test_copy_layer_gives_a_layer_of_its_own_without_its_config():
+    inputs = keras.Input((3,))
+    block = _Block()
+    model = keras.Model(inputs, block(inputs))
+    copy = _graph.copy_layer(block)
+    assert type(copy) is _Block and copy.built and copy is not block
+    # Its own variables (seed state too), with the same values.
+    assert len(copy.variables) == len(block.variables) == 4
+    for new, old in zip(copy.variables, block.variables):
+        assert new is not old
+        np.testing.assert_array_equal(new.numpy(), old.numpy())
+    assert copy.dense is not block.dense and copy.dense.kernel is not (
+        block.dense.kernel)
+    assert copy.trainable_weights[0] is copy.weights[0]
+    x = np.ones((2, 3), "float32")
+    np.testing.assert_array_equal(copy(x), block(x))
+    # Changing the copy leaves the original (and its graph) alone.
+    copy.gate.assign(copy.gate * 0.0)
+    assert np.abs(block.gate.numpy()).sum() > 0
+    assert not np.abs(copy(x)).sum()
+    assert len(block._inbound_nodes) == 1 and model(x).shape == (2, 4)
