@@ -11,6 +11,7 @@ and channels touched by layers the analysis does not understand, are blocked:
 they belong to no group and are never pruned.
 """
 
+import collections
 import warnings
 
 import numpy as np
@@ -301,10 +302,15 @@ class ModelAnalysis:
         self._graphs = {}  # id(graph model) -> graph model
         self.unsupported = []
         self._slices_by_weight = None
+        # Names of the nested models around the walk, and each layer's
+        # "outer/inner" path: layer names repeat across nested models.
+        self._path = []
+        self._paths = {}
         ctx = _Context(self)
         self._ctx = ctx
         self._walk(model, top=True)
-        unknown = self.exclude - self._seen_names
+        unknown = (self.exclude - self._seen_names
+                   - set(self._paths.values()))
         if unknown:
             raise ValueError(
                 f"exclude names layers that are not in model "
@@ -355,13 +361,18 @@ class ModelAnalysis:
     def _visit(self, node):
         ctx = self._ctx
         op = node.operation
+        name = composites.origin_name(op.name) if _graph.is_graph_model(
+            op) else op.name
+        path = self._paths.setdefault(id(op), "/".join(self._path + [name]))
         if _graph.is_graph_model(op):
             if id(op) not in self._nodes:
                 # Excluding a nested model (or an opened composite layer)
                 # excludes every layer inside it.
-                excluded = composites.origin_name(op.name) in self.exclude
+                excluded = name in self.exclude or path in self.exclude
                 self._excluded_depth += excluded
+                self._path.append(name)
                 self._walk(op, top=False)
+                self._path.pop()
                 self._excluded_depth -= excluded
             for outer, inner in zip(node.inputs, _graph.inputs_of(op)):
                 ctx.union(ctx.ids(outer), ctx.ids(inner))
@@ -396,7 +407,8 @@ class ModelAnalysis:
                 if coef is not None:
                     ctx.add_macs(node, coef, holder[0] if holder else op,
                                  name)
-        elif op.name in self.exclude or self._excluded_depth:
+        elif (op.name in self.exclude or path in self.exclude
+              or self._excluded_depth):
             for t in node.inputs + node.outputs:
                 ctx.block(ctx.ids(t), "excluded by the user")
 
@@ -463,7 +475,7 @@ class ModelAnalysis:
             r = r[prunable_root[r]]
             for a in r[1:].tolist():
                 link.union(int(r[0]), a)
-        order, members, names = {}, {}, {}
+        order, members, names, firsts = {}, {}, {}, {}
         for layer, ids in ctx.block_order:
             for r in roots[ids].tolist():
                 if not prunable_root[r]:
@@ -473,6 +485,7 @@ class ModelAnalysis:
                     order[g] = len(order)
                     members[g] = []
                     names[g] = []
+                    firsts[g] = layer
                 if r not in members[g]:
                     members[g].append(r)
                 if layer.name not in names[g]:
@@ -503,6 +516,13 @@ class ModelAnalysis:
                      node.operation)
             for node, coef, layer, name in ctx.macs
         ]
+        # A group is named after its first producer; by its path when
+        # another group's producer has the same name (keras-hub's
+        # transformer blocks each hold a 'dense_1').
+        counts = collections.Counter(names[g][0] for g in order)
+        for g in order:
+            if counts[names[g][0]] > 1:
+                names[g][0] = self._paths.get(id(firsts[g]), names[g][0])
         self.groups = []
         for i, g in enumerate(sorted(order, key=order.get)):
             lo, hi = starts[i], starts[i] + len(members[g])

@@ -238,7 +238,9 @@ def wrap(model, *, mode="hard", exclude=(), pruning=None,
         model: a Functional or Sequential Keras model.
         mode: mask gradient mode, see `ChannelMask` ("hard",
             "straight_through" or "permanent").
-        exclude: names of layers whose channels must never be pruned.
+        exclude: names of layers whose channels must never be pruned
+            ("outer/inner" for a layer inside a nested model, as group
+            names show when layer names repeat).
         pruning: optional dict of method configuration stored on the model
             (the methods' entry points fill it).
         fold_batchnorm: fold masks into BatchNorms where possible (modes

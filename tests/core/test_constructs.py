@@ -496,3 +496,35 @@ def test_normalization_layers_are_copied_and_pruned(rng):
     # A per-channel constant in the config cannot be sliced: c3 stays.
     assert "c3" not in groups and {"c1", "c2"} <= set(groups)
     _check(model, rng, inputs=data)
+
+
+def _twin_blocks():
+    def block(name):
+        inputs = keras.Input((6, 6, 4))
+        y = layers.Conv2D(8, 3, padding="same", name="conv")(inputs)
+        y = layers.Conv2D(4, 1, name="out")(layers.ReLU()(y))
+        return keras.Model(inputs, y, name=name)
+
+    inputs = keras.Input((6, 6, 4))
+    y = block("first")(inputs)
+    y = block("second")(layers.ReLU()(y))
+    y = layers.GlobalAveragePooling2D()(y)
+    return keras.Model(inputs, layers.Dense(2, name="head")(y))
+
+
+def test_groups_of_layers_with_the_same_name_are_named_by_their_path(rng):
+    model = _twin_blocks()
+    names = [g.name for g in keras_chex.channel_groups(model)]
+    assert "first/conv" in names and "second/conv" in names
+    assert len(set(names)) == len(names)
+    # A path excludes one of them; a bare name, every layer called so.
+    wrapped = keras_chex.wrap(model, exclude=["second/conv"])
+    assert "second/conv" not in [g.name for g in keras_chex.channel_groups(
+        wrapped)]
+    assert "conv" in [g.name for g in keras_chex.channel_groups(wrapped)]
+    wrapped = keras_chex.wrap(model, exclude=["conv"])
+    assert not any(g.name.endswith("conv")
+                   for g in keras_chex.channel_groups(wrapped))
+    with pytest.raises(ValueError, match="third/conv"):
+        keras_chex.wrap(model, exclude=["third/conv"])
+    _check(model, rng)

@@ -152,3 +152,17 @@ def test_a_small_unknown_share_is_warned_and_pruned():
         warnings.simplefilter("ignore")
         compact = keras_chex.strip(wrapped)
     np.testing.assert_allclose(compact(x), wrapped(x), atol=1e-5)
+
+
+def test_keras_hubs_cached_attention_counts_as_attention():
+    # keras-hub is a test extra; its private path is where the registry
+    # knows the class by name.
+    from keras_hub.src.layers.modeling.cached_multi_head_attention import (
+        CachedMultiHeadAttention)
+
+    x = keras.Input((6, 8))
+    y = CachedMultiHeadAttention(2, 4, name="cached")(x, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = keras_chex.count_macs(keras.Model(x, y))
+    assert result.macs == 3 * 6 * 8 * 8 + 6 * 8 * 8 + 2 * 6 * 6 * 8

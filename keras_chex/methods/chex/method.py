@@ -82,7 +82,9 @@ def prune_and_regrow(model, *, flops=None, params=None, sparsity=None,
             in (0, 1) for a fraction of the group's size (at least 1).
         round_to: keep channel counts at multiples of this (8 or 16 suit
             CPU/GPU kernels), except where a group is smaller.
-        exclude: names of layers never pruned.
+        exclude: names of layers never pruned (a nested model's or a
+            composite layer's name excludes all inside it; "outer/inner"
+            names one layer inside a nested model).
         input_shape: the input size the cost is counted at, without the
             batch axis (e.g. `(224, 224, 3)`; a list for several inputs).
             Needed for a model of free spatial size (`keras.Input((None,

@@ -43,7 +43,9 @@ def prune_once(model, *, flops=None, params=None, latency=None,
             (0, 1) for a fraction of the group's size (at least 1).
         round_to: keep channel counts at multiples of this, except where a
             group is smaller.
-        exclude: names of layers never pruned.
+        exclude: names of layers never pruned (a nested model's or a
+            composite layer's name excludes all inside it; "outer/inner"
+            names one layer inside a nested model).
         input_shape: the input size the cost is counted at (without the
             batch axis), for a model of free spatial size.
 

@@ -54,7 +54,9 @@ def relevance_prune(model, *, flops=None, params=None, latency=None,
             (0, 1) for a fraction of its size (never fewer than 1).
         round_to: keep channel counts at multiples of this, except where a
             group is smaller.
-        exclude: names of layers never pruned.
+        exclude: names of layers never pruned (a nested model's or a
+            composite layer's name excludes all inside it; "outer/inner"
+            names one layer inside a nested model).
         input_shape: the input size the cost is counted at, without the
             batch axis (e.g. `(224, 224, 3)`; a list for several inputs).
             Needed for a model of free spatial size (`keras.Input((None,

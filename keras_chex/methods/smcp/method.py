@@ -63,7 +63,9 @@ def soft_mask_prune(model, *, latency=None, flops=None, params=None,
             kernels), except where a group is smaller.
         min_channels: fewest channels a group may keep: an int, or a float
             in (0, 1) for a fraction of the group's size (at least 1).
-        exclude: names of layers never pruned.
+        exclude: names of layers never pruned (a nested model's or a
+            composite layer's name excludes all inside it; "outer/inner"
+            names one layer inside a nested model).
         input_shape: the input size the cost is counted at, without the
             batch axis (e.g. `(224, 224, 3)`; a list for several inputs).
             Needed for a model of free spatial size (`keras.Input((None,
