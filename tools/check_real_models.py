@@ -193,6 +193,28 @@ def _vgg():
         image_shape=(32, 32, 3))
 
 
+def _full_size(family):
+    """The published depths and widths of a family, at 64x64 inputs: the
+    tiny configs above have so few layers that the convolutions writing a
+    backbone's outputs (never pruned: they are its user's) weigh a lot."""
+    import keras_hub
+
+    if family == "resnet50":
+        return keras_hub.models.ResNetBackbone(
+            input_conv_filters=[64], input_conv_kernel_sizes=[7],
+            stackwise_num_filters=[64, 128, 256, 512],
+            stackwise_num_blocks=[3, 4, 6, 3],
+            stackwise_num_strides=[1, 2, 2, 2],
+            block_type="bottleneck_block", image_shape=(64, 64, 3))
+    if family == "densenet121":
+        return keras_hub.models.DenseNetBackbone(
+            stackwise_num_repeats=[6, 12, 24, 16], image_shape=(64, 64, 3))
+    return keras_hub.models.VGGBackbone(
+        stackwise_num_repeats=[2, 2, 3, 3, 3],
+        stackwise_num_filters=[64, 128, 256, 512, 512],
+        image_shape=(64, 64, 3))
+
+
 def _cspnet():
     import keras_hub
 
@@ -301,6 +323,9 @@ HUB = collections.OrderedDict([
     ("ResNetBackbone-v2", lambda: _resnet(pre_activation=True)),
     ("ResNetBackbone-vd", lambda: _resnet(block_type="bottleneck_block_vd")),
     ("ResNetImageClassifier", _resnet_classifier),
+    ("ResNetBackbone-50", lambda: _full_size("resnet50")),
+    ("DenseNetBackbone-121", lambda: _full_size("densenet121")),
+    ("VGGBackbone-16", lambda: _full_size("vgg16")),
     ("MobileNetBackbone", _mobilenet),
     ("EfficientNetBackbone-fused", lambda: _efficientnet("fused")),
     ("EfficientNetBackbone-mbconv", lambda: _efficientnet("unfused")),
