@@ -240,6 +240,24 @@ def _trace(layer, node, name, batch=None):
     return sub, inputs
 
 
+def same_call(layer, other, node):
+    """Whether `other` (a rebuilt copy of `layer`) computes what `layer`
+    does in the call `node`, on random inputs in inference mode. Keras'
+    own layers are trusted; a call with more than one tensor argument
+    cannot be checked and counts as different."""
+    if type(layer).__module__.startswith("keras."):
+        return True
+    args, kwargs = node.call_structure()
+    if len(args) != 1 or {k: v for k, v in kwargs.items()
+                          if not (k == "training" and v is None)}:
+        return False
+    leaves = tree.flatten(args[0])
+    if not leaves or not all(isinstance(t, keras.KerasTensor)
+                             for t in leaves):
+        return False
+    return _same_outputs(layer, other, args[0])
+
+
 def origin_name(name):
     """The composite layer's name behind a nested model's: the model of
     its second call size is named `<layer>_call2`, and so on."""

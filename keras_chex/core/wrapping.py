@@ -7,6 +7,7 @@ import warnings
 import keras
 
 from keras_chex.core import _graph
+from keras_chex.core import composites
 from keras_chex.core import analysis as cg
 from keras_chex.core import counting
 from keras_chex.core import input_shapes
@@ -294,6 +295,9 @@ def wrap(model, *, mode="hard", exclude=(), pruning=None,
     )
     clones = {}
     mask_names = set()
+    # Layers of other libraries the analysis leaves whole: rebuilt from
+    # their configs only when the copy provably computes the same.
+    left_whole = {name for name, _ in analysis.unsupported}
 
     def mask_name(tensor):
         base = f"{_graph.producer_of(tensor).name}_channel_mask"
@@ -345,6 +349,9 @@ def wrap(model, *, mode="hard", exclude=(), pruning=None,
                     new_op, outputs = _graph.load_rebuilt_weights(
                         op, new_op, op.get_weights(), node, tensor_map,
                         outputs)
+                    if op.name in left_whole:
+                        new_op, outputs = faithful(op, new_op, node,
+                                                   tensor_map, outputs)
                     clones[id(op)] = new_op
             return [add_mask(o, n) for o, n in zip(node.outputs, outputs)]
 
@@ -358,6 +365,23 @@ def wrap(model, *, mode="hard", exclude=(), pruning=None,
     if config.get("target") == "flops":
         _check_macs_visible(wrapped, config["target_value"])
     return wrapped
+
+
+def faithful(layer, rebuilt, node, tensor_map, outputs):
+    """`rebuilt` (`layer` rebuilt from its config, called as `node` with
+    `outputs`) if it computes what `layer` does, else a copy of `layer`'s
+    objects called in its place: a config that forgets a setting must not
+    change a layer keras-chex leaves whole.
+
+    Returns:
+        (the layer in the new graph, its outputs there).
+    """
+    if getattr(rebuilt, "copied_without_config", False) or (
+            composites.same_call(layer, rebuilt, node)):
+        return rebuilt, outputs
+    copy = _graph.copy_layer(layer)
+    copy.copied_without_config = True
+    return copy, node.call_with(copy, tensor_map)
 
 
 # A MACs target is refused when layers whose MACs are unknown hold more

@@ -405,6 +405,25 @@ class _NoConfig(keras.layers.Layer):
         return {**super().get_config(), "key_dim": self.key_dim}
 
 
+class _Misconfigured(_Scale):
+    """Its config forgets `factor` (no weight of its own), so a copy
+    rebuilt from it has every weight and computes something else."""
+
+    def __init__(self, units, factor=1.0, **kwargs):
+        super().__init__(units, **kwargs)
+        self.factor = factor
+
+    def call(self, x):
+        return x * self.scale * self.factor
+
+    def get_config(self):
+        return {**keras.layers.Layer.get_config(self), "units": self.units}
+
+
+def _misconfigured():
+    return _Misconfigured(8, factor=3.0, name="odd")
+
+
 def _unbuildable():
     return _Unbuildable(8, name="odd")
 
@@ -417,10 +436,12 @@ def _no_config():
     return _NoConfig(name="odd")
 
 
-@pytest.mark.parametrize("make", [_unbuildable, _forgetful, _no_config])
+@pytest.mark.parametrize("make", [_unbuildable, _forgetful, _no_config,
+                                  _misconfigured])
 def test_a_layer_whose_config_does_not_round_trip_is_copied(make, rng, data):
-    # Refused by its class, short of a weight, or not producible at all:
-    # the layer is left whole, as a copy holding its own variables.
+    # Refused by its class, short of a weight, not producible at all, or
+    # silently incomplete: the layer is left whole, as a copy holding its
+    # own variables.
     model = _with(make())
     randomize_weights(model, rng)
     original = [w.numpy().copy() for w in model.get_layer("odd").weights]
