@@ -4,7 +4,9 @@ This is, with `_trainer.py` (a train step with a gradient hook), the only
 module of keras-chex that touches private Keras internals
 (`Functional._nodes_by_depth`, `Node.arguments`, `Sequential._functional`,
 `Functional._inputs_struct`/`_outputs_struct`, the `keras.ops` operation
-classes under `keras.src.ops` and `keras.src.activations`). Keras has no
+classes under `keras.src.ops` and `keras.src.activations`, and a layer's
+own attributes, `_inbound_nodes` and `Variable._autocast` to copy a layer
+whose config does not round-trip). Keras has no
 public API to enumerate the call sites (nodes) of a graph network with
 their arguments, and channel analysis needs exactly that. Everything else in the package goes
 through the small surface below, so a Keras upgrade breaks one file, and
