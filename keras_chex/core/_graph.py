@@ -312,9 +312,7 @@ def rebuilt_layer(layer):
     try:
         return clone_layer(layer)
     except Exception as error:
-        new = copy_layer(layer, cause=error)
-        new.copied_without_config = True
-        return new
+        return copy_layer(layer, cause=error)
 
 
 def load_rebuilt_weights(layer, new, values, node, tensor_map, outputs):
@@ -338,7 +336,6 @@ def load_rebuilt_weights(layer, new, values, node, tensor_map, outputs):
                 for v, w in zip(values, layer.weights)):
             raise
         copy = copy_layer(layer, cause=error)
-        copy.copied_without_config = True
         return copy, node.call_with(copy, tensor_map)
 
 
@@ -360,7 +357,8 @@ def copy_layer(layer, cause=None):
             fails too.
 
     Returns:
-        The copy, built, holding the same weight values.
+        The copy, built, holding the same weight values, marked
+        `copied_without_config`.
 
     Raises:
         ValueError: the layer cannot be copied either, naming it.
@@ -381,6 +379,7 @@ def copy_layer(layer, cause=None):
             f"rebuilt from its config ({why}) nor copied "
             f"({type(error).__name__}: {_first_line(error)}). Fix its "
             "`get_config`, or build the model without it.") from None
+    new.copied_without_config = True
     return new
 
 

@@ -211,26 +211,18 @@ def traced_for_cost(layer, node):
 def _trace(layer, node, name, batch=None):
     """`(nested model of layer.call at the node's sizes, its inputs)`, or
     why the call cannot be traced. `batch` fixes the batch size."""
-    args, kwargs = node.call_structure()
-    # `training=None` (a parent composite passing its own on, traced
-    # without one) leaves the mode to the call context, as a nested
-    # model does.
-    if len(args) != 1 or {k: v for k, v in kwargs.items()
-                          if not (k == "training" and v is None)}:
+    argument = _single_argument(node)
+    if argument is None:
         return "it is called with more than one argument"
-    leaves = tree.flatten(args[0])
-    if not leaves or not all(isinstance(t, keras.KerasTensor)
-                             for t in leaves):
-        return "it is called with more than one argument"
-    if isinstance(args[0], dict):
+    if isinstance(argument, dict):
         # Named after their keys, as Keras wants of dict inputs.
         inputs = {k: keras.Input(batch_shape=(batch,) + t.shape[1:],
                                  dtype=t.dtype, name=k)
-                  for k, t in args[0].items()}
+                  for k, t in argument.items()}
     else:
         inputs = tree.map_structure(
             lambda t: keras.Input(batch_shape=(batch,) + t.shape[1:],
-                                  dtype=t.dtype), args[0])
+                                  dtype=t.dtype), argument)
     try:
         outputs = layer.call(inputs)
         sub = keras.Model(inputs, outputs, name=name)
@@ -247,15 +239,25 @@ def same_call(layer, other, node):
     cannot be checked and counts as different."""
     if type(layer).__module__.startswith("keras."):
         return True
+    argument = _single_argument(node)
+    return argument is not None and _same_outputs(layer, other, argument)
+
+
+def _single_argument(node):
+    """The call's one argument (a tensor, or a list/dict of tensors), or
+    None when it takes more."""
     args, kwargs = node.call_structure()
+    # `training=None` (a parent composite passing its own on, traced
+    # without one) leaves the mode to the call context, as a nested
+    # model does.
     if len(args) != 1 or {k: v for k, v in kwargs.items()
                           if not (k == "training" and v is None)}:
-        return False
+        return None
     leaves = tree.flatten(args[0])
     if not leaves or not all(isinstance(t, keras.KerasTensor)
                              for t in leaves):
-        return False
-    return _same_outputs(layer, other, args[0])
+        return None
+    return args[0]
 
 
 def origin_name(name):

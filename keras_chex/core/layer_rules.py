@@ -350,7 +350,7 @@ class AttentionRule(WholeRule):
         args, kwargs = node.call_structure()
         query = args[0] if args else kwargs.get("query")
         value = args[1] if len(args) > 1 else kwargs.get("value")
-        t_query, t_value = _positions(query), _positions(value)
+        t_query, t_value = _spatial_size(query), _spatial_size(value)
         if t_query is None or t_value is None:
             return [(None, "kernel", layer.query_dense)]
         q, k, v, o = (layer.query_dense, layer.key_dense, layer.value_dense,
@@ -364,16 +364,6 @@ class AttentionRule(WholeRule):
             (pairs / q.kernel.shape[0], "kernel", q),
             (pairs / v.kernel.shape[0], "kernel", v),
         ]
-
-
-def _positions(tensor):
-    """Positions per sample of a (batch, ..., features) tensor."""
-    if tensor is None or not hasattr(tensor, "shape"):
-        return None
-    dims = tensor.shape[1:-1]
-    if any(d is None for d in dims):
-        return None
-    return product(dims) if dims else 1
 
 
 def einsum_macs(equation, input_shape, kernel_shape):

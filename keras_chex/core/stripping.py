@@ -114,7 +114,7 @@ def strip(model):
                 new_op, outputs = _graph.load_rebuilt_weights(
                     op, new_op, _slice_weights(op, analysis, class_mask),
                     node, tensor_map, outputs)
-                if op.name in opaque or analysis.rule_for(op) is None:
+                if rule is None:  # Left whole (set above).
                     new_op, outputs = wrapping.faithful(
                         op, new_op, node, tensor_map, outputs)
                 memo[id(op)] = new_op

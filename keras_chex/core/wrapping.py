@@ -380,7 +380,6 @@ def faithful(layer, rebuilt, node, tensor_map, outputs):
             composites.same_call(layer, rebuilt, node)):
         return rebuilt, outputs
     copy = _graph.copy_layer(layer)
-    copy.copied_without_config = True
     return copy, node.call_with(copy, tensor_map)
 
 
