@@ -225,8 +225,15 @@ def finetune(name, train, val):
     epochs = FLAGS.finetune_epochs or FLAGS.pretrain_epochs // 5
     base, distill = (name[:-3], True) if name.endswith("_kd") else (
         name, False)
-    trained = keras.saving.load_model(checkpoint_path())
-    dense_macs = keras_chex.count_macs(trained).macs
+    if base.startswith("narrow"):
+        # From scratch: needs only the dense model's MACs, not the
+        # checkpoint, so it can run while the pre-training does.
+        trained = None
+        dense_macs = keras_chex.count_macs(
+            cifar_resnet.cifar_resnet(FLAGS.depth)).macs
+    else:
+        trained = keras.saving.load_model(checkpoint_path())
+        dense_macs = keras_chex.count_macs(trained).macs
     peak, warmup = FLAGS.finetune_lr, 0
     callbacks = []
     options = json.loads(FLAGS.options) if FLAGS.options else {}

@@ -67,3 +67,16 @@ def test_pretrain_then_finetune_with_and_without_distillation(tmp_path):
     assert [r.split("|")[1].strip() for r in rows] == [
         "dense", "l1", "smcp[importance=magnitude]"]
     assert all(r.split("|")[-2].strip() != "-" for r in rows)
+
+
+def test_narrow_runs_without_the_pretrained_checkpoint(tmp_path):
+    # From scratch it needs the dense MACs only, so it can run alongside
+    # the pre-training.
+    output = tmp_path / "out.jsonl"
+    run_dir = tmp_path / "run"
+    _run("--variants=narrow_K", f"--run_dir={run_dir}", f"--output={output}")
+    assert not (run_dir / "resnet8_dense.keras").exists()
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    (result,) = [r for r in lines if "variant" in r]
+    assert 0.4 < result["macs_fraction"] <= 0.5 + 1e-9
+    assert len(result["accuracy_per_epoch"]) == result["epochs"] == 2
