@@ -13,6 +13,7 @@ they belong to no group and are never pruned.
 
 import collections
 import warnings
+import weakref
 
 import numpy as np
 
@@ -230,6 +231,11 @@ class _Context:
         self.masks.append((layer, np.asarray(ids, dtype=np.int64)))
 
 
+# Traced graph -> its MACs terms: a model is analysed again at every
+# count, and the traced graph of a closed layer does not change.
+_COMPOSITE_TERMS = weakref.WeakKeyDictionary()
+
+
 def _composite_macs(layer, node):
     """`(coefficient, layer, weight name)` MACs terms of a call of a
     composite layer left closed, from the graph of its `call` (all its
@@ -240,11 +246,16 @@ def _composite_macs(layer, node):
     sub = composites.traced_for_cost(layer, node)
     if sub is None:
         return []
+    if sub in _COMPOSITE_TERMS:
+        return _COMPOSITE_TERMS[sub]
     inner = ModelAnalysis(sub, warn=False)
-    if counting.uncounted_layers(inner)[0] or any(
-            t.coef is None for t in inner.macs_terms):
-        return []
-    return [(t.coef, t.weight[0], t.weight[1]) for t in inner.macs_terms]
+    terms = []
+    if not counting.uncounted_layers(inner)[0] and all(
+            t.coef is not None for t in inner.macs_terms):
+        terms = [(t.coef, t.weight[0], t.weight[1])
+                 for t in inner.macs_terms]
+    _COMPOSITE_TERMS[sub] = terms
+    return terms
 
 
 class MaskSite:
@@ -568,9 +579,10 @@ class ModelAnalysis:
         return self._slices_by_weight.get((id(layer), name), ())
 
     def macs_weights(self):
-        """(layer name, coefficient, layer, variable) of every MACs term.
+        """(term, coefficient, layer, variable) of every MACs term.
 
-        A call's MACs are `coefficient` times the kept size of `variable`.
+        A call's MACs are `coefficient` times the kept size of `variable`;
+        `term.operation` is the layer whose call it is.
 
         Raises:
             ValueError: a call has an input of unknown spatial size.
@@ -590,7 +602,7 @@ class ModelAnalysis:
                 )
             variable = next(v for v in layer.weights
                             if layer_rules.weight_leaf_name(v) == name)
-            result.append((term.layer_name, term.coef, layer, variable))
+            result.append((term, term.coef, layer, variable))
         return result
 
     def parameter_weights(self):

@@ -212,8 +212,7 @@ def count_macs(model, class_mask=None, input_shape=None):
     # By layer, not name: nested models may repeat names (keras-hub's
     # transformer blocks each hold a 'dense_1').
     macs = {}
-    for term, (_, coef, layer, variable) in zip(analysis.macs_terms,
-                                                analysis.macs_weights()):
+    for term, coef, layer, variable in analysis.macs_weights():
         key = id(term.operation)
         macs[key] = macs.get(key, 0) + coef * kept(layer, variable)
     outputs = {}

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import keras_chex
+from keras_chex.core import analysis as analysis_lib
 from keras_chex.cifar.resnet import cifar_resnet
 
 
@@ -88,6 +89,22 @@ def test_a_closed_composite_is_counted_through_its_call():
     block = 8 * 8 * 3 * 3 * 64 * 8
     assert {r.name: r.macs for r in result.layers}["block"] == block
     assert result.macs == stem + wide + block + 8 * 3
+
+
+def test_a_closed_composite_is_analysed_once_for_all_counts(monkeypatch):
+    model = _model(block=GainedConvBlock)
+    first = keras_chex.count_macs(model).macs
+    analysed = []
+    original = analysis_lib.ModelAnalysis.__init__
+
+    def spy(self, model, *args, **kwargs):
+        analysed.append(model.name)
+        original(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(analysis_lib.ModelAnalysis, "__init__", spy)
+    assert keras_chex.count_macs(model).macs == first
+    # The model itself again, not the traced graph of its block.
+    assert analysed and "block" not in analysed
 
 
 def test_attention_and_einsum_dense_are_counted_an_embedding_is_a_lookup():
