@@ -253,14 +253,21 @@ def test_table_measures_and_prune_spends_a_latency_budget(files, tmp_path):
     assert "keep 60% of the predicted latency" in result.stdout
     # The method spends the budget by the table...
     spent = float(result.stdout.split(" of dense cost")[0].split("kept ")[-1])
-    assert spent <= 0.6 + 1e-6
-    # ... and the compact's price is printed (the table prices a stripped
-    # model without knowing which dense layer each came from: a few
-    # percent apart on this 0.08 ms model).
+    if "cannot be met" in result.stderr:
+        # ... or, where this machine's table prices even the narrowest
+        # widths above it (a fixed cost per invoke dominates this 0.06 ms
+        # model on some CPUs), takes those widths and says so, once.
+        floor = float(result.stderr.split("narrowest widths allowed keep ")
+                      [1].split()[0])
+        assert floor > 0.6 and spent == pytest.approx(floor, abs=1e-3)
+        assert result.stderr.count("cannot be met") == 1
+    else:
+        assert spent <= 0.6 + 1e-6
+    # ... and the compact is priced as the wrapped model was in training.
     kept = float(result.stdout.split("predicted latency (the table's "
                                      "device): ")[1].split("kept ")[1]
                  .split()[0])
-    assert 0.4 < kept <= 0.6 * 1.1
+    assert kept == pytest.approx(spent, abs=2e-3)
     assert (out / "compact.tflite").exists()
 
 

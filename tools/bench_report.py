@@ -34,6 +34,18 @@ def cpu_flags():
     return "unknown"
 
 
+def onednn_enabled():
+    """Whether TensorFlow runs its CPU kernels through oneDNN: on by default
+    only on CPUs with AVX-512 VNNI / BF16 or AMX (TF_ENABLE_ONEDNN_OPTS
+    overrides), and 2-3x faster for these convolutions, with other
+    round-off; so two "AMD EPYC" machines can differ in both."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return None
+
+
 def usable_cores():
     try:
         return len(os.sched_getaffinity(0))
@@ -58,7 +70,8 @@ def package_version(name):
 def machine_info():
     """A dict describing the machine, software versions and load."""
     return {
-        "CPU": f"{cpu_model()} ({cpu_flags()})",
+        "CPU": f"{cpu_model()} ({cpu_flags()}; oneDNN "
+               f"{'on' if onednn_enabled() else 'off'})",
         "Cores": f"{os.cpu_count()} ({usable_cores()} usable)",
         "Python": platform.python_version(),
         "TensorFlow": package_version("tensorflow"),
@@ -73,11 +86,13 @@ def machine_info():
 
 
 def run_header(**fields):
-    """The first JSON line of a benchmark's raw results: the CPU model (runs
-    on different CPUs diverge from the same seed, by other kernels and
-    round-off, so results pair only within one CPU model), the cores, the
-    TensorFlow and Keras versions, then `fields`."""
+    """The first JSON line of a benchmark's raw results: the CPU model, its
+    SIMD flags and whether oneDNN is on (runs on different CPUs diverge from
+    the same seed, by other kernels and round-off, so results pair only
+    within one CPU model and kernel set), the cores, the TensorFlow and
+    Keras versions, then `fields`."""
     return {"cpu": cpu_model(), "cores": os.cpu_count(),
+            "cpu_flags": cpu_flags(), "onednn": onednn_enabled(),
             "tensorflow": package_version("tensorflow"),
             "keras": package_version("keras"), **fields}
 

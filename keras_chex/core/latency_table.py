@@ -148,7 +148,10 @@ class LatencyTable:
         """The entry that prices layer call `node` (named `name` in errors):
         the one measured for this exact computation, or else one of the same
         computation at larger widths whose grid covers the node's widths
-        (a pruned compact's layer)."""
+        (a pruned compact's layer): first one whose grid spans them, so
+        they are interpolated, not clamped to another layer's fixed width
+        (a stem's 3 input channels must not price a block's 1), which is
+        the entry the wrapped model was priced by while it trained."""
         key = _entry_key(node)
         if key in self.entries:
             return key
@@ -158,10 +161,12 @@ class LatencyTable:
             entry = self.entries[other]
             if entry["cin"][-1] >= cin and (
                     entry["cout"] == [None] or entry["cout"][-1] >= cout):
-                covering.append((entry["cin"][-1], entry["cout"][-1] or 0,
-                                 other))
+                clamped = entry["cin"][0] > cin or (
+                    entry["cout"] != [None] and entry["cout"][0] > cout)
+                covering.append((clamped, entry["cin"][-1],
+                                 entry["cout"][-1] or 0, other))
         if covering:
-            return min(covering)[2]
+            return min(covering)[-1]
         layer = name.rsplit("#", 1)[0]
         raise ValueError(
             f"The latency table{self._where()} has no entry for layer "

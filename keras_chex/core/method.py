@@ -214,16 +214,23 @@ class PruningState(keras.layers.Layer):
             importance, self.group_sizes, widths, priority)
         chosen = allocation.allocate(values, widths, cost, fraction * dense,
                                      self.current_counts())
-        if not chosen.feasible and not self._plain.get("warned"):
-            self._plain["warned"] = True
-            warn_unreachable(self.config.target,
-                             self.config.target_value,
-                             chosen.cost / dense, step_budget=fraction)
+        if not chosen.feasible:
+            self.warn_unreachable(chosen.cost / dense, step_budget=fraction)
         mask = keep_a_channel_per_producer(
             allocation.mask_from_counts(orders, self.group_sizes,
                                         chosen.counts),
             importance, self.masks.producer_segments())
         return chosen.counts, mask, chosen.cost / dense if dense else 1.0
+
+    def warn_unreachable(self, reachable, step_budget=None):
+        """Warns, once for this model, that no allowed widths meet the
+        target (`warn_unreachable`); the first allocation and every later
+        one find the same floor."""
+        if self._plain.get("warned"):
+            return
+        self._plain["warned"] = True
+        warn_unreachable(self.config.target, self.config.target_value,
+                         reachable, step_budget=step_budget, stacklevel=4)
 
     def kept_fraction(self):
         """Current cost of the target's kind over the dense cost."""
@@ -241,7 +248,8 @@ class PruningState(keras.layers.Layer):
         return {"name": self.name}
 
 
-def warn_unreachable(target, value, reachable, step_budget=None):
+def warn_unreachable(target, value, reachable, step_budget=None,
+                     stacklevel=3):
     """Warns that no allowed widths meet the target; names what does.
 
     Args:
@@ -258,7 +266,7 @@ def warn_unreachable(target, value, reachable, step_budget=None):
         f"widths allowed keep {reachable:.3f} of the dense cost{step} (the "
         "`min_channels` and `round_to` floors). The model is pruned to "
         "those widths. Lower `min_channels` or `round_to`, or raise the "
-        "target.", stacklevel=3)
+        "target.", stacklevel=stacklevel)
 
 
 # -- latency tables -----------------------------------------------------------

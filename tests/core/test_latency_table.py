@@ -112,6 +112,33 @@ def test_a_compact_model_is_priced_from_the_grid(built):
     assert cost.total(counts) == pytest.approx(expected)
 
 
+def test_a_compact_layer_is_priced_by_the_entry_it_trained_with(tmp_path):
+    # The stem and the block are the same computation at other widths; the
+    # block cut to 1 input channel lies inside its own grid but below the
+    # stem's fixed 3 input channels, so it must not be priced by the stem.
+    x = keras.Input((8, 8, 3))
+    h = layers.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(x)
+    h = layers.BatchNormalization()(h)
+    h = layers.ReLU()(h)
+    h = layers.Conv2D(8, 3, padding="same", use_bias=False, name="block")(h)
+    h = layers.BatchNormalization()(h)
+    h = layers.GlobalAveragePooling2D()(layers.ReLU()(h))
+    model = keras.Model(x, layers.Dense(4, name="head")(h))
+    table = keras_chex.build_latency_table(
+        model, str(tmp_path / "t.json"), round_to=4, runs=3, rounds=1,
+        warmup=1)
+    stem, block = _entry(table, model, "stem"), _entry(table, model, "block")
+    assert stem is not block and stem["cin"] == [3] and block["cin"][0] == 1
+    wrapped = keras_chex.wrap(model)
+    for group in keras_chex.channel_groups(wrapped):
+        group.set_mask(np.arange(group.size) < 1)
+    compact = keras_chex.strip(wrapped)
+    assert _entry(table, compact, "block") is block
+    counts = np.ones(len(wrapped.analysis.groups), int)
+    trained_with = table.group_cost(wrapped.analysis).total(counts)
+    assert table.predict(compact) == pytest.approx(trained_with)
+
+
 def test_a_second_build_with_the_cache_measures_only_the_whole_model(
         built, monkeypatch):
     model, table, path = built

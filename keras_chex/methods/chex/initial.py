@@ -48,6 +48,5 @@ def uniform_sparsity(state, l1, fraction):
     narrowest = state.cost_of(uniform_mask(state, l1, hi))
     # Without channels the wrapper has already said so.
     if state.num_channels and narrowest > budget * (1 + 1e-9):
-        method.warn_unreachable(state.config.target, fraction,
-                                narrowest / dense)
+        state.warn_unreachable(narrowest / dense, step_budget=fraction)
     return hi

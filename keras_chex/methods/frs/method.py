@@ -164,11 +164,8 @@ class FrsState(method.PruningState):
             goal = 1.0 - (1.0 - self.config.target_value) * index / steps
             new, reached = selection.remove_to_cost(
                 kept, units, self.cost_of, goal * dense)
-            if not reached and not self._plain.get("warned"):
-                self._plain["warned"] = True
-                method.warn_unreachable(
-                    self.config.target, self.config.target_value,
-                    self.cost_of(new) / dense)
+            if not reached:
+                self.warn_unreachable(self.cost_of(new) / dense)
         # Never a layer's last channel (a concatenation inside a group);
         # only a channel still kept may stay.
         new = method.keep_a_channel_per_producer(

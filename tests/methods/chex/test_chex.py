@@ -1161,3 +1161,21 @@ def test_exploration_is_cheap_next_to_training():
           f"step (batch 32, 32x32) {step_time * 1e3:.1f} ms, ratio "
           f"{explore_time / step_time:.2f}")
     assert explore_time < 2 * step_time
+
+
+def test_an_unreachable_target_is_warned_once_through_wrap_and_fit():
+    # The initial cut and every exploration find the same floor; the user
+    # hears about it once.
+    import warnings
+
+    keras.utils.set_random_seed(4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = compile_(keras_chex.prune_and_regrow(
+            tiny_resnet(), flops=0.01, round_to=4, min_channels=4,
+            allocator="knapsack", interval=1, seed=0))
+        history, _ = _fit_explorations(model, epochs=2)
+    unreachable = [w for w in caught if "cannot be met" in str(w.message)]
+    assert len(unreachable) == 1, [str(w.message) for w in unreachable]
+    assert "flops=0.01" in str(unreachable[0].message)
+    assert len(history.history["chex_macs"]) == 2
