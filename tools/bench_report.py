@@ -69,9 +69,9 @@ def package_version(name):
 
 def machine_info():
     """A dict describing the machine, software versions and load."""
+    onednn = {True: "on", False: "off"}.get(onednn_enabled(), "unknown")
     return {
-        "CPU": f"{cpu_model()} ({cpu_flags()}; oneDNN "
-               f"{'on' if onednn_enabled() else 'off'})",
+        "CPU": f"{cpu_model()} ({cpu_flags()}; oneDNN {onednn})",
         "Cores": f"{os.cpu_count()} ({usable_cores()} usable)",
         "Python": platform.python_version(),
         "TensorFlow": package_version("tensorflow"),

@@ -224,13 +224,28 @@ class PruningState(keras.layers.Layer):
 
     def warn_unreachable(self, reachable, step_budget=None):
         """Warns, once for this model, that no allowed widths meet the
-        target (`warn_unreachable`); the first allocation and every later
-        one find the same floor."""
+        target, and names what does: the first allocation and every later
+        one find the same floor.
+
+        Args:
+            reachable: the narrowest widths' cost, a fraction of dense.
+            step_budget: the budget of the step that found it, when a
+                schedule approaches the target in steps (named if it is not
+                the target).
+        """
         if self._plain.get("warned"):
             return
         self._plain["warned"] = True
-        warn_unreachable(self.config.target, self.config.target_value,
-                         reachable, step_budget=step_budget, stacklevel=4)
+        target, value = self.config.target, self.config.target_value
+        step = ("" if step_budget is None or abs(step_budget - value) < 1e-9
+                else f", more than even this step's budget of "
+                     f"{step_budget:.3f}")
+        warnings.warn(
+            f"The target {target}={value:g} cannot be met: even the "
+            f"narrowest widths allowed keep {reachable:.3f} of the dense "
+            f"cost{step} (the `min_channels` and `round_to` floors). The "
+            "model is pruned to those widths. Lower `min_channels` or "
+            "`round_to`, or raise the target.", stacklevel=3)
 
     def kept_fraction(self):
         """Current cost of the target's kind over the dense cost."""
@@ -246,27 +261,6 @@ class PruningState(keras.layers.Layer):
 
     def get_config(self):
         return {"name": self.name}
-
-
-def warn_unreachable(target, value, reachable, step_budget=None,
-                     stacklevel=3):
-    """Warns that no allowed widths meet the target; names what does.
-
-    Args:
-        target: the target's kind ("flops", ...), as the user gave it.
-        value: the user's target value.
-        reachable: the narrowest widths' cost, a fraction of dense.
-        step_budget: the budget of the step that found it, when a schedule
-            approaches the target in steps (named if it is not the target).
-    """
-    step = ("" if step_budget is None or abs(step_budget - value) < 1e-9
-            else f", more than even this step's budget of {step_budget:.3f}")
-    warnings.warn(
-        f"The target {target}={value:g} cannot be met: even the narrowest "
-        f"widths allowed keep {reachable:.3f} of the dense cost{step} (the "
-        "`min_channels` and `round_to` floors). The model is pruned to "
-        "those widths. Lower `min_channels` or `round_to`, or raise the "
-        "target.", stacklevel=stacklevel)
 
 
 # -- latency tables -----------------------------------------------------------
