@@ -262,7 +262,7 @@ def test_table_measures_and_prune_spends_a_latency_budget(files, tmp_path):
         assert floor > 0.6 and spent == pytest.approx(floor, abs=1e-3)
         assert result.stderr.count("cannot be met") == 1
     else:
-        assert spent <= 0.6 + 1e-6
+        assert 0.4 < spent <= 0.6 + 1e-6
     # ... and the compact is priced as the wrapped model was in training.
     kept = float(result.stdout.split("predicted latency (the table's "
                                      "device): ")[1].split("kept ")[1]
