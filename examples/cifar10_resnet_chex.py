@@ -47,6 +47,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("data", None, "CIFAR-10 train.zip or folder, or "
                     "'download' (needs internet); default: the real sample "
                     "bundled with keras-chex.")
+flags.DEFINE_integer("val_per_class", None, "Images per class held out for "
+                     "accuracy (default: 500 of --data, 100 of the sample).")
 flags.DEFINE_integer("depth", 20, "ResNet depth (6n+2): 20, 32, 44, 56, 110.")
 flags.DEFINE_integer("epochs", 6, "Training epochs.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
@@ -69,7 +71,8 @@ def main(argv):
     del argv
     keras.utils.set_random_seed(FLAGS.seed)
     t0 = time.time()
-    (x_train, y_train), (x_val, y_val) = datasets.load_cifar10(FLAGS.data)
+    (x_train, y_train), (x_val, y_val) = datasets.load_cifar10(
+        FLAGS.data, validation_per_class=FLAGS.val_per_class)
     print(f"data: {len(x_train)} training, {len(x_val)} held-out images "
           f"({FLAGS.data or 'bundled sample'})")
     train = datasets.make_dataset(x_train, y_train, FLAGS.batch_size,

@@ -157,6 +157,9 @@ def build_parser():
                        help="training images: a zip or folder of one "
                             "sub-folder of 32x32 JPEGs per class (the "
                             "CIFAR-10 layout); default: the bundled sample")
+    prune.add_argument("--val_per_class", type=int, default=None,
+                       help="images of each class held out for accuracy "
+                            "(default: 500 of --data, 100 of the sample)")
     prune.add_argument("--epochs", type=int, default=10)
     prune.add_argument("--batch_size", type=int, default=128)
     prune.add_argument("--learning_rate", type=float, default=0.05)
@@ -343,10 +346,17 @@ def cmd_prune(args):
                else ("pruning.keras", "compact.keras", "compact.tflite"))
     for name in outputs:
         _check_target(os.path.join(args.output_dir, name), args.overwrite)
+    if args.val_per_class is not None and args.val_per_class < 1:
+        raise CliError("--val_per_class must be >= 1: the held-out images "
+                       "measure the accuracy")
     try:
-        (x, y), (xv, yv) = datasets.load_cifar10(args.data)
+        (x, y), (xv, yv) = datasets.load_cifar10(
+            args.data, validation_per_class=args.val_per_class)
     except (OSError, ValueError) as e:
-        raise CliError(f"--data: {str(e).splitlines()[0]}")
+        # The loader's argument is this command's flag.
+        message = str(e).splitlines()[0].replace("validation_per_class",
+                                                 "--val_per_class")
+        raise CliError(f"--data: {message}")
     train = datasets.make_dataset(x, y, args.batch_size, training=True,
                                   seed=args.seed)
     val = datasets.make_dataset(xv, yv, 256, training=False)

@@ -10,6 +10,7 @@ import pytest
 from keras import layers
 
 import keras_chex
+from keras_chex import cli
 from keras_chex.cifar.resnet import cifar_resnet
 
 COMMAND = os.path.join(os.path.dirname(sys.executable), "keras-chex")
@@ -19,6 +20,12 @@ def run(*args, timeout=600):
     return subprocess.run([COMMAND, *map(str, args)], capture_output=True,
                           text=True, timeout=timeout,
                           env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+
+
+def tiny(path):
+    """`prune` flags for the tiny data set: 240 training images, 60
+    held out, batches of 16."""
+    return (f"--data={path}", "--val_per_class=6", "--batch_size=16")
 
 
 @pytest.fixture(scope="module")
@@ -164,10 +171,11 @@ def test_export_tflite_float_and_int8(files, tmp_path):
         tmp_path / "m.tflite").stat().st_size * 2
 
 
-def test_prune_fits_strips_and_exports(files, tmp_path):
+def test_prune_fits_strips_and_exports(files, tmp_path, tiny_cifar):
     out = tmp_path / "run"
     result = run("prune", files / "plain.keras", "--method=frs",
-                 "--flops=0.5", "--epochs=1", f"--output_dir={out}")
+                 "--flops=0.5", "--epochs=1", *tiny(tiny_cifar),
+                 f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     kept = float(result.stdout.split("MACs kept ")[1].split(";")[0])
     assert 0.45 <= kept <= 0.5
@@ -187,12 +195,14 @@ def test_prune_fits_strips_and_exports(files, tmp_path):
         assert (out / name).stat().st_size > 0, name
 
 
-def test_prune_takes_a_model_of_free_size_at_the_datas_size(tmp_path):
+def test_prune_takes_a_model_of_free_size_at_the_datas_size(tmp_path,
+                                                            tiny_cifar):
     keras.utils.set_random_seed(0)
     free = tmp_path / "free_resnet.keras"
     cifar_resnet(8, widths=(8, 8, 8), input_shape=(None, None, 3)).save(free)
     out = tmp_path / "run"
     result = run("prune", free, "--method=frs", "--epochs=1",
+                 *tiny(tiny_cifar),
                  f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     kept = float(result.stdout.split("MACs kept ")[1].split(";")[0])
@@ -202,10 +212,12 @@ def test_prune_takes_a_model_of_free_size_at_the_datas_size(tmp_path):
     assert (out / "compact.tflite").exists()
 
 
-def test_prune_once_cuts_then_fine_tunes_with_distillation(files, tmp_path):
+def test_prune_once_cuts_then_fine_tunes_with_distillation(files, tmp_path,
+                                                           tiny_cifar):
     out = tmp_path / "run"
     result = run("prune", files / "plain.keras", "--method=once",
-                 "--flops=0.5", "--epochs=1", "--distill",
+                 "--flops=0.5", "--epochs=1", *tiny(tiny_cifar),
+                 "--distill",
                  f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ONCE: keep 50% of the MACs" in result.stdout
@@ -219,10 +231,11 @@ def test_prune_once_cuts_then_fine_tunes_with_distillation(files, tmp_path):
         assert (out / name).stat().st_size > 0, name
 
 
-def test_prune_distills_from_the_input_model(files, tmp_path):
+def test_prune_distills_from_the_input_model(files, tmp_path, tiny_cifar):
     out = tmp_path / "run"
     result = run("prune", files / "plain.keras", "--method=smcp",
-                 "--flops=0.5", "--epochs=1", "--distill",
+                 "--flops=0.5", "--epochs=1", *tiny(tiny_cifar),
+                 "--distill",
                  "--temperature=2", f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "distilling from " in result.stdout
@@ -236,7 +249,8 @@ def test_prune_distills_from_the_input_model(files, tmp_path):
         assert (out / name).stat().st_size > 0, name
 
 
-def test_table_measures_and_prune_spends_a_latency_budget(files, tmp_path):
+def test_table_measures_and_prune_spends_a_latency_budget(files, tmp_path,
+                                                          tiny_cifar):
     table_path = tmp_path / "latency.json"
     small = tmp_path / "small.keras"
     keras.utils.set_random_seed(0)
@@ -248,6 +262,7 @@ def test_table_measures_and_prune_spends_a_latency_budget(files, tmp_path):
     out = tmp_path / "run"
     result = run("prune", small, "--method=chex", "--latency=0.6",
                  f"--cost_table={table_path}", "--epochs=1",
+                 *tiny(tiny_cifar),
                  f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "keep 60% of the predicted latency" in result.stdout
@@ -288,14 +303,40 @@ def test_table_measures_and_prune_spends_a_latency_budget(files, tmp_path):
      "no such file"),
     (("table", "{plain}", "t.json", "--threads=0"), "--threads must be"),
 ])
-def test_mistakes_are_one_line_with_exit_code_2(files, args, message):
+def test_mistakes_are_one_line_with_exit_code_2(files, args, message,
+                                               capsys):
     args = [a.format(plain=files / "plain.keras",
                      pruning=files / "pruning.keras",
                      softmax=files / "softmax.keras") for a in args]
-    result = run(*args)
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    # In this process (the command's own `main`): a new process per case
+    # costs seconds of imports; the installed command is run by the tests
+    # above and below.
+    try:
+        code = cli.main(args)
+    except SystemExit as e:  # argparse's own errors.
+        code = e.code
+    stderr = capsys.readouterr().err
+    # The error is the last line (argparse prints the usage above it).
+    last = stderr.strip().splitlines()[-1]
+    assert code == 2
+    assert last.startswith("keras-chex ") and ": error: " in last, stderr
+    assert message in last and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("held_out, message", [
+    (None, "--val_per_class=500 leaves no training images"),
+    (0, "--val_per_class must be >= 1")])
+def test_a_small_data_set_is_told_to_hold_out_fewer_images(
+        files, tiny_cifar, tmp_path, capsys, held_out, message):
+    args = ["prune", str(files / "plain.keras"), f"--data={tiny_cifar}",
+            f"--output_dir={tmp_path}"]
+    if held_out is not None:
+        args.append(f"--val_per_class={held_out}")
+    assert cli.main(args) == 2
+    stderr = capsys.readouterr().err
+    assert message in stderr, stderr
+    assert "Pass a value below 30" in stderr or held_out == 0
+    assert not os.listdir(tmp_path)
 
 
 def test_verbose_shows_the_traceback(files):

@@ -42,6 +42,8 @@ from keras_chex.cifar import data as datasets  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", None, "CIFAR-10 train.zip (default: the sample).")
+flags.DEFINE_integer("train_per_class", 0,
+                     "Use only this many training images per class (0: all).")
 flags.DEFINE_integer("depth", 20, "CIFAR ResNet depth.")
 flags.DEFINE_integer("epochs", 8, "Epochs per fit.")
 flags.DEFINE_integer("rounds", 3, "Interleaved plain/CHEX rounds.")
@@ -121,6 +123,7 @@ def main(argv):
     bench_report.set_threads(FLAGS.threads)
     info = bench_report.machine_info()
     (x, y), _ = datasets.load_cifar10(FLAGS.data)
+    x, y = datasets.first_per_class(x, y, FLAGS.train_per_class)
     train = datasets.make_dataset(x, y, FLAGS.batch_size, training=True,
                                   seed=0)
     rows, totals, epochs = [], [], []

@@ -21,11 +21,11 @@ def _run(script, *args):
 def test_benchmark_chex_runs_every_variant_on_the_same_budget(tmp_path):
     output = tmp_path / "bench.jsonl"
     _run("benchmark_chex.py", "--depth=8", "--epochs=2",
-         "--train_per_class=40", "--val_per_class=10", "--interval=0.5",
+         "--train_per_class=20", "--val_per_class=5", "--interval=0.5",
          "--warmup_epochs=0.5", "--threads=1", f"--output={output}")
     lines = [json.loads(line) for line in output.read_text().splitlines()]
     header, results = lines[0], {r["variant"]: r for r in lines[1:]}
-    assert header["train_images"] == 400 and header["val_images"] == 100
+    assert header["train_images"] == 200 and header["val_images"] == 50
     assert "--warmup_epochs=0.5" in header["command"]
     # The CPU model, so that results pair only within one machine kind.
     assert header["cpu"] and header["cpu"] != "unknown"
@@ -49,7 +49,8 @@ def test_benchmark_chex_runs_every_variant_on_the_same_budget(tmp_path):
 
 def test_benchmark_chex_overhead_reports_interleaved_rounds():
     text = _run("benchmark_chex_overhead.py", "--depth=8", "--epochs=4",
-                "--rounds=1", "--interval=1", "--threads=1")
+                "--train_per_class=26", "--rounds=1", "--interval=1",
+                "--threads=1")
     assert "Command: `python" in text
     rows = [line for line in text.splitlines()
             if re.match(r"\| 1 +\|", line)]
@@ -64,7 +65,8 @@ def test_benchmark_chex_overhead_reports_interleaved_rounds():
 
 def test_benchmark_chex_overhead_times_smcp_too():
     text = _run("benchmark_chex_overhead.py", "--depth=8", "--epochs=4",
-                "--rounds=1", "--threads=1", "--method=smcp")
+                "--train_per_class=26", "--rounds=1", "--threads=1",
+                "--method=smcp")
     rows = [line for line in text.splitlines()
             if re.match(r"\| 1 +\|", line)]
     assert len(rows) == 1 and "SMCP fit s" in text
@@ -74,7 +76,8 @@ def test_benchmark_chex_overhead_times_smcp_too():
 
 def test_benchmark_chex_overhead_times_relevance_pruning():
     text = _run("benchmark_chex_overhead.py", "--depth=8", "--epochs=4",
-                "--rounds=1", "--interval=1", "--threads=1", "--method=frs")
+                "--train_per_class=26", "--rounds=1", "--interval=1",
+                "--threads=1", "--method=frs")
     rows = [line for line in text.splitlines()
             if re.match(r"\| 1 +\|", line)]
     assert len(rows) == 1 and "FRS fit s" in text
@@ -281,7 +284,7 @@ def test_bn_recalibration_reports_saved_models(tmp_path):
 def test_the_knapsack_ablation_with_recalibrated_statistics(tmp_path):
     output = tmp_path / "bench.jsonl"
     _run("benchmark_chex.py", "--depth=8", "--epochs=2",
-         "--train_per_class=40", "--val_per_class=10", "--interval=0.5",
+         "--train_per_class=20", "--val_per_class=5", "--interval=0.5",
          "--threads=1", "--variants=chex_knapsack",
          "--recalibrate_batches=2", f"--output={output}")
     result = json.loads(output.read_text().splitlines()[1])
@@ -293,7 +296,7 @@ def test_the_knapsack_ablation_with_recalibrated_statistics(tmp_path):
 def test_the_issue_24_ablations_run(tmp_path):
     output = tmp_path / "bench.jsonl"
     _run("benchmark_chex.py", "--depth=8", "--epochs=2",
-         "--train_per_class=40", "--val_per_class=10", "--interval=0.5",
+         "--train_per_class=20", "--val_per_class=5", "--interval=0.5",
          "--threads=1",
          "--variants=chex_merit,chex_streams,chex_slim1e-4,chex_until0.4",
          f"--output={output}")

@@ -7,6 +7,9 @@ import pytest
 
 from conftest import load_tool
 
+# One worker builds the models of the module fixture below, not each.
+pytestmark = pytest.mark.xdist_group("check_real_models")
+
 
 @pytest.fixture(scope="module")
 def tool():
