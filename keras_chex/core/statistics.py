@@ -272,21 +272,47 @@ def recalibrate_batchnorm(model, data, *, batches=None, batch_size=32):
              and layer.trainable and not layer.renorm]
     iterator = _input_batches(data, batches, batch_size)
     momenta = [layer.momentum for layer in norms]
+    # Put back if the data fails part-way, rather than leaving the last
+    # batch's statistics.
+    before = [(ops.convert_to_numpy(layer.moving_mean),
+               ops.convert_to_numpy(layer.moving_variance))
+              for layer in norms]
+    sums = None
     seen = 0
+    done = False
     try:
         for layer in norms:
             if isinstance(layer, TrackingBatchNormalization):
                 layer.restart_statistics()
+            # At momentum 0 a training-mode call leaves the batch's own
+            # statistics in the moving ones; their average is taken here.
+            layer.momentum = 0.0
+        step = _training_call(model)
         for x in iterator:
-            for layer in norms:
-                # Keras' moving-average update with momentum i / (i + 1) at
-                # the i-th batch (0-based) is the running mean.
-                layer.momentum = seen / (seen + 1.0)
-            model(x, training=True)
+            step(x)
+            stats = [(ops.convert_to_numpy(layer.moving_mean),
+                      ops.convert_to_numpy(layer.moving_variance))
+                     for layer in norms]
+            if sums is None:
+                sums = [(m.astype("float64"), v.astype("float64"))
+                        for m, v in stats]
+            else:
+                for total, (m, v) in zip(sums, stats):
+                    total[0][...] += m
+                    total[1][...] += v
             seen += 1
+        for layer, (mean, variance) in zip(norms, sums or ()):
+            layer.moving_mean.assign(
+                (mean / seen).astype(layer.moving_mean.dtype))
+            layer.moving_variance.assign(
+                (variance / seen).astype(layer.moving_variance.dtype))
+        done = True
     finally:
-        for layer, momentum in zip(norms, momenta):
+        for layer, momentum, (mean, variance) in zip(norms, momenta, before):
             layer.momentum = momentum
+            if not done:
+                layer.moving_mean.assign(mean)
+                layer.moving_variance.assign(variance)
             if isinstance(layer, TrackingBatchNormalization):
                 layer.settle_statistics()
     if not seen:
@@ -352,6 +378,20 @@ def _check_batches(batches):
             batches, numbers.Integral) or batches < 1):
         raise ValueError(f"`batches` must be an int >= 1 or None, got "
                          f"{batches!r}.")
+
+
+def _training_call(model):
+    """`model(x, training=True)`, compiled as the model's own `fit` runs it:
+    faster than eager calls, and the only way some kernels run at all
+    (TensorFlow's CPU convolutions take channels-first inputs only in XLA
+    or with oneDNN)."""
+    import tensorflow as tf
+
+    if not model.built:  # Its first call creates the variables.
+        return lambda x: model(x, training=True)
+    return tf.function(lambda x: model(x, training=True),
+                       jit_compile=bool(getattr(model, "jit_compile", False)),
+                       reduce_retracing=True)
 
 
 def _input_batches(data, batches, batch_size):

@@ -130,6 +130,22 @@ def test_recalibrate_is_the_exact_average(form, rng):
         assert layer.momentum == 0.99
 
 
+def test_data_that_fails_part_way_leaves_the_statistics_as_they_were(rng):
+    model = keras_chex.wrap(_two_batchnorm_model())
+    before = [keras.ops.convert_to_numpy(v)
+              for v in model.non_trainable_weights]
+
+    def batches():
+        yield rng.normal(5.0, 3.0, size=(8, 6, 6, 2)).astype("float32")
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        keras_chex.recalibrate_batchnorm(model, batches())
+    for a, b in zip(model.non_trainable_weights, before):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), b)
+    assert model.get_layer("bn2").momentum == 0.99
+
+
 def test_recalibrate_leaves_frozen_batchnorms_and_settles(rng):
     model = keras_chex.wrap(_two_batchnorm_model())
     frozen = model.get_layer("bn1")
