@@ -70,7 +70,9 @@ def two_input_model():
     return _two_input_model()
 
 
-@pytest.fixture(scope="module")
+# Session scope: a worker may run other modules' tests between these, and
+# a module fixture would be built (and exported) again after them.
+@pytest.fixture(scope="session")
 def mobilenet():
     # Logits instead of the default softmax: a softmax over 1000 random-init
     # classes is ~1e-3 everywhere, which hides errors in relative terms and is
@@ -84,7 +86,7 @@ def mobilenet():
     return _randomize_batchnorm(model)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mobilenet_float32(mobilenet, tmp_path_factory):
     path = tmp_path_factory.mktemp("mobilenet") / "float32.tflite"
     return export.export_tflite(mobilenet, path)

@@ -7,16 +7,14 @@ import pytest
 
 from conftest import load_tool
 
-# One worker builds the models of the module fixture below, not each.
-pytestmark = pytest.mark.xdist_group("check_real_models")
-
-
-@pytest.fixture(scope="module")
+# Session scope: a worker may run other modules' tests between these, and
+# a module fixture would be built again after them.
+@pytest.fixture(scope="session")
 def tool():
     return load_tool("check_real_models.py")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def rows(tool):
     names = ["ResNetBackbone-basic", "ResNetImageClassifier", "ViTBackbone",
              "MobileNetBackbone", "DeiTBackbone", "MiTBackbone",
