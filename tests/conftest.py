@@ -38,6 +38,13 @@ def tiny_cifar(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def tiny_cifar_flags(tiny_cifar):
+    """Training-script flags for `tiny_cifar`: 240 training images, 60 held
+    out, batches of 16."""
+    return (f"--data={tiny_cifar}", "--val_per_class=6", "--batch_size=16")
+
+
 def load_tool(filename, name=None):
     """The script `tools/<filename>` imported as a module (tools are
     scripts, not a package)."""

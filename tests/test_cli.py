@@ -22,12 +22,6 @@ def run(*args, timeout=600):
                           env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
 
 
-def tiny(path):
-    """`prune` flags for the tiny data set: 240 training images, 60
-    held out, batches of 16."""
-    return (f"--data={path}", "--val_per_class=6", "--batch_size=16")
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
@@ -171,10 +165,10 @@ def test_export_tflite_float_and_int8(files, tmp_path):
         tmp_path / "m.tflite").stat().st_size * 2
 
 
-def test_prune_fits_strips_and_exports(files, tmp_path, tiny_cifar):
+def test_prune_fits_strips_and_exports(files, tmp_path, tiny_cifar_flags):
     out = tmp_path / "run"
     result = run("prune", files / "plain.keras", "--method=frs",
-                 "--flops=0.5", "--epochs=1", *tiny(tiny_cifar),
+                 "--flops=0.5", "--epochs=1", *tiny_cifar_flags,
                  f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     kept = float(result.stdout.split("MACs kept ")[1].split(";")[0])
@@ -195,14 +189,14 @@ def test_prune_fits_strips_and_exports(files, tmp_path, tiny_cifar):
         assert (out / name).stat().st_size > 0, name
 
 
-def test_prune_takes_a_model_of_free_size_at_the_datas_size(tmp_path,
-                                                            tiny_cifar):
+def test_prune_takes_a_model_of_free_size_at_the_datas_size(
+        tmp_path, tiny_cifar_flags):
     keras.utils.set_random_seed(0)
     free = tmp_path / "free_resnet.keras"
     cifar_resnet(8, widths=(8, 8, 8), input_shape=(None, None, 3)).save(free)
     out = tmp_path / "run"
     result = run("prune", free, "--method=frs", "--epochs=1",
-                 *tiny(tiny_cifar),
+                 *tiny_cifar_flags,
                  f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     kept = float(result.stdout.split("MACs kept ")[1].split(";")[0])
@@ -212,11 +206,11 @@ def test_prune_takes_a_model_of_free_size_at_the_datas_size(tmp_path,
     assert (out / "compact.tflite").exists()
 
 
-def test_prune_once_cuts_then_fine_tunes_with_distillation(files, tmp_path,
-                                                           tiny_cifar):
+def test_prune_once_cuts_then_fine_tunes_with_distillation(
+        files, tmp_path, tiny_cifar_flags):
     out = tmp_path / "run"
     result = run("prune", files / "plain.keras", "--method=once",
-                 "--flops=0.5", "--epochs=1", *tiny(tiny_cifar),
+                 "--flops=0.5", "--epochs=1", *tiny_cifar_flags,
                  "--distill",
                  f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -231,10 +225,11 @@ def test_prune_once_cuts_then_fine_tunes_with_distillation(files, tmp_path,
         assert (out / name).stat().st_size > 0, name
 
 
-def test_prune_distills_from_the_input_model(files, tmp_path, tiny_cifar):
+def test_prune_distills_from_the_input_model(
+        files, tmp_path, tiny_cifar_flags):
     out = tmp_path / "run"
     result = run("prune", files / "plain.keras", "--method=smcp",
-                 "--flops=0.5", "--epochs=1", *tiny(tiny_cifar),
+                 "--flops=0.5", "--epochs=1", *tiny_cifar_flags,
                  "--distill",
                  "--temperature=2", f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -249,8 +244,8 @@ def test_prune_distills_from_the_input_model(files, tmp_path, tiny_cifar):
         assert (out / name).stat().st_size > 0, name
 
 
-def test_table_measures_and_prune_spends_a_latency_budget(files, tmp_path,
-                                                          tiny_cifar):
+def test_table_measures_and_prune_spends_a_latency_budget(
+        files, tmp_path, tiny_cifar_flags):
     table_path = tmp_path / "latency.json"
     small = tmp_path / "small.keras"
     keras.utils.set_random_seed(0)
@@ -262,7 +257,7 @@ def test_table_measures_and_prune_spends_a_latency_budget(files, tmp_path,
     out = tmp_path / "run"
     result = run("prune", small, "--method=chex", "--latency=0.6",
                  f"--cost_table={table_path}", "--epochs=1",
-                 *tiny(tiny_cifar),
+                 *tiny_cifar_flags,
                  f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "keep 60% of the predicted latency" in result.stdout

@@ -10,12 +10,6 @@ from conftest import REPO_ROOT
 EXAMPLE = os.path.join(REPO_ROOT, "examples", "cifar10_resnet_chex.py")
 
 
-def tiny(path):
-    """Flags for the tiny data set: 240 training images, 60 held out,
-    batches of 16."""
-    return (f"--data={path}", "--val_per_class=6", "--batch_size=16")
-
-
 def run_example(*flags, timeout=600):
     """Runs the main job's script on the CPU with `flags`."""
     return subprocess.run(
@@ -25,11 +19,11 @@ def run_example(*flags, timeout=600):
     )
 
 
-def test_cifar10_example_trains_strips_exports_and_reports(tmp_path,
-                                                          tiny_cifar):
+def test_cifar10_example_trains_strips_exports_and_reports(
+        tmp_path, tiny_cifar_flags):
     out = tmp_path / "run"
     result = run_example(
-        "--depth=8", "--epochs=1", "--target=0.5", *tiny(tiny_cifar),
+        "--depth=8", "--epochs=1", "--target=0.5", *tiny_cifar_flags,
         f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     text = result.stdout
@@ -65,12 +59,12 @@ def test_cifar10_example_rejects_a_bad_target(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_cifar10_example_with_smcp_meets_the_macs_target(tmp_path,
-                                                         tiny_cifar):
+def test_cifar10_example_with_smcp_meets_the_macs_target(
+        tmp_path, tiny_cifar_flags):
     out = tmp_path / "run"
     result = run_example(
         "--depth=8", "--epochs=1", "--target=0.5", "--method=smcp",
-        *tiny(tiny_cifar),
+        *tiny_cifar_flags,
         f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     text = result.stdout
@@ -84,10 +78,10 @@ def test_cifar10_example_with_smcp_meets_the_macs_target(tmp_path,
     assert (out / "compact.tflite").stat().st_size > 0
 
 
-def test_cifar10_example_with_relevance_pruning(tmp_path, tiny_cifar):
+def test_cifar10_example_with_relevance_pruning(tmp_path, tiny_cifar_flags):
     out = tmp_path / "run"
     result = run_example("--depth=8", "--epochs=2", "--target=0.5",
-                         "--method=frs", *tiny(tiny_cifar),
+                         "--method=frs", *tiny_cifar_flags,
                          f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     text = result.stdout
