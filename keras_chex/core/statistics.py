@@ -38,6 +38,7 @@ import numbers
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_chex.core import _graph
@@ -274,10 +275,8 @@ def recalibrate_batchnorm(model, data, *, batches=None, batch_size=32):
     momenta = [layer.momentum for layer in norms]
     # Put back if the data fails part-way, rather than leaving the last
     # batch's statistics.
-    before = [(ops.convert_to_numpy(layer.moving_mean),
-               ops.convert_to_numpy(layer.moving_variance))
-              for layer in norms]
-    sums = None
+    before = _moving_statistics(norms)
+    sums = [(np.zeros(m.shape), np.zeros(v.shape)) for m, v in before]
     seen = 0
     done = False
     try:
@@ -290,18 +289,12 @@ def recalibrate_batchnorm(model, data, *, batches=None, batch_size=32):
         step = _training_call(model)
         for x in iterator:
             step(x)
-            stats = [(ops.convert_to_numpy(layer.moving_mean),
-                      ops.convert_to_numpy(layer.moving_variance))
-                     for layer in norms]
-            if sums is None:
-                sums = [(m.astype("float64"), v.astype("float64"))
-                        for m, v in stats]
-            else:
-                for total, (m, v) in zip(sums, stats):
-                    total[0][...] += m
-                    total[1][...] += v
+            for (mean, variance), (m, v) in zip(sums,
+                                                _moving_statistics(norms)):
+                mean += m
+                variance += v
             seen += 1
-        for layer, (mean, variance) in zip(norms, sums or ()):
+        for layer, (mean, variance) in zip(norms, sums if seen else ()):
             layer.moving_mean.assign(
                 (mean / seen).astype(layer.moving_mean.dtype))
             layer.moving_variance.assign(
@@ -378,6 +371,12 @@ def _check_batches(batches):
             batches, numbers.Integral) or batches < 1):
         raise ValueError(f"`batches` must be an int >= 1 or None, got "
                          f"{batches!r}.")
+
+
+def _moving_statistics(norms):
+    """Each BatchNorm's moving (mean, variance), as NumPy arrays."""
+    return [(ops.convert_to_numpy(layer.moving_mean),
+             ops.convert_to_numpy(layer.moving_variance)) for layer in norms]
 
 
 def _training_call(model):
