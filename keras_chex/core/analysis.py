@@ -94,8 +94,8 @@ class ChannelGroup:
     @property
     def mask(self):
         """Bool array of length `size`: True for kept channels."""
-        full = masks_lib.Masks.of(self._analysis).numpy()
-        return full[self.start:self.start + self.size].copy()
+        return masks_lib.Masks.of(self._analysis).channels(
+            self.start, self.start + self.size)
 
     def set_mask(self, mask):
         """Sets which channels of the group are kept.
@@ -119,10 +119,7 @@ class ChannelGroup:
                 f"{self.size} channels; keep at least one (removing a whole "
                 "group would disconnect the network)."
             )
-        masks = masks_lib.Masks.of(self._analysis)
-        full = masks.numpy()
-        full[self.start:self.start + self.size] = mask.astype(bool)
-        masks.assign(full)
+        masks_lib.Masks.of(self._analysis).assign_channels(self.start, mask)
 
     def weight_slices(self):
         """The `WeightSlice`s that touch this group's channels."""

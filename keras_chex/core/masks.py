@@ -49,6 +49,7 @@ class Masks:
         self._analysis = analysis
         self._segments = None
         self._read_plan = None
+        self._sites_by_range = {}
 
     @classmethod
     def of(cls, analysis):
@@ -60,15 +61,42 @@ class Masks:
 
     def numpy(self):
         """Bool vector over all channels of all groups (True = kept)."""
+        every = range(len(self._analysis.mask_sites))
+        return self._combine(every, self._site_values(every))
+
+    def channels(self, start, stop):
+        """`numpy()[start:stop]`, read from only the mask layers that hold
+        those channels."""
+        indices = self._sites_holding(start, stop)
+        return self._combine(indices, self._site_values(indices))[start:stop]
+
+    def _site_values(self, indices):
+        """The keep flags of the mask sites at `indices`, as bool arrays."""
+        sites = self._analysis.mask_sites
+        return [np.asarray(sites[i].layer.mask.numpy()) > 0.5
+                for i in indices]
+
+    def _combine(self, indices, values):
+        """The model-wide vector those sites' `values` give (True where
+        no site among them holds a channel)."""
         analysis = self._analysis
         mask = np.ones(analysis.num_channels, dtype=bool)
-        for site in analysis.mask_sites:
-            sel = site.classes >= 0
-            values = np.asarray(site.layer.mask.numpy()) > 0.5
+        for i, site_values in zip(indices, values):
+            classes = analysis.mask_sites[i].classes
+            sel = classes >= 0
             # Every channel is covered by at least one site; any covering
             # site holds its value (sites are written together).
-            mask[site.classes[sel]] = values[sel]
+            mask[classes[sel]] = site_values[sel]
         return mask
+
+    def _sites_holding(self, start, stop):
+        """Indices of the mask sites that hold a channel in [start, stop)."""
+        key = (start, stop)
+        if key not in self._sites_by_range:
+            self._sites_by_range[key] = [
+                i for i, site in enumerate(self._analysis.mask_sites)
+                if np.any((site.classes >= start) & (site.classes < stop))]
+        return self._sites_by_range[key]
 
     def counts(self, mask=None):
         """Channels kept per group (int array, in group order) by `mask`
@@ -141,9 +169,12 @@ class Masks:
         if self._segments is None:
             analysis = self._analysis
             segments, seen = [], set()
+            starts = np.array([g.start for g in analysis.groups])
             for s in analysis.weight_slices:
                 classes = np.unique(s.classes[s.classes >= 0])
-                for g in analysis.groups:
+                owners = np.searchsorted(starts, classes, side="right") - 1
+                for index in np.unique(owners[owners >= 0]):
+                    g = analysis.groups[index]
                     inside = classes[(classes >= g.start)
                                      & (classes < g.start + g.size)]
                     # A layer's kernel and bias name the same segment once.
@@ -167,6 +198,45 @@ class Masks:
             ValueError: the mask removes every output channel of a layer
                 (see `producer_segments`), or the model has no masks.
         """
+        mask = np.asarray(mask, dtype=bool)
+        self._write(mask, range(len(self._analysis.mask_sites)))
+
+    def assign_channels(self, start, values):
+        """Writes channels `start` to `start + len(values)` (a group's),
+        leaving the others as they are.
+
+        The same as `assign` of the current masks with that range replaced,
+        but it reads and writes only the mask layers that hold those
+        channels: setting every group of a large model one at a time
+        would otherwise read and write its hundreds of masks per group.
+
+        Args:
+            start: first channel, in the model-wide channel order.
+            values: bool array-like, the new flags of the channels from
+                `start` on.
+
+        Raises:
+            ValueError: as `assign`.
+        """
+        values = np.asarray(values, dtype=bool)
+        stop = start + len(values)
+        sites = self._analysis.mask_sites
+        if sites and sites[0].layer.mode == "permanent":
+            # Its regrowth check compares whole vectors.
+            mask = self.numpy()
+            mask[start:stop] = values
+            self.assign(mask)
+            return
+        indices = self._sites_holding(start, stop)
+        current = self._site_values(indices)
+        mask = self._combine(indices, current)
+        mask[start:stop] = values
+        self._write(mask, indices, current)
+
+    def _write(self, mask, indices, current=None):
+        """Writes `mask` into the mask sites at `indices` (`current`: their
+        values, if read already) and restarts the statistics if it changed
+        anything."""
         analysis = self._analysis
         emptied = self.emptied_producers(mask)
         if emptied:
@@ -183,12 +253,16 @@ class Masks:
                 "`keras_chex.prune_and_regrow(model, ...)` and set masks on "
                 "the returned model."
             )
-        mask = np.asarray(mask, dtype=bool)
-        changed = mask != self.numpy()
+        if current is None:
+            current = self._site_values(indices)
+        changed = mask != self._combine(indices, current)
         if analysis.mask_sites[0].layer.mode == "permanent":
             self._prune_permanently(mask)
-        for site in analysis.mask_sites:
-            site.layer.set_channel_mask(keep_mask(site.classes, mask))
+        for i, values in zip(indices, current):
+            keep = keep_mask(analysis.mask_sites[i].classes, mask)
+            # Only the layers whose mask differs.
+            if not np.array_equal(keep, values):
+                analysis.mask_sites[i].layer.set_channel_mask(keep)
         if changed.any():
             # Every activation after a change has a new distribution.
             statistics.restart_statistics(analysis.model)

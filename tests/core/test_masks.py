@@ -61,3 +61,61 @@ def test_a_plain_model_has_no_masks_to_write():
                                    warn=False)
     with pytest.raises(ValueError, match="carries no channel masks"):
         masks.Masks(plain).assign(np.ones(plain.num_channels, bool))
+    with pytest.raises(ValueError, match="carries no channel masks"):
+        masks.Masks(plain).assign_channels(0, np.ones(4, bool))
+
+
+def test_a_group_write_touches_only_the_layers_holding_its_channels(
+        monkeypatch):
+    model = _wrapped()
+    masks = model.masks
+    written = []
+    for site in model.analysis.mask_sites:
+        original = site.layer.set_channel_mask
+
+        def spy(keep, layer=site.layer, original=original):
+            written.append(layer.name)
+            original(keep)
+
+        monkeypatch.setattr(site.layer, "set_channel_mask", spy)
+    group = max(keras_chex.channel_groups(model), key=lambda g: g.size)
+    holders = {site.layer.name for site in model.analysis.mask_sites
+               if np.any((site.classes >= group.start)
+                         & (site.classes < group.start + group.size))}
+    assert 0 < len(holders) < len(model.analysis.mask_sites)
+    before = masks.numpy()
+    keep = np.ones(group.size, bool)
+    keep[1::2] = False
+    group.set_mask(keep)
+    assert written and set(written) <= holders
+    np.testing.assert_array_equal(group.mask, keep)
+    expected = before.copy()
+    expected[group.start:group.start + group.size] = keep
+    np.testing.assert_array_equal(masks.numpy(), expected)
+    assert _seen(model) == [0.0] * len(_seen(model))
+    # The same mask again writes nothing.
+    written.clear()
+    group.set_mask(keep)
+    assert written == []
+
+
+def test_the_compiled_restart_of_many_batchnorms_restarts_them_all(
+        monkeypatch):
+    # Models from COMPILED_RESTART_MIN_BATCHNORMS BatchNorms on restart in
+    # one compiled call; here every model does.
+    monkeypatch.setattr(statistics, "COMPILED_RESTART_MIN_BATCHNORMS", 1)
+    for _ in range(2):  # A second model gets its own compiled restart.
+        model = _wrapped()
+        settled = _seen(model)
+        assert all(s > 0 for s in settled)
+        group = model.analysis.groups[0]
+        keep = group.mask
+        keep[0] = False
+        group.set_mask(keep)
+        assert _seen(model) == [0.0] * len(settled)
+        assert model in statistics._COMPILED_RESTARTS
+        for layer in statistics.tracking_batchnorms(model):
+            layer.settle_statistics()
+        keep[0] = True
+        group.set_mask(keep)
+        assert _seen(model) == [0.0] * len(settled)
