@@ -323,6 +323,10 @@ def test_late_mask_changes_leave_current_statistics(trained, name,
     # deviations on the worst layer when measured).
     assert result["gap"] <= 0.02, result
     assert result["error"] < 0.05, result
+    if name == "frs":
+        # The control shows the check can fail. FRS changes masks the way
+        # CHEX does (between steps), SMCP inside its compiled step.
+        return
     _no_restart(monkeypatch)
     control = _late_change_fit(trained, name)
     assert control["error"] > 0.1, control
