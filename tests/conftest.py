@@ -23,18 +23,10 @@ def tiny_cifar(tmp_path_factory):
     """A CIFAR-layout zip of the bundled sample's first 24 and last 6
     images of each class: for command-line runs that need real images but
     not many (pass `--val_per_class=6`)."""
-    import zipfile
-
     from keras_chex.cifar import data as datasets
 
     path = tmp_path_factory.mktemp("data") / "tiny_cifar.zip"
-    with zipfile.ZipFile(datasets.SAMPLE_PATH) as sample, \
-            zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as tiny:
-        for class_name in datasets.CLASS_NAMES:
-            names = sorted(n for n in sample.namelist()
-                           if n.startswith(f"train/{class_name}/"))
-            for name in names[:24] + names[-6:]:
-                tiny.writestr(name, sample.read(name))
+    datasets.write_sample(datasets.SAMPLE_PATH, path, 24, 6)
     return path
 
 

@@ -13,8 +13,6 @@ Usage, from the repository root:
         --output=keras_chex/data/cifar10_sample.zip
 """
 
-import zipfile
-
 from absl import app
 from absl import flags
 
@@ -39,72 +37,16 @@ _VAL_PER_CLASS = flags.DEFINE_integer(
     "val_per_class", 100, "Images per class taken from the end.", lower_bound=0
 )
 
-# A fixed timestamp makes the archive byte-identical on every run, so
-# regenerating it does not show up as a change in version control.
-_TIMESTAMP = (1980, 1, 1, 0, 0, 0)
-
-
-def sample_names(names, train_per_class, val_per_class):
-    """Returns the first `train_per_class` and last `val_per_class` names.
-
-    Args:
-        names: Image names of one class, sorted.
-        train_per_class: Number of names to take from the start.
-        val_per_class: Number of names to take from the end.
-
-    Returns:
-        The selected names, in their original order.
-
-    Raises:
-        ValueError: If the two parts would overlap.
-    """
-    if train_per_class + val_per_class > len(names):
-        raise ValueError(
-            f"--train_per_class={train_per_class} plus --val_per_class="
-            f"{val_per_class} exceeds the {len(names)} images of a class."
-        )
-    tail = names[len(names) - val_per_class :] if val_per_class else []
-    return names[:train_per_class] + tail
-
-
-def write_sample(source, output, train_per_class, val_per_class):
-    """Writes the sample of `source` to the zip archive `output`.
-
-    Args:
-        source: A source returned by `datasets.open_source`.
-        output: Path of the zip archive to write.
-        train_per_class: Images per class taken from the start.
-        val_per_class: Images per class taken from the end.
-
-    Returns:
-        The number of images written.
-    """
-    # Selected before the output is opened, so that bad flags leave no
-    # half-written archive behind.
-    selected = [
-        sample_names(
-            source.files_by_class[class_name], train_per_class, val_per_class
-        )
-        for class_name in datasets.CLASS_NAMES
-    ]
-    count = 0
-    with zipfile.ZipFile(output, "w", zipfile.ZIP_STORED) as archive:
-        for names in selected:
-            for name, data in zip(names, source.read(names)):
-                # JPEG data does not compress further; storing keeps the
-                # archive fast to read.
-                info = zipfile.ZipInfo(f"train/{name}", date_time=_TIMESTAMP)
-                archive.writestr(info, data, compress_type=zipfile.ZIP_STORED)
-                count += 1
-    return count
-
 
 def main(argv):
     del argv  # Unused.
     source = datasets.open_source(_SOURCE.value)
-    count = write_sample(
-        source, _OUTPUT.value, _TRAIN_PER_CLASS.value, _VAL_PER_CLASS.value
-    )
+    try:
+        count = datasets.write_sample(source, _OUTPUT.value,
+                                      _TRAIN_PER_CLASS.value,
+                                      _VAL_PER_CLASS.value)
+    except ValueError as error:  # The flags' names: the arguments'.
+        raise app.UsageError(str(error)) from None
     print(f"Wrote {count} images to {_OUTPUT.value}.")
 
 

@@ -112,6 +112,35 @@ def test_sample_holds_first_400_and_last_100_images_of_each_class():
         assert numbers == list(range(400)) + list(range(4900, 5000))
 
 
+def test_write_sample_keeps_first_and_last_images_byte_for_byte(tmp_path):
+    output = tmp_path / "small.zip"
+    assert datasets.write_sample(datasets.SAMPLE_PATH, output, 3, 2) == 50
+    with zipfile.ZipFile(datasets.SAMPLE_PATH) as full, \
+            zipfile.ZipFile(output) as small:
+        for class_name in CLASSES:
+            names = sorted(n for n in full.namelist()
+                           if n.startswith(f"train/{class_name}/"))
+            kept = sorted(n for n in small.namelist()
+                          if n.startswith(f"train/{class_name}/"))
+            assert kept == names[:3] + names[-2:]
+            assert all(small.read(n) == full.read(n) for n in kept)
+    # Byte-identical when written again (fixed timestamps).
+    again = tmp_path / "again.zip"
+    datasets.write_sample(datasets.SAMPLE_PATH, again, 3, 2)
+    assert again.read_bytes() == output.read_bytes()
+    (x, y), (xv, yv) = datasets.load_cifar10(output, validation_per_class=2)
+    np.testing.assert_array_equal(np.bincount(y), [3] * 10)
+    np.testing.assert_array_equal(np.bincount(yv), [2] * 10)
+
+
+def test_write_sample_asking_for_too_many_writes_nothing(tmp_path):
+    output = tmp_path / "small.zip"
+    with pytest.raises(ValueError,
+                       match="train_per_class=450 plus val_per_class=100"):
+        datasets.write_sample(datasets.SAMPLE_PATH, output, 450, 100)
+    assert not output.exists()
+
+
 def test_sample_validation_per_class_can_be_overridden():
     (x_train, y_train), (x_val, y_val) = datasets.load_cifar10(
         validation_per_class=250
