@@ -324,8 +324,9 @@ def test_late_mask_changes_leave_current_statistics(trained, name,
     assert result["gap"] <= 0.02, result
     assert result["error"] < 0.05, result
     if name == "frs":
-        # The control shows the check can fail. FRS changes masks the way
-        # CHEX does (between steps), SMCP inside its compiled step.
+        # The control shows the check can fail, once per way masks change:
+        # CHEX in a compiled exploration step, SMCP with `Masks.assign`
+        # between steps, as FRS does.
         return
     _no_restart(monkeypatch)
     control = _late_change_fit(trained, name)
