@@ -352,11 +352,10 @@ def cmd_prune(args):
     try:
         (x, y), (xv, yv) = datasets.load_cifar10(
             args.data, validation_per_class=args.val_per_class)
+    except datasets.ValidationSplitError as e:
+        raise CliError(f"--data: {e.describe('--val_per_class')}")
     except (OSError, ValueError) as e:
-        # The loader's argument is this command's flag.
-        message = str(e).splitlines()[0].replace("validation_per_class",
-                                                 "--val_per_class")
-        raise CliError(f"--data: {message}")
+        raise CliError(f"--data: {str(e).splitlines()[0]}")
     train = datasets.make_dataset(x, y, args.batch_size, training=True,
                                   seed=args.seed)
     val = datasets.make_dataset(xv, yv, 256, training=False)

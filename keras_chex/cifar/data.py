@@ -591,16 +591,40 @@ def _check_validation_per_class(value):
         )
 
 
+class ValidationSplitError(ValueError):
+    """`validation_per_class` holds out every image of a class.
+
+    Its attributes let a caller name its own argument for the count (the
+    command line's `--val_per_class`, say).
+
+    Attributes:
+        value: the `validation_per_class` asked for.
+        images: images of the smallest class.
+        class_name: that class.
+        path: the data set.
+    """
+
+    def __init__(self, value, images, class_name, path):
+        self.value = value
+        self.images = images
+        self.class_name = class_name
+        self.path = path
+        super().__init__(self.describe("validation_per_class"))
+
+    def describe(self, argument):
+        """The message, naming the count `argument`."""
+        return (f"{argument}={self.value} leaves no training images: "
+                f"{self.path} has {self.images} images of class "
+                f"{self.class_name!r}. Pass a value below {self.images}.")
+
+
 def _check_validation_fits(files_by_class, validation_per_class, path):
     class_name, names = min(
         files_by_class.items(), key=lambda item: len(item[1])
     )
     if validation_per_class >= len(names):
-        raise ValueError(
-            f"validation_per_class={validation_per_class} leaves no "
-            f"training images: {path} has {len(names)} images of class "
-            f"{class_name!r}. Pass a value below {len(names)}."
-        )
+        raise ValidationSplitError(validation_per_class, len(names),
+                                   class_name, path)
 
 
 def _check_examples(x, y):

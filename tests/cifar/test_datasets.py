@@ -208,8 +208,15 @@ def test_validation_leaving_no_training_images_is_rejected_early(
 ):
     monkeypatch.setattr(datasets, "_decode_jpegs", _fail_if_called)
 
-    with pytest.raises(ValueError, match=f"validation_per_class={value}"):
+    with pytest.raises(datasets.ValidationSplitError,
+                       match=f"validation_per_class={value}") as raised:
         datasets.load_cifar10(tiny_zip, validation_per_class=value)
+    # A caller can name its own argument for the count.
+    error = raised.value
+    assert (error.value, error.images) == (value, 3)
+    assert error.describe("--held_out").startswith(
+        f"--held_out={value} leaves no training images")
+    assert "Pass a value below 3." in error.describe("--held_out")
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, True, "1"])
