@@ -26,7 +26,9 @@ def _model():
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built_and_warnings(tmp_path_factory):
+    """(model, table, path) of a built table, and the warnings building it
+    raised."""
     import warnings
 
     path = tmp_path_factory.mktemp("table") / "latency.json"
@@ -35,19 +37,21 @@ def built(tmp_path_factory):
         warnings.simplefilter("always")
         table = keras_chex.build_latency_table(model, str(path), round_to=4,
                                                runs=3, rounds=1, warmup=1)
-    _BUILD_WARNINGS[:] = [str(w.message) for w in caught]
-    return model, table, path
+    return (model, table, path), [str(w.message) for w in caught]
 
 
-_BUILD_WARNINGS = []
+@pytest.fixture(scope="module")
+def built(built_and_warnings):
+    return built_and_warnings[0]
 
 
-def test_building_a_table_does_not_warn_about_its_own_timing_models(built):
+def test_building_a_table_does_not_warn_about_its_own_timing_models(
+        built_and_warnings):
     # The builder strips masked copies (with bn1) only to time their
     # shapes; the stale-statistics warning meant for a user's strip must
     # stay silent.
-    assert built and not [m for m in _BUILD_WARNINGS
-                          if "Stripping model" in m], _BUILD_WARNINGS
+    _, messages = built_and_warnings
+    assert not [m for m in messages if "Stripping model" in m], messages
 
 
 def _entry(table, model, layer):
