@@ -45,7 +45,7 @@ def main(argv):
         count = datasets.write_sample(source, _OUTPUT.value,
                                       _TRAIN_PER_CLASS.value,
                                       _VAL_PER_CLASS.value)
-    except ValueError as error:  # The flags' names: the arguments'.
+    except ValueError as error:  # It names the arguments: these flags.
         raise app.UsageError(str(error)) from None
     print(f"Wrote {count} images to {_OUTPUT.value}.")
 

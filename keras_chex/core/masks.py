@@ -223,11 +223,9 @@ class Masks:
         sites = self._analysis.mask_sites
         if sites and sites[0].layer.mode == "permanent":
             # Its regrowth check compares whole vectors.
-            mask = self.numpy()
-            mask[start:stop] = values
-            self.assign(mask)
-            return
-        indices = self._sites_holding(start, stop)
+            indices = range(len(sites))
+        else:
+            indices = self._sites_holding(start, stop)
         current = self._site_values(indices)
         mask = self._combine(indices, current)
         mask[start:stop] = values
