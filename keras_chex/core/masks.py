@@ -9,15 +9,10 @@ zeroing what is removed. The analysis describes the model; this is the one
 place that changes its masks.
 """
 
-import weakref
-
 import numpy as np
 
 from keras_chex.core import _trainer
 from keras_chex.core import statistics
-
-_BY_ANALYSIS = weakref.WeakKeyDictionary()
-
 
 def keep_mask(classes, class_mask):
     """Per-position keep flags for positions mapped to channel `classes`."""
@@ -54,9 +49,12 @@ class Masks:
     @classmethod
     def of(cls, analysis):
         """The `Masks` of `analysis` (one per analysis)."""
-        masks = _BY_ANALYSIS.get(analysis)
+        # Kept on the analysis: in a WeakKeyDictionary keyed by the
+        # analysis, the value's reference back to its key would keep every
+        # wrapped model alive for the life of the process.
+        masks = getattr(analysis, "_masks", None)
         if masks is None:
-            masks = _BY_ANALYSIS[analysis] = cls(analysis)
+            masks = analysis._masks = cls(analysis)
         return masks
 
     def numpy(self):

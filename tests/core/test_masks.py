@@ -119,3 +119,22 @@ def test_the_compiled_restart_of_many_batchnorms_restarts_them_all(
         keep[0] = True
         group.set_mask(keep)
         assert _seen(model) == [0.0] * len(settled)
+
+
+@pytest.mark.parametrize("compiled_restart", [False, True])
+def test_a_dropped_wrapped_model_is_freed(monkeypatch, compiled_restart):
+    import gc
+    import weakref
+
+    if compiled_restart:
+        monkeypatch.setattr(statistics, "COMPILED_RESTART_MIN_BATCHNORMS", 1)
+    model = _wrapped()
+    group = model.analysis.groups[0]
+    keep = group.mask
+    keep[0] = False
+    group.set_mask(keep)  # The masks and the restart are set up.
+    assert (model in statistics._COMPILED_RESTARTS) is compiled_restart
+    ref = weakref.ref(model)
+    del model, group
+    gc.collect()
+    assert ref() is None
